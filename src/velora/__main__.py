@@ -1,0 +1,3 @@
+from velora.cli import main
+
+raise SystemExit(main())

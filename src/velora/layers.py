@@ -1,0 +1,307 @@
+"""Model surgery: `apply_velora` / `remove_velora`.
+
+A targeted layer keeps its identity, parameters and state_dict keys; its class is swapped for a
+subclass whose training forward routes through the VeLoRA autograd function, and two buffers are
+added: ``velora_v`` (M, r) and ``velora_initialised`` (a bool scalar, so a reloaded model does not
+re-initialise v). ``remove_velora`` swaps the class back and drops the buffers.
+
+Full-weight mode wraps the targeted ``nn.Linear`` / GPT-2 ``Conv1D`` itself; adapter mode wraps the
+``lora_A`` linears of peft LoRA/DoRA layers and leaves the frozen base layer untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from velora.config import VeLoRAConfig
+from velora.functional import VeLoRALinearFunction
+from velora.subtoken import compute_dtype, initial_directions, mean_sub_token, orthonormalise
+
+
+class VeLoRAMixin:
+    """Forward override shared by the wrapped layer types. Subclasses define ``_velora_weight``."""
+
+    velora_config: VeLoRAConfig
+    velora_sub_token_size: int
+    _velora_ready: bool
+    _velora_base_class: type
+
+    # ---- layout of the wrapped layer ------------------------------------------------------------
+    def _velora_weight(self) -> torch.Tensor:  # (O, D)
+        raise NotImplementedError
+
+    def _velora_in_features(self) -> int:
+        return self._velora_weight().shape[1]
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _velora_active(self, x: torch.Tensor) -> bool:
+        return self.training and torch.is_grad_enabled() and self.weight.requires_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._velora_active(x):
+            return super().forward(x)  # eval / no_grad / frozen weight: the plain layer, no overhead
+        if not self._velora_ready:
+            self._velora_initialise(x)
+        elif self.velora_config.init == "ema":
+            self._velora_ema_update(x)
+        weight, bias = self._velora_weight(), self.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # cast like autocast would for a linear, outside the Function, so grads flow to fp32 params
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
+        return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
+
+    # ---- v -------------------------------------------------------------------------------------
+    def _velora_set_directions(self, directions: torch.Tensor) -> None:
+        # out of place: a pending backward keeps the tensor it saved
+        self.velora_v = directions.to(device=self.velora_v.device, dtype=self.velora_v.dtype).contiguous()
+        self.velora_initialised = torch.ones((), dtype=torch.bool, device=self.velora_initialised.device)
+        self._velora_ready = True
+
+    @torch.no_grad()
+    def _velora_initialise(self, x: torch.Tensor) -> None:
+        cfg = self.velora_config
+        size = self.velora_sub_token_size
+        x = x.detach()
+        if isinstance(cfg.init, torch.Tensor):
+            directions = orthonormalise(cfg.init.to(device=x.device))
+        elif cfg.init in ("batch_average_once", "ema"):
+            mean = _all_reduce_mean(mean_sub_token(x, size), cfg.sync_across_ranks)  # (M,)
+            if not torch.isfinite(mean).all():
+                raise ValueError(f"VeLoRA init of {self._velora_name!r}: the first training batch holds NaN/Inf; "
+                                 "fix the inputs before training")
+            directions = initial_directions(x, size, cfg.rank, "batch_average_once", seed=cfg.seed,
+                                            max_samples=cfg.svd_max_samples, mean=mean)
+            directions = _broadcast(directions, cfg.sync_across_ranks)  # rank>1 residual SVD is per-rank
+            if cfg.init == "ema":
+                self.velora_running_mean = mean.to(self.velora_running_mean)
+        else:
+            if not torch.isfinite(x).all() and cfg.init == "svd":
+                raise ValueError(f"VeLoRA init of {self._velora_name!r}: the first training batch holds NaN/Inf; "
+                                 "fix the inputs before training")
+            directions = initial_directions(x, size, cfg.rank, cfg.init, seed=cfg.seed,
+                                            max_samples=cfg.svd_max_samples)
+            directions = _broadcast(directions, cfg.sync_across_ranks)
+        self._velora_set_directions(directions)
+
+    @torch.no_grad()
+    def _velora_ema_update(self, x: torch.Tensor) -> None:
+        decay = self.velora_config.ema_decay
+        mean = _all_reduce_mean(mean_sub_token(x.detach(), self.velora_sub_token_size),
+                                self.velora_config.sync_across_ranks)
+        if not torch.isfinite(mean).all():
+            raise ValueError(f"VeLoRA ema update of {self._velora_name!r}: the batch holds NaN/Inf")
+        running = decay * self.velora_running_mean + (1 - decay) * mean.to(self.velora_running_mean)
+        self.velora_running_mean = running
+        if running.norm() > 0:
+            self.velora_v = (running / running.norm()).unsqueeze(1).to(self.velora_v)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._velora_ready = bool(self.velora_initialised)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, velora(sub_token_size={self.velora_sub_token_size}, "
+                f"rank={self.velora_config.rank}, init={self.velora_config.init!r})")
+
+
+class VeLoRALinear(VeLoRAMixin, nn.Linear):
+    def _velora_weight(self) -> torch.Tensor:
+        return self.weight  # (O, D)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers not installed: nothing to wrap
+        return None
+    return Conv1D
+
+
+class _Conv1DWeight:
+    def _velora_weight(self) -> torch.Tensor:
+        return self.weight.t()  # Conv1D stores (D, O); the function wants (O, D)
+
+
+_WRAPPED_CLASSES: dict[type, type] = {}
+
+
+def __getattr__(name: str):
+    # lets pickle find the Conv1D wrapper, which is built only when transformers is importable
+    if name == "VeLoRAConv1D":
+        conv1d = _conv1d_class()
+        if conv1d is not None:
+            return _wrapper_class_for(conv1d)
+    raise AttributeError(f"module 'velora.layers' has no attribute {name!r}")
+
+
+def _wrapper_class_for(cls: type) -> type | None:
+    if cls is nn.Linear:
+        return VeLoRALinear
+    conv1d = _conv1d_class()
+    if conv1d is not None and cls is conv1d:
+        if conv1d not in _WRAPPED_CLASSES:
+            wrapped = type("VeLoRAConv1D", (_Conv1DWeight, VeLoRAMixin, conv1d), {"__module__": __name__})
+            _WRAPPED_CLASSES[conv1d] = wrapped
+        return _WRAPPED_CLASSES[conv1d]
+    return None
+
+
+# ---- rank synchronisation (DDP: v identical on every rank from the first backward) ------------------
+
+
+def _distributed(enabled: bool) -> bool:
+    return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_mean(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
+    if not _distributed(enabled):
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor / dist.get_world_size()
+
+
+def _broadcast(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
+    if not _distributed(enabled):
+        return tensor
+    tensor = tensor.contiguous().clone()
+    dist.broadcast(tensor, src=0)
+    return tensor
+
+
+# ---- surgery -------------------------------------------------------------------------------------
+
+
+def is_velora_module(module: nn.Module) -> bool:
+    return isinstance(module, VeLoRAMixin)
+
+
+def velora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> wrapped layer, in model order."""
+    return {name: m for name, m in model.named_modules() if is_velora_module(m)}
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and hasattr(module, "base_layer")
+
+
+def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
+    """Turn ``module`` into its VeLoRA subclass in place. False if it already carries this config."""
+    if is_velora_module(module):
+        if module.velora_config == config:
+            return False
+        raise ValueError(f"{name!r} already has VeLoRA with a different config; call remove_velora(model) first")
+    wrapper = _wrapper_class_for(type(module))
+    if wrapper is None:
+        raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear, transformers Conv1D "
+                         "or peft LoRA layer; narrow target_modules to its linear children")
+    base_class = type(module)
+    module.__class__ = wrapper
+    in_features = module._velora_in_features()
+    try:
+        size = config.sub_token_size_for(in_features, name)
+    except ValueError:
+        module.__class__ = base_class
+        raise
+    groups_dim = size
+    weight = module.weight
+    dtype = compute_dtype(weight.dtype) if weight.is_floating_point() else torch.float32
+    module.velora_config = config
+    module.velora_sub_token_size = size
+    module._velora_base_class = base_class
+    module._velora_name = name
+    module._velora_ready = False
+    module.register_buffer("velora_v", torch.zeros(groups_dim, config.rank, device=weight.device, dtype=dtype))
+    module.register_buffer("velora_initialised", torch.zeros((), dtype=torch.bool, device=weight.device))
+    if config.init == "ema":
+        module.register_buffer("velora_running_mean", torch.zeros(groups_dim, device=weight.device, dtype=dtype))
+    if config.init == "random" or isinstance(config.init, torch.Tensor):
+        # data-independent: set now so the directions exist before the first batch
+        if isinstance(config.init, torch.Tensor):
+            if config.init.shape[0] != size or (config.init.dim() == 2 and config.init.shape[1] != config.rank):
+                module.__class__ = base_class
+                for key in ("velora_v", "velora_initialised"):
+                    delattr(module, key)
+                raise ValueError(f"init tensor of shape {tuple(config.init.shape)} does not fit {name!r} "
+                                 f"(expects ({size},) or ({size}, {config.rank}))")
+            directions = orthonormalise(config.init.to(device=weight.device))
+        else:
+            directions = initial_directions(torch.zeros(1, size, device=weight.device), size, config.rank,
+                                            "random", seed=config.seed)
+        module._velora_set_directions(directions)
+    return True
+
+
+def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn=None) -> nn.Module:
+    """Compress the saved inputs of the layers ``config.target_modules`` selects (in place).
+
+    ``filter_fn(name, module) -> bool`` narrows the selection further. Returns ``model``.
+    Applying the same config twice is a no-op; a different config on a wrapped layer is an error.
+    """
+    config = config or VeLoRAConfig()
+    if not isinstance(config, VeLoRAConfig):
+        raise ValueError(f"config must be a VeLoRAConfig, got {type(config).__name__}")
+    candidates = list(model.named_modules())
+    matched: list[tuple[str, nn.Module]] = []
+    for name, module in candidates:
+        if not name or not config.matches(name):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        if _is_lora_layer(module) and ".lora_" not in name:
+            if config.mode == "full":
+                raise ValueError(f"{name!r} is a peft LoRA layer but mode='full'; use mode='adapter' (or 'auto') "
+                                 "to compress the input of its lora_A")
+            matched.extend(_lora_a_targets(name, module))
+        elif config.mode == "adapter" and not is_velora_module(module):
+            continue  # adapter mode only touches LoRA layers; plain matches are left alone on purpose
+        else:
+            matched.append((name, module))
+    if not matched:
+        linear_names = [n for n, m in candidates if isinstance(m, nn.Linear) or _wrapper_class_for(type(m))][:6]
+        raise ValueError(f"target_modules={list(config.target_modules)} matched no layer "
+                         f"(mode={config.mode!r}); linear layers here include {linear_names}")
+    for name, module in matched:
+        _wrap(module, name, config)
+    return model
+
+
+def _lora_a_targets(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    if len(module.lora_A) == 0:
+        raise ValueError(f"peft LoRA layer {name!r} has no adapter; add one before apply_velora")
+    out = []
+    for adapter, lora_a in module.lora_A.items():
+        if adapter in getattr(module, "lora_velora_embed", {}):
+            raise ValueError(f"{name!r} adapter {adapter!r} already uses peft's own VeLoRA variant; "
+                             "build the LoraConfig without velora_config to use velora-torch")
+        dropout = module.lora_dropout[adapter] if adapter in getattr(module, "lora_dropout", {}) else None
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            warnings.warn(f"{name!r}: lora_dropout={dropout.p} keeps a full-size dropout mask for backward, "
+                          "which VeLoRA cannot compress; set lora_dropout=0 for the full memory saving",
+                          stacklevel=3)
+        out.append((f"{name}.lora_A.{adapter}", lora_a))
+    return out
+
+
+def remove_velora(model: nn.Module) -> nn.Module:
+    """Undo ``apply_velora``: original classes, original state_dict keys. Returns ``model``."""
+    for module in velora_modules(model).values():
+        for key in ("velora_v", "velora_initialised", "velora_running_mean"):
+            if key in module._buffers:
+                del module._buffers[key]
+        base_class = module._velora_base_class
+        for attr in ("velora_config", "velora_sub_token_size", "_velora_base_class", "_velora_name",
+                     "_velora_ready"):
+            module.__dict__.pop(attr, None)
+        module.__class__ = base_class
+    return model

@@ -1,0 +1,112 @@
+"""Model presets built from transformers configs (random init; nothing is downloaded).
+
+A preset is a family ("llama", "gpt2", "roberta", "vit") plus config keyword arguments. The C4
+pre-training sizes follow the configs used by GaLore/VeLoRA/GradNormLoRP (vocab 32000, seq 1024).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    family: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _llama(hidden: int, intermediate: int, heads: int, layers: int, vocab: int = 32000, seq: int = 1024) -> Preset:
+    return Preset(
+        "llama",
+        dict(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            num_hidden_layers=layers,
+            vocab_size=vocab,
+            max_position_embeddings=seq,
+            tie_word_embeddings=False,
+        ),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    # CPU-sized models for tests, demos and the `velora compare` job
+    "llama-tiny": _llama(64, 172, 4, 2, vocab=512, seq=256),
+    "llama-small": _llama(128, 344, 4, 4, vocab=2048, seq=256),
+    "llama-20m": _llama(256, 688, 4, 4, vocab=8192, seq=512),
+    # the usual C4 pre-training sizes
+    "llama-60m": _llama(512, 1376, 8, 8),
+    "llama-130m": _llama(768, 2048, 12, 12),
+    "llama-350m": _llama(1024, 2736, 16, 24),
+    "llama-1b": _llama(2048, 5461, 32, 24),
+    "llama-7b": _llama(4096, 11008, 32, 32, seq=2048),
+    "llama-13b": _llama(5120, 13824, 40, 40, seq=2048),
+    "gpt2": Preset("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)),
+    "roberta-base": Preset(
+        "roberta",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             vocab_size=50265, max_position_embeddings=514, type_vocab_size=1),
+    ),
+    "vit-base": Preset(
+        "vit",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             image_size=224, patch_size=16, num_channels=3),
+    ),
+}
+
+_FAMILY_MODEL_TYPE = {"llama": "llama", "gpt2": "gpt2", "roberta": "roberta", "vit": "vit"}
+
+
+def build_config(name_or_path: str, **overrides: Any):
+    """A transformers config from a preset name, a config.json path, or a directory holding one."""
+    import transformers
+
+    if name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+        kwargs = {**preset.kwargs, **overrides}
+        return transformers.AutoConfig.for_model(_FAMILY_MODEL_TYPE[preset.family], **kwargs)
+    path = name_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if path.endswith(".json"):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model config {path!r} does not exist; pass a preset ({', '.join(PRESETS)}) "
+                                    "or a path to a config.json")
+        with open(path) as fh:
+            data = json.load(fh)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{path!r} has no 'model_type'; add e.g. \"model_type\": \"llama\"")
+        data.update(overrides)
+        return transformers.AutoConfig.for_model(model_type, **data)
+    raise ValueError(f"unknown model {name_or_path!r}; choose a preset ({', '.join(PRESETS)}) "
+                     "or a path to a config.json / model directory")
+
+
+def model_family(config) -> str:
+    return {"llama": "llama", "gpt2": "gpt2", "roberta": "roberta", "vit": "vit"}.get(config.model_type,
+                                                                                   config.model_type)
+
+
+def build_model(config, dtype=None):
+    """A randomly initialised model for a config: causal LM for decoders, masked LM for RoBERTa/BERT,
+    image classifier for ViT."""
+    import transformers
+
+    family = model_family(config)
+    if family in ("roberta", "bert"):
+        cls = transformers.AutoModelForMaskedLM
+    elif family == "vit":
+        cls = transformers.AutoModelForImageClassification
+    else:
+        cls = transformers.AutoModelForCausalLM
+    model = cls.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    model.train()
+    return model

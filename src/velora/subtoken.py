@@ -1,0 +1,187 @@
+"""Sub-token grouping, compression, reconstruction and the initial projection directions.
+
+Shapes: T tokens (all leading dims flattened), D features, M = sub-token size, G = ceil(D/M) groups,
+r = rank (number of orthonormal directions, 1 in the paper). V is (M, r) with orthonormal columns.
+Pure tensor functions: no module state, no global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision for projections and statistics: fp32 for half inputs, the input dtype otherwise."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def num_groups(in_features: int, sub_token_size: int) -> int:
+    return math.ceil(in_features / sub_token_size)
+
+
+def group(x: torch.Tensor, sub_token_size: int) -> torch.Tensor:
+    """(..., D) -> (T, G, M); zero-pads the last group when M does not divide D."""
+    features = x.shape[-1]
+    tokens = x.reshape(-1, features)  # (T, D)
+    padded = num_groups(features, sub_token_size) * sub_token_size
+    if padded != features:
+        tokens = torch.nn.functional.pad(tokens, (0, padded - features))  # (T, G*M)
+    return tokens.view(tokens.shape[0], -1, sub_token_size)  # (T, G, M)
+
+
+def compress(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """z = group(x) · V, kept in x's dtype, computed in fp32 for half inputs. (..., D) -> (T, G, r)."""
+    sub_token_size = directions.shape[0]
+    work = compute_dtype(x.dtype)
+    groups = group(x, sub_token_size)  # (T, G, M)
+    z = torch.matmul(groups.to(work), directions.to(work))  # (T, G, r)
+    return z.to(x.dtype)
+
+
+def reconstruct(z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0) -> torch.Tensor:
+    """x̂ = scale · z Vᵀ, ungrouped: (T, G, r) -> (T, D). Only tests and diagnostics materialise this."""
+    x_hat = torch.matmul(z.to(directions.dtype), directions.t())  # (T, G, M)
+    x_hat = x_hat.reshape(z.shape[0], -1)[:, :in_features]  # (T, D)
+    return (x_hat * scale).to(z.dtype)
+
+
+def factored_weight_grad(
+    grad_out: torch.Tensor, z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0
+) -> torch.Tensor:
+    """grad_W = Gᵀ x̂ without forming x̂: grad_W.view(O, G, M) = (Gᵀ z).view(O, G, r) Vᵀ.
+
+    grad_out: (T, O); z: (T, G, r); returns (O, D) in grad_out's dtype.
+    """
+    tokens, out_features = grad_out.shape
+    _, groups, rank = z.shape
+    gz = grad_out.t().matmul(z.reshape(tokens, groups * rank))  # (O, G*r), M× smaller than Gᵀ x̂
+    gz = gz.view(out_features, groups, rank)  # (O, G, r)
+    v = directions.to(grad_out.dtype)
+    if rank == 1:
+        grad_w = gz * v[:, 0]  # (O, G, 1) * (M,) -> (O, G, M)
+    else:
+        grad_w = torch.matmul(gz, v.t())  # (O, G, r) @ (r, M) -> (O, G, M)
+    grad_w = grad_w.reshape(out_features, groups * directions.shape[0])  # (O, G*M)
+    if grad_w.shape[1] != in_features:
+        grad_w = grad_w[:, :in_features]  # drop the zero-padded tail
+    if scale != 1.0:
+        grad_w = grad_w * scale
+    return grad_w.to(grad_out.dtype)
+
+
+# ---- initial directions -------------------------------------------------------------------------
+
+
+def orthonormalise(directions: torch.Tensor) -> torch.Tensor:
+    """(M,) or (M, r) -> (M, r) with orthonormal columns (sign of each column kept)."""
+    if directions.dim() == 1:
+        directions = directions.unsqueeze(1)
+    work = directions.to(compute_dtype(directions.dtype))
+    if work.shape[1] == 1:
+        norm = work.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError("initial direction has zero or non-finite norm; pass a finite non-zero vector")
+        return work / norm
+    q, r = torch.linalg.qr(work)  # (M, r), (r, r)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    if (torch.diagonal(r).abs() < 1e-12 * max(1.0, float(r.abs().max()))).any():
+        raise ValueError(f"initial directions of shape {tuple(directions.shape)} are linearly dependent; "
+                         "pass r independent vectors")
+    return q * signs
+
+
+def subsample_rows(rows: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """A deterministic, evenly strided subset of at most ``max_rows`` rows (no RNG is consumed)."""
+    if rows.shape[0] <= max_rows:
+        return rows
+    index = torch.linspace(0, rows.shape[0] - 1, max_rows, device=rows.device).round().long()
+    return rows.index_select(0, index)
+
+
+def top_right_singular(rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors of (N, M) rows, as (M, rank), deterministic signs."""
+    work = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    try:
+        _, _, vh = torch.linalg.svd(work, full_matrices=False)
+    except RuntimeError:  # ill-conditioned input: the Gram matrix is small (M×M) and eigh is robust
+        _, vecs = torch.linalg.eigh(work.t() @ work)
+        vh = vecs.flip(-1).t()
+    v = vh[:rank].t()  # (M, rank)
+    # make the largest-magnitude entry of each column positive so the result is reproducible
+    pivot = v.abs().argmax(0)
+    signs = torch.sign(v[pivot, torch.arange(v.shape[1])])
+    signs[signs == 0] = 1
+    return v * signs
+
+
+def sub_token_rows(x: torch.Tensor, sub_token_size: int) -> torch.Tensor:
+    """All sub-tokens of x as rows: (..., D) -> (T*G, M)."""
+    return group(x, sub_token_size).reshape(-1, sub_token_size)
+
+
+def mean_sub_token(x: torch.Tensor, sub_token_size: int) -> torch.Tensor:
+    """Mean sub-token in fp32 (fp64 for fp64 input) without an fp32 copy of x. -> (M,)"""
+    rows = sub_token_rows(x, sub_token_size)  # (T*G, M), a view when M divides D
+    return rows.sum(0, dtype=compute_dtype(x.dtype)) / rows.shape[0]
+
+
+def initial_directions(
+    x: torch.Tensor,
+    sub_token_size: int,
+    rank: int,
+    strategy: str,
+    *,
+    seed: int = 0,
+    max_samples: int = 4096,
+    mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Directions V (M, rank) from the first training batch x (..., D), or from a seed.
+
+    - ``batch_average_once`` / ``ema``: the normalised mean sub-token (paper default); for rank > 1
+      the remaining directions are the top right-singular vectors of the sub-tokens with the mean
+      direction projected out. A zero mean falls back to ``svd``; an all-zero batch to the uniform
+      direction 1/sqrt(M).
+    - ``svd``: top right-singular vectors of at most ``max_samples`` sub-tokens.
+    - ``random``: a seeded Gaussian, orthonormalised (does not touch the global RNG).
+    """
+    work = compute_dtype(x.dtype)
+    if strategy == "random":
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        raw = torch.randn(sub_token_size, rank, generator=generator, dtype=torch.float64)
+        return orthonormalise(raw).to(device=x.device, dtype=work)
+
+    if mean is None:
+        mean = mean_sub_token(x, sub_token_size)  # (M,)
+    if not torch.isfinite(mean).all():
+        raise ValueError("the initialisation batch contains NaN/Inf; VeLoRA cannot build its projection "
+                         "from it — check the inputs or the preceding layers")
+    rows = subsample_rows(sub_token_rows(x, sub_token_size), max_samples).to(work)  # (N, M)
+
+    if strategy == "svd":
+        if rows.abs().sum() == 0:
+            return _uniform(sub_token_size, rank, x.device, work)
+        return top_right_singular(rows, rank)
+
+    # batch_average_once / ema
+    norm = mean.norm()
+    if norm <= torch.finfo(work).tiny * 1e3:
+        if rows.abs().sum() == 0:
+            return _uniform(sub_token_size, rank, x.device, work)
+        return top_right_singular(rows, rank)
+    first = (mean / norm).to(work)  # (M,)
+    if rank == 1:
+        return first.unsqueeze(1)
+    residual = rows - (rows @ first).unsqueeze(1) * first  # (N, M), mean direction removed
+    rest = top_right_singular(residual, rank - 1)  # (M, rank-1)
+    return orthonormalise(torch.cat([first.unsqueeze(1), rest], dim=1))
+
+
+def _uniform(sub_token_size: int, rank: int, device, dtype) -> torch.Tensor:
+    base = torch.eye(sub_token_size, rank, device=device, dtype=dtype)
+    base[:, 0] = 1.0 / math.sqrt(sub_token_size)
+    return orthonormalise(base)
