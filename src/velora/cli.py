@@ -28,7 +28,7 @@ def _available() -> dict[str, tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velora", description="Memory-efficient transformer training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_path, help_text) in _available().items():
+    for name, (_module_path, help_text) in _available().items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

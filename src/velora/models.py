@@ -36,9 +36,9 @@ def _llama(hidden: int, intermediate: int, heads: int, layers: int, vocab: int =
 
 PRESETS: dict[str, Preset] = {
     # CPU-sized models for tests, demos and the `velora compare` job
-    "llama-tiny": _llama(64, 172, 4, 2, vocab=512, seq=256),
-    "llama-small": _llama(128, 344, 4, 4, vocab=2048, seq=256),
-    "llama-20m": _llama(256, 688, 4, 4, vocab=8192, seq=512),
+    "llama-tiny": _llama(64, 192, 4, 2, vocab=512, seq=256),
+    "llama-small": _llama(128, 352, 4, 4, vocab=2048, seq=256),
+    "llama-20m": _llama(256, 704, 4, 4, vocab=8192, seq=512),
     # the usual C4 pre-training sizes
     "llama-60m": _llama(512, 1376, 8, 8),
     "llama-130m": _llama(768, 2048, 12, 12),
