@@ -169,7 +169,9 @@ def initial_directions(
 
     # batch_average_once / ema
     norm = mean.norm()
-    if norm <= torch.finfo(work).tiny * 1e3:
+    # a mean this small next to the typical sub-token is rounding noise, not a direction
+    typical = rows.norm(dim=1).mean() if rows.shape[0] else norm.new_zeros(())
+    if norm <= max(float(torch.finfo(work).eps) * 10 * float(typical), float(torch.finfo(work).tiny)):
         if rows.abs().sum() == 0:
             return _uniform(sub_token_size, rank, x.device, work)
         return top_right_singular(rows, rank)
