@@ -1,0 +1,110 @@
+"""Small pieces shared by the optimizers: argument checks, fp32 working copies, moment storage."""
+
+from __future__ import annotations
+
+import torch
+
+from velora.optim.quant import dequantize_blockwise, quantize_blockwise
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_group(optimizer_name: str, group: dict) -> None:
+    """One-line errors for a param group without params or with non-floating params."""
+    params = group["params"]
+    if len(params) == 0:
+        raise ValueError(f"{optimizer_name}: a param group has no params; drop the empty group")
+    for param in params:
+        if not isinstance(param, torch.Tensor) or not param.is_floating_point():
+            kind = param.dtype if isinstance(param, torch.Tensor) else type(param).__name__
+            raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
+                             "only floating-point tensors can be optimised")
+
+
+def check_positive(name: str, value, kind=int) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+        kind is int and int(value) != value
+    ):
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ValueError(f"{name}={value!r} must be {what}")
+
+
+def check_unit_interval(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
+def working_copy(param: torch.Tensor) -> torch.Tensor:
+    """The tensor the update is computed on: float32 for 16-bit params, the param itself otherwise."""
+    if param.dtype in _LOW_PRECISION:
+        return param.detach().float()
+    return param.detach()
+
+
+def store_back(param: torch.Tensor, work: torch.Tensor) -> None:
+    if work.data_ptr() != param.data_ptr():
+        param.detach().copy_(work)  # rounds the fp32 result to the param dtype
+
+
+def working_grad(param: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    grad = param.grad.detach()
+    if grad.is_sparse:
+        raise ValueError("sparse gradients are not supported; use dense embeddings (sparse=False)")
+    grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
+    return -grad if maximize else grad
+
+
+# --- moments stored either as float32 or as block-wise 8-bit codes ----------------------------------
+
+def init_moment(state: dict, name: str, shape, device, eight_bit: bool, signed: bool) -> None:
+    zeros = torch.zeros(shape, dtype=torch.float32, device=device)
+    if eight_bit:
+        state[name + "_codes"], state[name + "_absmax"] = quantize_blockwise(zeros, signed)
+    else:
+        state[name] = zeros
+
+
+def read_moment(state: dict, name: str) -> torch.Tensor:
+    """float32 moment; for fp32 storage this is the stored tensor itself (updated in place)."""
+    if name in state:
+        return state[name]
+    return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"])
+
+
+def write_moment(state: dict, name: str, value: torch.Tensor, signed: bool) -> None:
+    if name in state:
+        if value is not state[name]:
+            state[name] = value
+        return
+    state[name + "_codes"], state[name + "_absmax"] = quantize_blockwise(value, signed)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Sum of the bytes of every tensor in ``optimizer.state`` (what checkpoints and memory hold)."""
+    total = 0
+    for per_param in optimizer.state.values():
+        for value in per_param.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+class TensorStateOptimizer(torch.optim.Optimizer):
+    """Base for our optimizers: ``load_state_dict`` keeps every state tensor's own dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every non-"step" state tensor to the parameter's
+    dtype; that would turn int64 seeds and int8/uint8 codes into floats and fp32 moments of a bf16
+    parameter into bf16. We let torch validate and map the groups, then restore the saved tensors.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for pid, saved_state in state_dict["state"].items():
+            param = by_id[pid]
+            self.state[param] = {
+                key: value.to(device=param.device).clone() if isinstance(value, torch.Tensor) else value
+                for key, value in saved_state.items()
+            }

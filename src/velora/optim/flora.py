@@ -1,0 +1,235 @@
+"""FLoRA momentum (Hao et al. 2024, Alg. 2) on an Adafactor or AdamW base.
+
+For a 2-D parameter W (rows, cols) we work on the orientation G (k, p) with k = min(rows, cols) and
+p = max(rows, cols) (the transpose when rows > cols). The first moment lives in a seeded random
+projection A (r, p), regenerated from an int64 seed kept in the state:
+
+    every step t:   M <- beta1 * M + (1 - beta1) * G @ A.T          # (k, r)
+                    direction = M @ A                                # (k, p), decompressed momentum
+    t % kappa == 0: A_new from seed(base_seed, param_index, t // kappa)
+                    M <- M @ (A_old @ A_new.T)                       # carry over with the OLD matrix
+
+The direction then goes through the base optimizer's second moment: Adafactor's factored second
+moment (default; row (rows, 1) + column (1, cols) statistics, same update rule as
+``torch.optim.Adafactor``) or Adam's full second moment with bias corrections (``base="adamw"``,
+same update rule as ``torch.optim.AdamW``).
+
+Which parameters keep full state (``projections.compression_plan``): a parameter is compressed iff it
+is 2-D and ``rank < max(rows, cols)``; everything else (biases, norms, 1-D/3-D+ tensors, matrices too
+small for the rank to save memory) keeps a full first moment. A group may set ``compress=False``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from velora.optim._common import (
+    TensorStateOptimizer,
+    check_group,
+    check_positive,
+    check_unit_interval,
+    init_moment,
+    read_moment,
+    store_back,
+    working_copy,
+    working_grad,
+    write_moment,
+)
+from velora.optim.projections import compression_plan, derive_seed, random_projection
+
+__all__ = ["Flora"]
+
+_BASES = ("adafactor", "adamw")
+
+
+class Flora(TensorStateOptimizer):
+    """FLoRA: first moment kept in a resampled random projection (n x r instead of n x m).
+
+    Args:
+        params: parameters or param groups (groups may override any keyword below, and ``compress``).
+        lr: learning rate (for ``base="adafactor"`` the step is min(lr, 1/sqrt(t)) * max(eps2, RMS(W)),
+            as in ``torch.optim.Adafactor``).
+        rank: projection rank r of the first moment.
+        kappa: resample the projection every ``kappa`` steps (momentum carried over).
+        beta1: first-moment decay; 0 disables momentum (pure Adafactor / RMSProp-like AdamW).
+        base: "adafactor" (factored second moment) or "adamw" (full second moment, bias-corrected).
+        seed: base seed; the projection of parameter i in cycle c is seeded by derive_seed(seed, i, c).
+        eight_bit: keep the first moment block-wise 8-bit (``velora.optim.quant``).
+        orthogonal: orthonormalise the projection rows (exact round trip when rank == projected dim).
+        force_compress: compress every 2-D parameter even when it saves no memory (for testing).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        rank: int,
+        kappa: int = 1000,
+        beta1: float = 0.9,
+        base: str = "adafactor",
+        seed: int = 0,
+        *,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        beta2_decay: float = -0.8,
+        eps1: float | None = None,
+        eps2: float = 1e-3,
+        clip_threshold: float = 1.0,
+        weight_decay: float = 0.0,
+        eight_bit: bool = False,
+        orthogonal: bool = False,
+        force_compress: bool = False,
+    ):
+        defaults = dict(
+            lr=lr, rank=rank, kappa=kappa, beta1=beta1, base=base, seed=seed, beta2=beta2, eps=eps,
+            beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
+            weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal,
+            force_compress=force_compress, compress=True,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_group("Flora", group)
+        check_positive("lr", group["lr"], float)
+        check_positive("rank", group["rank"])
+        check_positive("kappa", group["kappa"])
+        check_unit_interval("beta1", group["beta1"])
+        check_unit_interval("beta2", group["beta2"])
+        if group["base"] not in _BASES:
+            raise ValueError(f"base={group['base']!r} is not one of {_BASES}")
+        if group["beta2_decay"] >= 0:
+            raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        param_index = -1  # global position of the parameter: part of its projection seed
+        for group in self.param_groups:
+            for param in group["params"]:
+                param_index += 1
+                if param.grad is None:
+                    continue
+                self._update(param, group, param_index)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _init_state(self, state: dict, param: torch.Tensor, group: dict, plan, param_index: int) -> None:
+        device = param.device
+        state["step"] = torch.tensor(0.0)
+        if group["beta1"] > 0:
+            if plan is not None:
+                seed = derive_seed(group["seed"], param_index, 0)
+                state["seed"] = torch.tensor(seed, dtype=torch.int64)
+                init_moment(state, "momentum", (plan.kept_dim, plan.rank), device, group["eight_bit"], True)
+            else:
+                init_moment(state, "momentum", param.shape, device, group["eight_bit"], True)
+        if group["base"] == "adafactor":
+            if param.dim() >= 2:
+                shape = param.shape
+                state["row_var"] = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+                state["col_var"] = torch.zeros(shape[:-2] + (1, shape[-1]), dtype=torch.float32, device=device)
+            else:
+                state["variance"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
+
+    def _momentum_direction(self, state, grad, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
+        """Update the (compressed) first moment with ``grad`` and return the decompressed momentum."""
+        beta1 = group["beta1"]
+        if plan is None:
+            momentum = read_moment(state, "momentum")  # same shape as the param
+            momentum.lerp_(grad, 1 - beta1)
+            write_moment(state, "momentum", momentum, signed=True)
+            return momentum
+        oriented = grad.T if plan.transposed else grad  # (k, p)
+        make = dict(n=plan.projected_dim, r=plan.rank, device=grad.device, dtype=torch.float32,
+                    orthogonal=group["orthogonal"])
+        projection = random_projection(int(state["seed"]), **make)  # (r, p)
+        momentum = read_moment(state, "momentum")  # (k, r)
+        kappa = group["kappa"]
+        if steps_done > 0 and steps_done % kappa == 0:
+            new_seed = derive_seed(group["seed"], param_index, steps_done // kappa)
+            new_projection = random_projection(new_seed, **make)  # (r, p)
+            # M A_old A_new^T, with A_old regenerated from the old seed *before* the seed is replaced
+            momentum = momentum @ (projection @ new_projection.T)  # (k, r) @ (r, r)
+            state["seed"].fill_(new_seed)
+            projection = new_projection
+        momentum.lerp_(oriented @ projection.T, 1 - beta1)  # (k, r)
+        write_moment(state, "momentum", momentum, signed=True)
+        direction = momentum @ projection  # (k, p)
+        return direction.T if plan.transposed else direction
+
+    def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
+        state = self.state[param]
+        plan = compression_plan(param.shape, group["rank"], group["force_compress"]) if group["compress"] else None
+        if not state:
+            self._init_state(state, param, group, plan, param_index)
+        grad = working_grad(param)
+        work = working_copy(param)
+        steps_done = int(state["step"].item())
+        direction = grad
+        if group["beta1"] > 0:
+            direction = self._momentum_direction(state, grad, group, plan, steps_done, param_index)
+        state["step"] += 1
+        if group["base"] == "adafactor":
+            self._adafactor_update(work, grad, direction, state, group)
+        else:
+            self._adamw_update(work, grad, direction, state, group)
+        store_back(param, work)
+
+    @staticmethod
+    def _adamw_update(work, grad, direction, state, group) -> None:
+        # the exact operation order of torch.optim.AdamW (single-tensor path)
+        lr, beta1, beta2 = group["lr"], group["beta1"], group["beta2"]
+        work.mul_(1 - lr * group["weight_decay"])
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = state["step"].item()
+        bias_correction1 = 1 - beta1**step if beta1 > 0 else 1.0
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        work.addcdiv_(direction, denom, value=-step_size)
+
+    @staticmethod
+    def _adafactor_update(work, grad, direction, state, group) -> None:
+        # the update rule of torch.optim.Adafactor, with the (decompressed) momentum as numerator
+        lr = group["lr"]
+        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(torch.float32).eps
+        step = state["step"].item()
+        one_minus_beta2_t = step ** group["beta2_decay"]
+        rho = min(lr, 1 / math.sqrt(step))
+        alpha = max(group["eps2"], work.norm(2).item() / math.sqrt(work.numel())) * rho
+        if group["weight_decay"] != 0:
+            work.mul_(1 - lr * group["weight_decay"])
+        if grad.dim() >= 2:
+            row_var, col_var = state["row_var"], state["col_var"]
+            row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))  # (..., n, 1)
+            row_var.lerp_(row_mean, one_minus_beta2_t)
+            col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))  # (..., 1, m)
+            col_var.lerp_(col_mean, one_minus_beta2_t)
+            var_estimate = row_var @ col_var  # (..., n, m)
+            var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+        else:
+            variance = state["variance"]
+            variance.lerp_(grad * grad, one_minus_beta2_t)
+            var_estimate = variance.clone()
+        update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
+        update.mul_(direction)
+        denom = max(1.0, update.norm(2).item() / (math.sqrt(update.numel()) * group["clip_threshold"]))
+        work.add_(update, alpha=-alpha / denom)

@@ -1,0 +1,189 @@
+"""GaLore-style AdamW: Adam moments kept in a low-rank SVD subspace of each projected gradient.
+
+A param group that sets ``rank`` is projected. For a 2-D gradient G (n, m) with projector P:
+
+    "left"  (P: (n, r)):  R = P.T @ G  (r, m);   update = P @ adam(R)      (n, m)
+    "right" (Q: (m, r)):  R = G @ Q    (n, r);   update = adam(R) @ Q.T    (n, m)
+    "std": left when n < m, right otherwise (the GaLore convention: reduce the smaller side)
+
+    param <- param * (1 - lr * weight_decay) - lr * scale * update,  adam(R) = m_hat / (sqrt(v_hat) + eps)
+
+The projector is the top-r singular vectors of the current gradient, recomputed at steps
+0, gap, 2*gap, ... and stored as a float32 tensor in the optimizer state. With
+``reproject_moments=True`` the moments follow the subspace when it changes: with
+T = P_new.T @ P_old (r, r), m <- T m and v <- (T*T) v (the variance of independent coordinates
+under the change of basis); without it they are reused as if the basis had not changed (GaLore's
+behaviour). Groups without ``rank`` are plain AdamW, with torch.optim.AdamW's operation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from velora.optim._common import (
+    TensorStateOptimizer,
+    check_group,
+    check_positive,
+    check_unit_interval,
+    init_moment,
+    read_moment,
+    store_back,
+    working_copy,
+    working_grad,
+    write_moment,
+)
+from velora.optim.projections import svd_projector
+
+__all__ = ["GaLoreAdamW"]
+
+_PROJ_TYPES = ("std", "left", "right")
+
+
+def projection_side(shape, proj_type: str) -> str:
+    if proj_type == "std":
+        return "left" if shape[0] < shape[1] else "right"
+    return proj_type
+
+
+class GaLoreAdamW(TensorStateOptimizer):
+    """AdamW whose groups with ``rank`` keep Adam moments in a refreshed SVD subspace (GaLore).
+
+    Group keys: ``rank`` (None = plain AdamW), ``update_proj_gap``, ``scale``, ``proj_type``
+    ("std", "left", "right"), ``reproject_moments``, plus the usual lr/betas/eps/weight_decay.
+    ``eight_bit=True`` stores both moments block-wise 8-bit.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        reproject_moments: bool = False,
+        eight_bit: bool = False,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+            reproject_moments=reproject_moments, eight_bit=eight_bit,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_group("GaLoreAdamW", group)
+        check_positive("lr", group["lr"], float)
+        beta1, beta2 = group["betas"]
+        check_unit_interval("betas[0]", beta1)
+        check_unit_interval("betas[1]", beta2)
+        if group["rank"] is None:
+            return
+        check_positive("rank", group["rank"])
+        check_positive("update_proj_gap", group["update_proj_gap"])
+        check_positive("scale", group["scale"], float)
+        if group["proj_type"] not in _PROJ_TYPES:
+            raise ValueError(f"proj_type={group['proj_type']!r} is not one of {_PROJ_TYPES}")
+        for param in group["params"]:
+            if param.dim() != 2:
+                raise ValueError(f"GaLoreAdamW: a group with rank={group['rank']} holds a {param.dim()}-D "
+                                 f"parameter of shape {tuple(param.shape)}; put non-matrices in a group "
+                                 "without 'rank'")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if group["rank"] is None:
+                    self._adamw_step(param, group)
+                else:
+                    self._projected_step(param, group)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _adamw_step(self, param: torch.Tensor, group: dict) -> None:
+        state = self.state[param]
+        eight_bit = group["eight_bit"]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            init_moment(state, "exp_avg", param.shape, param.device, eight_bit, signed=True)
+            init_moment(state, "exp_avg_sq", param.shape, param.device, eight_bit, signed=False)
+        grad, work = working_grad(param), working_copy(param)
+        state["step"] += 1
+        exp_avg, exp_avg_sq = read_moment(state, "exp_avg"), read_moment(state, "exp_avg_sq")
+        # torch.optim.AdamW, single-tensor path, same operation order
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        work.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = state["step"].item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        write_moment(state, "exp_avg", exp_avg, signed=True)
+        write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
+        store_back(param, work)
+
+    def _projected_step(self, param: torch.Tensor, group: dict) -> None:
+        state = self.state[param]
+        side = projection_side(param.shape, group["proj_type"])
+        rank = min(group["rank"], *param.shape)
+        low_shape = (rank, param.shape[1]) if side == "left" else (param.shape[0], rank)
+        eight_bit = group["eight_bit"]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            init_moment(state, "exp_avg", low_shape, param.device, eight_bit, signed=True)
+            init_moment(state, "exp_avg_sq", low_shape, param.device, eight_bit, signed=False)
+        grad, work = working_grad(param), working_copy(param)  # (n, m)
+        exp_avg, exp_avg_sq = read_moment(state, "exp_avg"), read_moment(state, "exp_avg_sq")
+        steps_done = int(state["step"].item())
+        if steps_done % group["update_proj_gap"] == 0:
+            new_projector = svd_projector(grad, rank, side)  # (n, r) or (m, r)
+            old_projector = state.get("projector")
+            if group["reproject_moments"] and old_projector is not None:
+                change = new_projector.T @ old_projector  # (r, r): old coordinates -> new coordinates
+                if side == "left":  # moments (r, m): coordinates are rows
+                    exp_avg = change @ exp_avg
+                    exp_avg_sq = (change * change) @ exp_avg_sq
+                else:  # moments (n, r): coordinates are columns
+                    exp_avg = exp_avg @ change.T
+                    exp_avg_sq = exp_avg_sq @ (change * change).T
+            state["projector"] = new_projector
+        projector = state["projector"]
+        low_grad = projector.T @ grad if side == "left" else grad @ projector  # (r, m) or (n, r)
+        state["step"] += 1
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        work.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(low_grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
+        step = state["step"].item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        low_update = exp_avg / denom  # (r, m) or (n, r)
+        update = projector @ low_update if side == "left" else low_update @ projector.T  # (n, m)
+        work.add_(update, alpha=-lr * group["scale"] / bias_correction1)
+        write_moment(state, "exp_avg", exp_avg, signed=True)
+        write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
+        store_back(param, work)

@@ -1,0 +1,140 @@
+"""Projection matrices shared by the optimizers and the accumulator.
+
+Two kinds:
+- seeded random projections (FLoRA): ``A`` of shape (r, n) regenerated from an integer seed, so only
+  the seed has to be stored (and every DDP rank can rebuild the same matrix without communication);
+- SVD projectors (GaLore / GradNormLoRP): the top-``r`` singular vectors of a gradient, refreshed
+  every few hundred steps and stored as a tensor in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "random_projection",
+    "derive_seed",
+    "CompressionPlan",
+    "compression_plan",
+    "svd_projector",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # a tiny, well-mixed integer hash; pure Python so it is identical on every machine and rank
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (base seed, parameter index, cycle, ...); fits an int64 tensor."""
+    x = 0
+    for part in parts:
+        x = _splitmix64(x ^ (int(part) & _MASK64))
+    return x & ((1 << 63) - 1)
+
+
+def random_projection(
+    seed: int,
+    n: int,
+    r: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    orthogonal: bool = False,
+) -> torch.Tensor:
+    """The FLoRA projection ``A`` of shape (r, n), entries N(0, 1/r), regenerated from ``seed``.
+
+    Compress a row vector x (..., n) with ``x @ A.T`` (..., r); decompress with ``c @ A`` (..., n).
+    ``E[A.T @ A] = I``, so decompress(compress(x)) is unbiased. With ``orthogonal=True`` the rows are
+    orthonormalised (QR) and scaled by sqrt(n / r), keeping ``E[A.T @ A] = I``; at r == n, A is an
+    orthogonal matrix and the round trip is exact. The matrix is always drawn on the CPU in float32
+    (bit-identical on every device and DDP rank) and then moved to ``device``/``dtype``.
+    """
+    if r <= 0 or n <= 0:
+        raise ValueError(f"random_projection needs n > 0 and r > 0, got n={n}, r={r}")
+    if orthogonal and r > n:
+        raise ValueError(f"orthogonal projection needs r <= n, got r={r} > n={n}; lower r or set orthogonal=False")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    gaussian = torch.randn(r, n, generator=generator, dtype=torch.float32)  # (r, n)
+    if orthogonal:
+        q, upper = torch.linalg.qr(gaussian.T)  # (n, r), (r, r)
+        # fix the sign of each column so the result is a function of the seed only
+        signs = torch.sign(torch.diagonal(upper))  # (r,)
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        projection = (q * signs).T * math.sqrt(n / r)  # (r, n)
+    else:
+        projection = gaussian / math.sqrt(r)  # (r, n)
+    return projection.to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """How a 2-D tensor (rows, cols) is compressed: the larger side is projected to ``rank``.
+
+    ``transposed`` is True when rows > cols: we then work on the (cols, rows) transpose so the kept
+    state is always (kept_dim, rank) with kept_dim = min(rows, cols).
+    """
+
+    kept_dim: int
+    projected_dim: int
+    rank: int
+    transposed: bool
+
+
+def compression_plan(shape: torch.Size | tuple[int, ...], rank: int, force: bool = False) -> CompressionPlan | None:
+    """The rule for which tensors get a projected state (``None`` = keep full state).
+
+    A tensor is compressed iff it is 2-D and ``rank < max(rows, cols)`` (otherwise the projected
+    state min(rows, cols) x rank is no smaller than the full one). ``force=True`` compresses every 2-D
+    tensor with the effective rank min(rank, max(rows, cols)) (used to test the projection path).
+    """
+    if len(shape) != 2:
+        return None
+    rows, cols = int(shape[0]), int(shape[1])
+    kept_dim, projected_dim = min(rows, cols), max(rows, cols)
+    if rank >= projected_dim and not force:
+        return None
+    return CompressionPlan(kept_dim, projected_dim, min(rank, projected_dim), transposed=rows > cols)
+
+
+def _svd_attempts(matrix: torch.Tensor):
+    # 1) fp32 gesdd, 2) fp64, 3) fp64 with a tiny deterministic jitter (breaks exact degeneracies
+    # that make the divide-and-conquer driver fail to converge)
+    yield "float32", matrix.float()
+    yield "float64", matrix.double()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(matrix.shape, generator=generator, dtype=torch.float64).to(matrix.device)
+    scale = matrix.double().abs().max().clamp_min(1e-30) * 1e-7
+    yield "float64+jitter", matrix.double() + noise * scale
+
+
+def svd_projector(matrix: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """Top-``rank`` singular vectors of ``matrix`` (n, m): (n, rank) for side="left", (m, rank) for "right".
+
+    A failed or non-finite SVD is retried in float64 and then with a tiny jitter; if every attempt
+    fails a RuntimeError is raised (never a silent NaN). A non-finite input raises ValueError.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r} is not 'left' or 'right'")
+    if not torch.isfinite(matrix).all():
+        raise ValueError("cannot compute an SVD projector of a gradient holding NaN/inf; "
+                         "check the loss scale and learning rate")
+    errors = []
+    for name, attempt in _svd_attempts(matrix):
+        try:
+            u, _, vh = torch.linalg.svd(attempt, full_matrices=False)  # (n, k), (k,), (k, m)
+        except (RuntimeError, torch.linalg.LinAlgError) as err:  # LinAlgError subclasses RuntimeError
+            errors.append(f"{name}: {str(err).splitlines()[0]}")
+            continue
+        basis = u[:, :rank] if side == "left" else vh[:rank].T  # (n, rank) or (m, rank)
+        if torch.isfinite(basis).all():
+            return basis.float().contiguous()
+        errors.append(f"{name}: non-finite singular vectors")
+    raise RuntimeError(f"SVD of a {tuple(matrix.shape)} gradient failed in every attempt ({'; '.join(errors)})")
