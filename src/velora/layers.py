@@ -39,7 +39,11 @@ class VeLoRAMixin:
 
     # ---- forward ---------------------------------------------------------------------------------
     def _velora_active(self, x: torch.Tensor) -> bool:
-        return self.training and torch.is_grad_enabled() and self.weight.requires_grad
+        if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
+            return False
+        # peft DoRA builds B·A by passing an identity matrix through lora_A: a probe, not an activation, and it
+        # must neither initialise v nor move the EMA (its output is only used detached)
+        return not (self.__dict__.get("_velora_dora_probe", False) and _is_identity(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._velora_active(x):
@@ -112,6 +116,12 @@ class VeLoRAMixin:
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, velora(sub_token_size={self.velora_sub_token_size}, "
                 f"rank={self.velora_config.rank}, init={self.velora_config.init!r})")
+
+
+def _is_identity(x: torch.Tensor) -> bool:
+    if x.dim() != 2 or x.shape[0] != x.shape[1] or x.requires_grad:
+        return False
+    return bool((x.diagonal() == 1).all()) and int(torch.count_nonzero(x)) == x.shape[0]
 
 
 class VeLoRALinear(VeLoRAMixin, nn.Linear):
@@ -273,6 +283,7 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
                          f"(mode={config.mode!r}); linear layers here include {linear_names}")
     for name, module in matched:
         _wrap(module, name, config)
+    _mark_dora_probes(model)
     return model
 
 
@@ -293,6 +304,18 @@ def _lora_a_targets(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]
     return out
 
 
+def _mark_dora_probes(model: nn.Module) -> None:
+    """Flag the lora_A layers of DoRA adapters, whose parent probes them with an identity matrix."""
+    for module in model.modules():
+        if not _is_lora_layer(module):
+            continue
+        for adapter, lora_a in module.lora_A.items():
+            uses_dora = adapter in getattr(module, "lora_magnitude_vector", {}) or \
+                getattr(module, "use_dora", {}).get(adapter, False)
+            if uses_dora and is_velora_module(lora_a):
+                lora_a._velora_dora_probe = True
+
+
 def remove_velora(model: nn.Module) -> nn.Module:
     """Undo ``apply_velora``: original classes, original state_dict keys. Returns ``model``."""
     for module in velora_modules(model).values():
@@ -301,7 +324,34 @@ def remove_velora(model: nn.Module) -> nn.Module:
                 del module._buffers[key]
         base_class = module._velora_base_class
         for attr in ("velora_config", "velora_sub_token_size", "_velora_base_class", "_velora_name",
-                     "_velora_ready"):
+                     "_velora_ready", "_velora_dora_probe"):
             module.__dict__.pop(attr, None)
         module.__class__ = base_class
+    return model
+
+
+# ---- peft adapters: v travels with the adapter ---------------------------------------------------------
+
+
+def load_peft_velora_state(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
+    """Load the VeLoRA buffers saved by peft's ``save_pretrained`` into an adapter that has VeLoRA applied.
+
+    peft keeps every state-dict key containing ``lora_``, so ``lora_A.<adapter>.velora_v`` and
+    ``velora_initialised`` are written to the adapter file; ``PeftModel.from_pretrained`` drops them, because
+    the fresh model has no VeLoRA yet. Call this after ``apply_velora`` so v is restored, not re-initialised.
+    Returns ``model``.
+    """
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    wrapped = {name: m for name, m in velora_modules(model).items() if name.endswith(f".lora_A.{adapter_name}")}
+    if not wrapped:
+        raise ValueError(f"adapter {adapter_name!r} has no VeLoRA layers; call apply_velora(model, config) "
+                         "before load_peft_velora_state")
+    saved = {key: value for key, value in load_peft_weights(path).items() if ".velora_" in key}
+    # peft writes keys without the adapter name: '...q_proj.lora_A.velora_v'
+    missing = [name for name in wrapped if name[: -len(adapter_name) - 1] + ".velora_v" not in saved]
+    if missing:
+        raise ValueError(f"{path!r} holds no VeLoRA buffers for {missing[:3]} (+{max(len(missing) - 3, 0)} more); "
+                         "it was saved without VeLoRA or with other target_modules")
+    set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
     return model

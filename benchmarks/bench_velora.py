@@ -1,0 +1,258 @@
+"""VeLoRA side by side: saved-activation memory and training-step time, measured in one run.
+
+Workload (the reference): LLaMA-style decoder, hidden 512, 4 layers, 8 heads, intermediate 1344, vocab 1024
+(small so the LM head does not dominate), seq 256, batch 4, fp32, 2 threads, random init.
+
+Variants
+- full                      every weight trains, plain layers
+- full + VeLoRA             velora-torch on v_proj and down_proj, sub_token_size M=32 (the paper's targets)
+- peft LoRA                 peft LoRA r=8 on all linear layers, lora_dropout=0
+- peft LoRA + peft VeLoRA   peft's own LoRA variant (LoraConfig(velora_config=...)), init batch_average_once,
+                            M=32 on every layer (num_groups=D/32: 16 for d=512; the down_proj layers, D=1344,
+                            are set to 42 groups after construction because peft takes one num_groups per adapter)
+- peft LoRA + VeLoRA        the same peft LoRA with velora-torch on every lora_A, M=32, init batch_average_once
+
+Saved-activation bytes: unique storages handed to autograd during one forward, parameters and buffers
+excluded (saved_tensors_hooks). Step time: zero_grad + forward + backward + AdamW step, median over timed
+rounds; the variants run round-robin within each round so machine noise hits all of them alike.
+
+    python benchmarks/bench_velora.py            # reference workload, writes benchmarks/results/velora.md
+    python benchmarks/bench_velora.py --quick    # tiny smoke run (seconds), nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from velora import VeLoRAConfig, apply_velora
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "velora.md")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- workload ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    hidden: int = 512
+    intermediate: int = 1344
+    heads: int = 8
+    layers: int = 4
+    vocab: int = 1024
+    seq: int = 256
+    batch: int = 4
+    sub_token_size: int = 32
+    lora_rank: int = 8
+
+
+QUICK = Workload(hidden=128, intermediate=352, heads=4, layers=2, vocab=256, seq=64, batch=2)
+
+
+def build_base(work: Workload, seed: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=work.hidden,
+        intermediate_size=work.intermediate,
+        num_attention_heads=work.heads,
+        num_key_value_heads=work.heads,
+        num_hidden_layers=work.layers,
+        vocab_size=work.vocab,
+        max_position_embeddings=work.seq,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.train()
+    return model
+
+
+def peft_lora(model: nn.Module, work: Workload, velora_config=None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=work.lora_rank, lora_alpha=2 * work.lora_rank, target_modules=ALL_LINEAR,
+                        lora_dropout=0.0, velora_config=velora_config)
+    return get_peft_model(model, config)
+
+
+def peft_velora(model: nn.Module, work: Workload) -> nn.Module:
+    """peft's own VeLoRA variant at M = sub_token_size on every adapted layer."""
+    from peft import VeloraConfig
+
+    groups = work.hidden // work.sub_token_size
+    model = peft_lora(model, work, VeloraConfig(num_groups=groups, init_type="batch_average_once"))
+    for module in model.modules():
+        embeds = getattr(module, "lora_velora_embed", None)
+        if embeds is None:
+            continue
+        in_features = module.in_features
+        if in_features % work.sub_token_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of M={work.sub_token_size}")
+        for adapter in list(module.lora_velora_num_groups):
+            # one num_groups per peft adapter: give D=intermediate layers their M-sized groups too
+            module.lora_velora_num_groups[adapter] = in_features // work.sub_token_size
+            embeds[adapter] = torch.zeros(work.sub_token_size, dtype=embeds[adapter].dtype)
+    return model
+
+
+def velora_full(model: nn.Module, work: Workload) -> nn.Module:
+    return apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size,
+                                            target_modules=["v_proj", "down_proj"]))
+
+
+def velora_adapter(model: nn.Module, work: Workload) -> nn.Module:
+    return apply_velora(peft_lora(model, work), VeLoRAConfig(sub_token_size=work.sub_token_size,
+                                                             target_modules=ALL_LINEAR, mode="adapter"))
+
+
+VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
+    "full": lambda model, work: model,
+    "full + VeLoRA (v_proj, down_proj)": velora_full,
+    "peft LoRA": peft_lora,
+    "peft LoRA + peft VeLoRA": peft_velora,
+    "peft LoRA + velora-torch VeLoRA": velora_adapter,
+}
+BASELINE = {  # ratios are taken against the plain method the variant extends
+    "full": "full",
+    "full + VeLoRA (v_proj, down_proj)": "full",
+    "peft LoRA": "peft LoRA",
+    "peft LoRA + peft VeLoRA": "peft LoRA",
+    "peft LoRA + velora-torch VeLoRA": "peft LoRA",
+}
+
+
+# ---- measurement -------------------------------------------------------------------------------------
+
+
+def saved_activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
+    """Unique bytes autograd keeps for backward after one forward (parameters and buffers excluded).
+
+    Buffers are looked up after the forward: VeLoRA creates its v during the first one.
+    """
+    storages: dict[int, int] = {}
+    keep_alive: list[torch.Tensor] = []  # data_ptr keys stay valid only while the tensors live
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        keep_alive.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=batch, labels=batch).loss
+    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    total = sum(nbytes for pointer, nbytes in storages.items() if pointer not in excluded)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def make_step(model: nn.Module, batch: torch.Tensor) -> Callable[[], float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, work.vocab, (work.batch, work.seq), generator=generator)  # (B, N)
+
+    models = {name: wrap(build_base(work, seed), work) for name, wrap in VARIANTS.items()}
+    saved = {name: saved_activation_bytes(model, batch) for name, model in models.items()}
+    steps = {name: make_step(model, batch) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(warmup + rounds):
+        order = list(steps)
+        if round_index % 2:  # alternate the order too, so no variant always runs right after the same one
+            order.reverse()
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+
+    rows = []
+    for name in models:
+        base = BASELINE[name]
+        median = statistics.median(times[name])
+        rows.append(dict(
+            name=name,
+            baseline=base,
+            saved_mib=saved[name] / 2**20,
+            saved_ratio=saved[name] / saved[base],
+            step_ms=1e3 * median,
+            step_ratio=median / statistics.median(times[base]),
+            # per-round ratio spread: how much the side-by-side ratio moved between rounds
+            ratio_min=min(a / b for a, b in zip(times[name], times[base])),
+            ratio_max=max(a / b for a, b in zip(times[name], times[base])),
+        ))
+    return rows
+
+
+def markdown(rows: list[dict], work: Workload, warmup: int, rounds: int, threads: int) -> str:
+    lines = [
+        f"Workload: LLaMA-style d={work.hidden}, {work.layers} layers, {work.heads} heads, ff={work.intermediate}, "
+        f"vocab={work.vocab}, seq={work.seq}, batch={work.batch}, fp32, {threads} threads, "
+        f"M={work.sub_token_size}, LoRA r={work.lora_rank}; AdamW; median of {rounds} round-robin steps "
+        f"after {warmup} warm-up rounds. torch {torch.__version__}, {platform.machine()}.",
+        "",
+        "| variant | vs | saved activations (MiB) | saved ratio | step (ms) | step ratio | per-round ratio range |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['baseline']} | {row['saved_mib']:.1f} | {row['saved_ratio']:.3f} | "
+            f"{row['step_ms']:.0f} | {row['step_ratio']:.3f} | {row['ratio_min']:.2f}–{row['ratio_max']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps; prints only")
+    parser.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 15, quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, quick 1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help=f"markdown file to write (default {RESULTS}; none with --quick)")
+    args = parser.parse_args()
+    work = QUICK if args.quick else Workload()
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds={rounds} must be >= 1 and warmup={warmup} >= 0")
+
+    rows = run(work, warmup, rounds, args.threads, args.seed)
+    table = markdown(rows, work, warmup, rounds, args.threads)
+    print(table)
+    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            fh.write("# VeLoRA benchmark\n\n" + table)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
