@@ -1,0 +1,628 @@
+"""One training loop every method plugs into (through ``velora.registry``).
+
+    config -> corpus + tokenizer -> model (preset or pretrained) -> registry.prepare_model / build_optimizer
+           -> steps (micro-batches, optional FLoRA compressed accumulation, clipping, cosine schedule)
+           -> CSV / TensorBoard log, atomic checkpoints -> validation ppl + measured memory -> result dict
+
+Resuming is bitwise identical on CPU: the batch order is a pure function of the step (see
+``velora.data.TokenBlocks``), the learning rate is a pure function of the step, and a checkpoint holds
+the model (safetensors, VeLoRA buffers included), the optimizer state, the accumulator state and the
+torch RNG state.
+
+Checkpoints are written into a temporary folder that is renamed into place, and only then does the
+``latest`` pointer file change (itself written to a temp file and renamed): a crash at any moment
+leaves the previous checkpoint complete and pointed to.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from velora.config import VeLoRAConfig
+from velora.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
+from velora.registry import MethodOptions, build_optimizer, parse_method, prepare_model
+
+CHECKPOINT_VERSION = 1
+LOG_COLUMNS = ("step", "loss", "ppl", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run's numbers. Saved as ``config.json``; ``--resume`` checks it."""
+
+    method: str = "full"
+    model: str = "llama-tiny"
+    data: str = "stdlib"
+    tokenizer: str = "bpe"  # bpe | byte | path to tokenizer.json | model (the pretrained model's own)
+    vocab_size: int = 2048  # BPE vocabulary (ignored by byte / pretrained tokenizers)
+    bpe_train_chars: int = 1_000_000
+    max_train_chars: int | None = 3_000_000
+    max_val_chars: int | None = 300_000
+    val_fraction: float = 0.05
+    seq_len: int = 128
+    batch_size: int = 8
+    accumulation_steps: int = 1
+    steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    eval_batches: int = 8
+    eval_every: int = 0  # 0: evaluate at the end only
+    save_every: int = 0  # 0: checkpoint at the end only
+    init_from: str | None = None  # a velora checkpoint folder / run folder to start from (fine-tuning)
+    dtype: str = "float32"
+    # method hyper-parameters (registry.MethodOptions fields) and the VeLoRA config, as plain JSON
+    options: dict[str, Any] = field(default_factory=dict)
+    velora: dict[str, Any] = field(default_factory=lambda: {"sub_token_size": 32, "target_modules": "paper"})
+
+    def __post_init__(self) -> None:
+        parse_method(self.method)  # one-line error for unknown methods
+        for name in ("seq_len", "batch_size", "accumulation_steps", "steps", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr={self.lr} must be a positive finite number")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        known = {f.name for f in fields(MethodOptions)} - {"velora", "lr", "weight_decay", "accumulation_steps"}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise ValueError(f"unknown method option(s) {unknown}; known: {sorted(known)}")
+        self.velora_config()  # validate
+
+    def velora_config(self) -> VeLoRAConfig:
+        return VeLoRAConfig.from_dict(self.velora)
+
+    def method_options(self) -> MethodOptions:
+        options = dict(self.options)
+        if "betas" in options:
+            options["betas"] = tuple(options["betas"])
+        return MethodOptions(lr=self.lr, weight_decay=self.weight_decay, accumulation_steps=self.accumulation_steps,
+                             velora=self.velora_config(), seed=self.seed, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}")
+        return cls(**data)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio``; a pure function of the step."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- data + model ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    corpus: Corpus
+    tokenizer: Any
+    train: TokenBlocks
+    validation: TokenBlocks
+
+
+def load_data(config: TrainConfig, cache_dir: Path | None = None) -> RunData:
+    corpus = load_corpus(config.data, config.val_fraction, config.max_train_chars, config.max_val_chars)
+    if not corpus.train or not corpus.validation:
+        raise ValueError(f"--data {config.data!r} gave an empty train or validation split; add more text")
+    tokenizer_spec = config.model if config.tokenizer == "model" else config.tokenizer
+    tokenizer = load_tokenizer(tokenizer_spec, corpus, config.vocab_size, config.bpe_train_chars, cache_dir)
+    train_ids = cached_token_stream(tokenizer, corpus, "train", cache_dir)  # (N_train,)
+    val_ids = cached_token_stream(tokenizer, corpus, "validation", cache_dir)  # (N_val,)
+    return RunData(corpus, tokenizer, TokenBlocks(train_ids, config.seq_len, seed=config.seed),
+                   TokenBlocks(val_ids, config.seq_len, shuffle=False))
+
+
+def _is_pretrained_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").exists() and any(
+        (p / name).exists() for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+
+
+def build_base_model(config: TrainConfig, vocab_size: int) -> nn.Module:
+    """A preset / config.json built with random init, or a pretrained model via ``from_pretrained``."""
+    from velora.models import PRESETS, build_config, build_model
+
+    dtype = getattr(torch, config.dtype)
+    if config.model in PRESETS or config.model.endswith(".json") or (
+            Path(config.model).is_dir() and not _is_pretrained_dir(config.model)):
+        overrides: dict[str, Any] = {"vocab_size": vocab_size}
+        model_config = build_config(config.model, **overrides)
+        if getattr(model_config, "max_position_embeddings", config.seq_len) < config.seq_len:
+            model_config.max_position_embeddings = config.seq_len
+        return build_model(model_config, dtype=None if dtype == torch.float32 else dtype)
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    except OSError as err:
+        raise ValueError(f"--model {config.model!r} is not a preset, config.json or loadable model "
+                         f"({str(err).splitlines()[0]}); pass a preset or a local model directory") from None
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(f"--model {config.model!r} has {model.get_input_embeddings().num_embeddings} embeddings "
+                         f"but the tokenizer has {vocab_size} ids; use --tokenizer model")
+    model.train()
+    return model
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_model(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(path))  # handles tied weights
+
+
+def _write_training_state(state: dict[str, Any], path: Path) -> None:
+    torch.save(state, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, accumulator=None,
+                    keep_last: int = 1) -> Path:
+    """Write ``checkpoints/step-XXXXXXX`` atomically and point ``checkpoints/latest`` at it."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingDiverged(f"refusing to checkpoint step {step}: {name} holds NaN/Inf")
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _write_model(model, tmp / "model.safetensors")
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "accumulator": accumulator.state_dict() if accumulator is not None else None,
+    }
+    _write_training_state(state, tmp / "training_state.pt")
+    for file in tmp.iterdir():
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)  # re-saving a step: the pointer may still name it, so point away first
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(root / "latest", final.name)
+    kept = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in kept[:-keep_last] if keep_last > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "model.safetensors").exists() or not (path / "training_state.pt").exists():
+        raise ValueError(f"checkpoint {path} named by {pointer} is incomplete; delete {pointer.parent} to restart")
+    return path
+
+
+def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, str(Path(checkpoint) / "model.safetensors"))
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint) / "training_state.pt", weights_only=True)
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+
+
+def measure_memory(model: nn.Module, method: str, options: MethodOptions, batch: torch.Tensor) -> dict[str, Any]:
+    """Saved-activation bytes of one training forward and the peak of a training step, measured on a deep
+    copy (the run's own model, optimizer and RNG are untouched)."""
+    rng = torch.get_rng_state()
+    model_copy = copy.deepcopy(model)
+    model_copy.train()
+    optimizer = build_optimizer(model_copy, method, options)
+
+    def step_fn():
+        loss = model_copy(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        from velora.memory import SavedActivationMeter, measure_step_peak
+    except ImportError:
+        SavedActivationMeter = measure_step_peak = None  # noqa: N806
+    report: dict[str, Any]
+    if SavedActivationMeter is not None:
+        with SavedActivationMeter(model_copy) as meter:
+            loss = model_copy(input_ids=batch, labels=batch).loss
+        activation_bytes = int(meter.total_bytes)
+        del loss
+        peak = measure_step_peak(model_copy, optimizer, step_fn, steps=2)
+        report = {"activation_bytes": activation_bytes, "peak_bytes": int(peak.peak_bytes),
+                  "peak_breakdown": {k: int(v) for k, v in peak.breakdown.items()}, "memory_source": "velora.memory"}
+    else:
+        report = _fallback_memory(model_copy, optimizer, batch, step_fn)
+    torch.set_rng_state(rng)
+    return report
+
+
+def _fallback_memory(model, optimizer, batch, step_fn) -> dict[str, Any]:
+    """Used only while velora.memory is unavailable: unique saved bytes (storage-deduplicated, parameters
+    and buffers excluded) + parameter/gradient/optimizer-state bytes. No temporaries."""
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=batch, labels=batch).loss
+    activation_bytes = sum(seen.values())
+    del loss
+    step_fn()
+    step_fn()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))
+    breakdown = {"parameters": parameters, "gradients": gradients, "optimizer_state": state_bytes,
+                 "activations": activation_bytes, "temporaries": 0}
+    return {"activation_bytes": activation_bytes, "peak_bytes": sum(breakdown.values()), "peak_breakdown": breakdown,
+            "memory_source": "fallback (saved_tensors_hooks + state sizes)"}
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, validation: TokenBlocks, batch_size: int, max_batches: int) -> float:
+    """Mean next-token cross-entropy over the first ``max_batches`` validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in validation.sequential_batches(batch_size, max_batches):
+        loss = model(input_ids=batch, labels=batch).loss
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(loss) * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count
+
+
+# ---- logging ---------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """CSV log (always) and TensorBoard events (when tensorboard is installed)."""
+
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool = True) -> None:
+        self.path = out_dir / "log.csv"
+        rows = []
+        if resume_step > 0 and self.path.exists():
+            with open(self.path) as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as fh:  # drop rows past the resumed step
+            writer = csv.DictWriter(fh, LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.rows = [{k: float(v) for k, v in r.items()} for r in rows]
+        self._fh = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._fh, LOG_COLUMNS)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                self._tb = None
+
+    def write(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        self._writer.writerow(row)
+        self._fh.flush()
+        if self._tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self._tb.add_scalar(f"train/{key}", row[key], int(row["step"]))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class _Progress:
+    """A rich progress bar on stderr (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, title: str) -> None:
+        self._bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                             console=Console(stderr=True), transient=False)
+        self._task = self._bar.add_task(title, total=total, completed=start, stats="")
+        self._bar.start()
+
+    def update(self, step: int, stats: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, stats=stats)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _rss_mib() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    except ImportError:  # Windows
+        return float("nan")
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, clip))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+
+
+def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
+          stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
+          tensorboard: bool = True, log=None, on_model_ready=None) -> dict[str, Any]:
+    """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
+
+    ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
+    ``resume=True`` continues from ``out_dir``'s latest checkpoint. Raises ``TrainingDiverged`` when the
+    loss or gradient becomes NaN/Inf (the last good checkpoint stays on disk). ``on_model_ready(model)`` is
+    called once the model is prepared and restored (experiments use it to attach meters or hooks).
+    """
+    say = log or (lambda message: print(message, file=sys.stderr))
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ValueError("--resume needs --out DIR (the run folder to continue)")
+    checkpoint = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        saved_config = out / "config.json"
+        if resume:
+            checkpoint = latest_checkpoint(out)
+            if checkpoint is None:
+                raise ValueError(f"--resume: {out} has no checkpoint; run without --resume first")
+            previous = json.loads(saved_config.read_text())
+            differs = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v)
+            if differs:
+                raise ValueError(f"--resume: the arguments differ from the saved run in {differs}; "
+                                 f"pass the same arguments as {saved_config}")
+        elif latest_checkpoint(out) is not None:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        _write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+
+    # data and model, seeded: an uninterrupted and a resumed run build exactly the same objects
+    torch.manual_seed(config.seed)
+    data = load_data(config, cache_dir)
+    model = build_base_model(config, data.tokenizer.vocab_size)
+    if config.init_from:
+        source = Path(config.init_from)
+        source = latest_checkpoint(source) or source if (source / "checkpoints").exists() else source
+        load_model_weights(model, source)
+    options = config.method_options()
+    method = parse_method(config.method)
+    model = prepare_model(model, method, options)
+    optimizer = build_optimizer(model, method, options)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    accumulator = None
+    if options.flora_accumulation:
+        from velora.optim import CompressedGradAccumulator
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        rank = options.flora_rank or max(1, min(min(p.shape) for p in params if p.dim() == 2) // 4)
+        accumulator = CompressedGradAccumulator(model, rank=rank, accumulation_steps=config.accumulation_steps,
+                                                seed=config.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    start_step = 0
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint)
+        state = load_training_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        if accumulator is not None:
+            accumulator.load_state_dict(state["accumulator"])
+        torch.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        say(f"resumed {out} at step {start_step}")
+    if out is not None:
+        data.tokenizer.save(out / "tokenizer.json")
+    if on_model_ready is not None:
+        on_model_ready(model)
+
+    run_log = RunLog(out, start_step, tensorboard) if out is not None else None
+    rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
+    last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+    bar = _Progress(progress, config.steps, start_step, f"{config.method}")
+    tokens_per_step = config.batch_size * config.accumulation_steps * config.seq_len
+    step_times: list[float] = []
+    val_history: list[dict[str, float]] = []
+    status = "completed" if last_step == config.steps else "stopped"
+    model.train()
+    try:
+        for step in range(start_step, last_step):
+            began = time.perf_counter()
+            factor = lr_factor(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            step_loss = 0.0
+            for micro in range(config.accumulation_steps):
+                batch = data.train.batch(step * config.accumulation_steps + micro, config.batch_size)  # (B, T)
+                loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}")
+                (loss / config.accumulation_steps).backward()
+                step_loss += float(loss.detach()) / config.accumulation_steps
+            grad_norm = _gradient_norm(trainable, config.grad_clip)
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - began
+            step_times.append(elapsed)
+            row = {"step": step + 1, "loss": step_loss, "ppl": perplexity(step_loss),
+                   "lr": config.lr * factor, "grad_norm": grad_norm, "tokens": (step + 1) * tokens_per_step,
+                   "tokens_per_s": tokens_per_step / elapsed, "elapsed_s": sum(step_times)}
+            rows.append(row)
+            if run_log is not None:
+                run_log.write(row)
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)
+                val_history.append({"step": done, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                if run_log is not None:
+                    run_log.scalar("val/ppl", perplexity(val_loss), done)
+            if out is not None and config.save_every and done % config.save_every == 0 and done < last_step:
+                save_checkpoint(out, done, model, optimizer, accumulator)
+            bar.update(done, f"loss {step_loss:.3f} ppl {row['ppl']:.1f} {row['tokens_per_s']:.0f} tok/s "
+                             f"rss {_rss_mib():.0f} MiB")
+    except TrainingDiverged as err:
+        bar.close()
+        if run_log is not None:
+            run_log.close()
+        kept = latest_checkpoint(out) if out is not None else None
+        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
+        raise TrainingDiverged(f"training stopped: {err}; {where}. Lower --lr (now {config.lr}) or raise "
+                               "--warmup-steps, then --resume or start over") from None
+    bar.close()
+    if out is not None and last_step > start_step:
+        save_checkpoint(out, last_step, model, optimizer, accumulator)
+
+    val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)
+    if run_log is not None:
+        run_log.scalar("val/ppl", perplexity(val_loss), last_step)
+        run_log.close()
+    memory: dict[str, Any] = {}
+    if measure:
+        memory = measure_memory(model, config.method, options, data.train.batch(0, config.batch_size))
+    timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step pays one-off costs
+    result = {
+        "status": status,
+        "method": parse_method(config.method).name,
+        "model": config.model,
+        "steps": last_step,
+        "tokens": last_step * tokens_per_step,
+        "initial_loss": rows[0]["loss"] if rows else float("nan"),
+        "final_loss": rows[-1]["loss"] if rows else float("nan"),
+        "val_loss": val_loss,
+        "val_ppl": perplexity(val_loss),
+        "val_history": val_history + [{"step": last_step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}],
+        "activation_bytes": memory.get("activation_bytes"),
+        "peak_bytes": memory.get("peak_bytes"),
+        "peak_breakdown": memory.get("peak_breakdown"),
+        "memory_source": memory.get("memory_source"),
+        "tokens_per_s": (tokens_per_step * len(timed) / sum(timed)) if timed else None,
+        "step_time_s": (sum(timed) / len(timed)) if timed else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "lr": config.lr,
+        "data_fingerprint": data.corpus.fingerprint,
+        "tokenizer": {"name": data.tokenizer.name, "vocab_size": data.tokenizer.vocab_size},
+        "train_tokens_available": data.train.n_tokens,
+        "loss_curve": [[int(r["step"]), r["loss"]] for r in rows],
+        "config": config.to_dict(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if out is not None:
+        _write_text_atomic(out / "result.json", json.dumps(result, indent=2))
+    result["_model"] = model  # in-process callers (experiments) may inspect it; dropped from JSON output
+    return result
+
+
+def public_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without in-process objects (what ``--json`` prints)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}

@@ -1,0 +1,133 @@
+"""`velora train`: one method, one model, one corpus; progress bar, CSV/TensorBoard log, atomic
+checkpoints, ``--resume``, ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from velora.registry import method_names
+
+# CLI flag -> registry.MethodOptions field (only flags the user actually passes are forwarded)
+METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--optimizer": ("optimizer", str, "base optimizer: adamw | adafactor | adamw8bit"),
+    "--lora-rank": ("lora_rank", int, "LoRA/DoRA rank (default 8)"),
+    "--lora-alpha": ("lora_alpha", float, "LoRA/DoRA alpha (default 16)"),
+    "--lora-dropout": ("lora_dropout", float, "LoRA dropout (default 0; >0 keeps a full-size mask)"),
+    "--galore-rank": ("galore_rank", int, "GaLore rank (default: a quarter of each weight's smaller side)"),
+    "--update-proj-gap": ("update_proj_gap", int, "GaLore subspace refresh interval (default 200)"),
+    "--galore-scale": ("galore_scale", float, "GaLore update scale (default 0.25)"),
+    "--flora-rank": ("flora_rank", int, "FLoRA projection rank (default: a quarter of the smaller side)"),
+    "--flora-kappa": ("flora_kappa", int, "FLoRA momentum resampling interval kappa (default 1000)"),
+    "--gradnorm-rank": ("gradnorm_rank", int, "GradNormLoRP LoRA rank (default 8)"),
+    "--gradnorm-proj-rank": ("gradnorm_proj_rank", int, "GradNormLoRP gradient projection rank (default 4)"),
+    "--gradnorm-update-proj-gap": ("gradnorm_update_proj_gap", int, "GradNormLoRP SVD refresh interval"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--method", default="full",
+                     help=f"training method, e.g. full, velora, lora, lora+velora, galore, flora, gradnormlorp, "
+                          f"+ckpt for gradient checkpointing (all: {', '.join(method_names())})")
+    run.add_argument("--model", default="llama-tiny",
+                     help="preset (llama-tiny, llama-small, llama-20m, llama-60m, gpt2, ...), a config.json, "
+                          "or a local/hub model directory loaded with from_pretrained")
+    run.add_argument("--data", default="stdlib",
+                     help="'stdlib' (offline default: this Python's stdlib source), 'stdlib-docs', a local text "
+                          "file or folder, or hf:<dataset>[:<config>][:<split>]")
+    run.add_argument("--tokenizer", default=None,
+                     help="bpe (trained locally, cached), byte, a tokenizer.json, or 'model' "
+                          "(default: 'model' for a pretrained --model, else bpe)")
+    run.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
+    run.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    run.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    run.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    run.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--flora-accumulation", action="store_true",
+                     help="FLoRA compressed gradient accumulation across --accumulation-steps (rank --flora-rank)")
+    run.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    run.add_argument("--warmup-steps", type=int, default=10)
+    run.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule floor as a fraction of --lr")
+    run.add_argument("--weight-decay", type=float, default=0.0)
+    run.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-train-chars", type=int, default=3_000_000, help="cap on training text (characters)")
+    run.add_argument("--eval-batches", type=int, default=8, help="validation batches for the final ppl")
+    run.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: end only)")
+    run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)")
+    run.add_argument("--init-from", default=None, help="start from the weights of a velora run/checkpoint folder")
+    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    velora = parser.add_argument_group("VeLoRA (+velora methods)")
+    velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size (default 32)")
+    velora.add_argument("--velora-init", default="batch_average_once",
+                        help="batch_average_once | ema | random | svd")
+    velora.add_argument("--velora-targets", default="paper",
+                        help="comma-separated module names or 'paper' (value + MLP down projections)")
+    method = parser.add_argument_group("method options")
+    for flag, (_field, kind, help_text) in METHOD_FLAGS.items():
+        method.add_argument(flag, type=kind, default=None, help=help_text)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>)")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    out.add_argument("--stop-at-step", type=int, default=None,
+                     help="checkpoint and exit at this step without changing the schedule (resume later)")
+    out.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--no-memory", action="store_true", help="skip the memory measurement at the end")
+    out.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def config_from_args(args: argparse.Namespace):
+    from velora.train import TrainConfig, _is_pretrained_dir
+
+    options = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _h) in METHOD_FLAGS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.flora_accumulation:
+        options["flora_accumulation"] = True
+    tokenizer = args.tokenizer or ("model" if _is_pretrained_dir(args.model) else "bpe")
+    targets = args.velora_targets.split(",") if "," in args.velora_targets else args.velora_targets
+    return TrainConfig(
+        method=args.method, model=args.model, data=args.data, tokenizer=tokenizer, vocab_size=args.vocab_size,
+        max_train_chars=args.max_train_chars, seq_len=args.seq_len, batch_size=args.batch_size,
+        accumulation_steps=args.accumulation_steps, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+        eval_batches=args.eval_batches, eval_every=args.eval_every, save_every=args.save_every,
+        init_from=args.init_from, dtype=args.dtype, options=options,
+        velora={"sub_token_size": args.sub_token_size, "init": args.velora_init, "target_modules": targets},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from velora.train import TrainingDiverged, public_result, train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    out = args.out or f"runs/{config.method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = train(config, out, resume=args.resume, progress=not args.no_progress,
+                       stop_at_step=args.stop_at_step, measure=not args.no_memory)
+    except TrainingDiverged as err:
+        print(f"velora train: {err}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"status": "diverged", "error": str(err), "out": out}))
+        return 1
+    result = public_result(result)
+    result["out"] = out
+    if args.json:
+        print(json.dumps(result))
+    else:
+        mib = 2**20
+        memory = (f", saved activations {result['activation_bytes'] / mib:.2f} MiB, "
+                  f"peak {result['peak_bytes'] / mib:.2f} MiB") if result["activation_bytes"] is not None else ""
+        print(f"{result['method']}: {result['steps']} steps, loss {result['initial_loss']:.3f} -> "
+              f"{result['final_loss']:.3f}, validation ppl {result['val_ppl']:.2f}, "
+              f"{result['tokens_per_s']:.0f} tokens/s{memory}; results in {out}")
+    return 0

@@ -1,0 +1,202 @@
+"""The training loop: every registry method trains, bitwise resume, atomic checkpoints, NaN stop, CLI --json."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import velora.train as train_module
+from velora.registry import base_methods, method_names, parse_method
+from velora.train import (
+    TrainConfig,
+    TrainingDiverged,
+    latest_checkpoint,
+    load_training_state,
+    lr_factor,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other test files share the cores; also makes runs reproducible
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """~45 KB of real text: a few standard-library modules concatenated."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("".join((root / name).read_text() for name in ("textwrap.py", "bisect.py", "colorsys.py",
+                                                                     "fnmatch.py", "keyword.py")))
+    return path
+
+
+def tiny(text_file: Path, **changes) -> TrainConfig:
+    settings = dict(model="llama-tiny", data=str(text_file), tokenizer="byte", seq_len=32, batch_size=4, steps=6,
+                    lr=3e-3, warmup_steps=2, eval_batches=2, velora={"sub_token_size": 16, "target_modules": "paper"})
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"not bitwise equal: {different[:5]}"
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    config = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, config) == pytest.approx(0.1)
+    assert lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(10, config) == pytest.approx(1.0)
+    assert lr_factor(55, config) == pytest.approx(0.55)
+    assert lr_factor(100, config) == pytest.approx(0.1)
+
+
+# combinations the model surgery does not support yet: they must fail up front with a one-line error
+UNSUPPORTED = {"gradnormlorp+velora", "gradnormlorp+velora+ckpt"}
+
+
+def test_registry_covers_every_method(text_file):
+    """Every trainable name the registry lists prepares, steps and changes the trainable weights."""
+    trainable_bases = {name for name, base in base_methods().items() if base.trainable}
+    names = [n for n in method_names() if parse_method(n).base in trainable_bases]
+    assert {"full", "velora", "lora", "lora+velora", "dora", "galore", "flora", "gradnormlorp",
+            "full+ckpt"} <= set(names)
+    for name in names:
+        before = {}
+
+        def remember(model, before=before):
+            before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+        if name in UNSUPPORTED:
+            with pytest.raises(ValueError) as err:
+                train(tiny(text_file, method=name, steps=2), measure=False)
+            assert len(str(err.value).splitlines()) == 1
+            continue
+        result = train(tiny(text_file, method=name, steps=2), measure=False, on_model_ready=remember)
+        model = result["_model"]
+        changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+        assert changed, f"{name}: no trainable parameter changed"
+        assert result["val_ppl"] > 1 and torch.isfinite(torch.tensor(result["final_loss"])), name
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("full", {}),
+    ("velora", {}),
+    ("lora+velora", {}),
+    ("galore", {"options": {"update_proj_gap": 2}}),
+    ("flora", {"options": {"flora_kappa": 2}}),
+    ("full", {"accumulation_steps": 2, "options": {"flora_accumulation": True, "flora_rank": 4}}),
+])
+def test_resume_is_bitwise_identical(tmp_path, text_file, method, extra):
+    config = tiny(text_file, method=method, **extra)
+    straight = train(config, tmp_path / "straight", measure=False)
+    train(config, tmp_path / "split", measure=False, stop_at_step=3)
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000003"
+    resumed = train(config, tmp_path / "split", resume=True, measure=False)
+    _assert_bitwise(_state(straight["_model"]), _state(resumed["_model"]))
+    a = load_training_state(latest_checkpoint(tmp_path / "straight"))["optimizer"]["state"]
+    b = load_training_state(latest_checkpoint(tmp_path / "split"))["optimizer"]["state"]
+    for key in a:
+        for name, value in a[key].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[key][name]), (key, name)
+    assert resumed["loss_curve"] == straight["loss_curve"]  # the log continues, no duplicated rows
+    assert resumed["val_ppl"] == straight["val_ppl"]
+
+
+def test_resume_refuses_changed_arguments(tmp_path, text_file):
+    train(tiny(text_file, steps=2), tmp_path / "run", measure=False)
+    with pytest.raises(ValueError, match="differ from the saved run in \\['lr'\\]"):
+        train(tiny(text_file, steps=2, lr=1e-2), tmp_path / "run", resume=True, measure=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(text_file, steps=2), tmp_path / "run", measure=False)
+
+
+def test_crash_mid_checkpoint_keeps_previous_checkpoint_loadable(tmp_path, text_file, monkeypatch):
+    config = tiny(text_file, steps=4)
+    out = tmp_path / "run"
+    first = train(config, out, measure=False, stop_at_step=2)
+    good = _state(first["_model"])
+
+    def crash_halfway(state, path):
+        torch.save(state, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # a torn write ...
+        raise OSError("disk full")  # ... then the process dies
+
+    monkeypatch.setattr(train_module, "_write_training_state", crash_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        train(config, out, resume=True, measure=False)
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint.name == "step-0000002"
+    state = load_training_state(checkpoint)
+    assert int(state["step"]) == 2
+    from safetensors.torch import load_file
+
+    _assert_bitwise(good, {k: v for k, v in load_file(str(checkpoint / "model.safetensors")).items()})
+    monkeypatch.undo()
+    finished = train(config, out, resume=True, measure=False)  # and the run still completes
+    assert latest_checkpoint(out).name == "step-0000004" and finished["steps"] == 4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_file):
+    config = tiny(text_file, steps=8, save_every=1)
+    calls = {"n": 0}
+
+    def poison_from_step_4(model):
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] > 3 else output
+
+        model.model.norm.register_forward_hook(hook)  # one call per training forward
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint.*step-0000003"):
+        train(config, tmp_path / "run", measure=False, on_model_ready=poison_from_step_4)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "step-0000003"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values()
+               if t.is_floating_point())
+
+
+def test_cli_json_schema_and_loss_falls_on_a_local_text_file(tmp_path, text_file, capsys):
+    from velora.cli import main
+
+    code = main(["train", "--data", str(text_file), "--tokenizer", "byte", "--model", "llama-tiny",
+                 "--steps", "40", "--batch-size", "8", "--seq-len", "32", "--lr", "3e-3", "--eval-batches", "2",
+                 "--out", str(tmp_path / "run"), "--json", "--no-progress", "--threads", "1"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    for key, kind in (("initial_loss", float), ("final_loss", float), ("val_ppl", float),
+                      ("activation_bytes", int), ("peak_bytes", int), ("tokens_per_s", float)):
+        assert isinstance(result[key], kind), key
+    assert result["peak_bytes"] > result["activation_bytes"] > 0
+    assert result["final_loss"] < result["initial_loss"] - 1.0  # byte-level loss starts near ln(257) = 5.55
+    assert result["val_ppl"] < 257
+    assert result["data_fingerprint"]["source"] == "local"
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 41
+    assert (tmp_path / "run" / "checkpoints" / "step-0000040" / "model.safetensors").exists()
+
+
+def test_cli_bad_method_is_one_line_error(capsys, text_file):
+    from velora.cli import main
+
+    assert main(["train", "--method", "lora+galore", "--data", str(text_file)]) == 2
+    err = capsys.readouterr().err
+    assert "combines base methods" in err and len(err.strip().splitlines()) == 1
