@@ -9,7 +9,14 @@ from velora.optim.accumulate import CompressedGradAccumulator
 from velora.optim.flora import Flora
 from velora.optim.galore import GaLoreAdamW
 from velora.optim.gradnorm import gradnorm_lorp_optimizer
-from velora.optim.projections import compression_plan, derive_seed, random_projection, svd_projector
+from velora.optim.projections import (
+    compression_plan,
+    derive_seed,
+    projectable_parameters,
+    random_projection,
+    split_param_groups,
+    svd_projector,
+)
 from velora.optim.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = [
@@ -22,6 +29,8 @@ __all__ = [
     "derive_seed",
     "compression_plan",
     "svd_projector",
+    "projectable_parameters",
+    "split_param_groups",
     "quantize_blockwise",
     "dequantize_blockwise",
 ]

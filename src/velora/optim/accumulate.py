@@ -14,8 +14,11 @@ so any ``optimizer.step()``, gradient clipping, the HF Trainer and accelerate wo
 step exactly when they would with plain accumulation. Nothing is stepped per micro-batch. Call
 ``flush()`` to end a partial cycle early (e.g. the last batches of an epoch).
 
-Parameters that are not compressed (see ``projections.compression_plan``) accumulate in ``.grad``
-as usual. The projection of parameter i in cycle c is ``random_projection(seed_for(i, c), ...)``.
+Which parameters are compressed: given a model, its attention/MLP matrices
+(``projections.projectable_parameters``; embeddings and the output head stay plain), given a
+parameter list, every 2-D tensor; in both cases only if ``rank < max(rows, cols)``
+(``projections.compression_plan``). The others accumulate in ``.grad`` as usual.
+The projection of parameter i in cycle c is ``random_projection(seed_for(i, c), ...)``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from velora.optim.projections import CompressionPlan, compression_plan, derive_seed, random_projection
+from velora.optim.projections import (
+    CompressionPlan,
+    compression_plan,
+    derive_seed,
+    projectable_parameters,
+    random_projection,
+)
 
 __all__ = ["CompressedGradAccumulator"]
 
@@ -60,11 +69,11 @@ class CompressedGradAccumulator:
                 raise ValueError(f"CompressedGradAccumulator: {name}={value!r} must be a positive integer")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"CompressedGradAccumulator: reduction={reduction!r} must be 'sum' or 'mean'")
-        self.params: list[torch.Tensor] = _collect_params(model_or_params)
+        self.params, candidates = _collect_params(model_or_params)
         self.rank, self.accumulation_steps, self.seed = rank, accumulation_steps, int(seed)
         self.reduction, self.orthogonal = reduction, orthogonal
         self.plans: list[CompressionPlan | None] = [
-            compression_plan(p.shape, rank, force_compress) for p in self.params
+            compression_plan(p.shape, rank, force_compress) if id(p) in candidates else None for p in self.params
         ]
         self.buffers: list[torch.Tensor | None] = [
             None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=torch.float32, device=p.device)
@@ -206,13 +215,16 @@ class CompressedGradAccumulator:
         self.cycles[index] += 1
 
 
-def _collect_params(model_or_params) -> list[torch.Tensor]:
+def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:
+    """(parameters to track, ids of those that may be compressed)."""
     if isinstance(model_or_params, nn.Module):
         params = [p for p in model_or_params.parameters() if p.requires_grad]
+        candidates = {id(p) for p in projectable_parameters(model_or_params)}
     else:
         params = []
         for item in model_or_params:
             params.extend(item["params"] if isinstance(item, dict) else [item])
+        candidates = {id(p) for p in params}
     if not params:
         raise ValueError("CompressedGradAccumulator: got no trainable parameters; pass a model or parameters "
                          "with requires_grad=True")
@@ -220,4 +232,4 @@ def _collect_params(model_or_params) -> list[torch.Tensor]:
         if not isinstance(param, torch.Tensor) or not param.is_floating_point():
             raise ValueError("CompressedGradAccumulator: got a non-floating parameter; only floating-point "
                              "tensors carry gradients")
-    return params
+    return params, candidates

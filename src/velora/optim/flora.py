@@ -14,9 +14,12 @@ moment (default; row (rows, 1) + column (1, cols) statistics, same update rule a
 ``torch.optim.Adafactor``) or Adam's full second moment with bias corrections (``base="adamw"``,
 same update rule as ``torch.optim.AdamW``).
 
-Which parameters keep full state (``projections.compression_plan``): a parameter is compressed iff it
-is 2-D and ``rank < max(rows, cols)``; everything else (biases, norms, 1-D/3-D+ tensors, matrices too
-small for the rank to save memory) keeps a full first moment. A group may set ``compress=False``.
+Which parameters keep full state: pass the model itself (``Flora(model, ...)``) and only the
+attention/MLP matrices are candidates (``projections.projectable_parameters``: ``nn.Linear``/Conv1D
+weights minus embeddings and the output head, which project across the vocabulary). A candidate is
+compressed iff it is 2-D and ``rank < max(rows, cols)`` (``projections.compression_plan``); the rest
+(biases, norms, embeddings, head, matrices too small for the rank to save memory) keep a full first
+moment. With a plain parameter list every 2-D tensor is a candidate; a group may set ``compress=False``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from velora.optim._common import (
     TensorStateOptimizer,
@@ -37,7 +41,7 @@ from velora.optim._common import (
     working_grad,
     write_moment,
 )
-from velora.optim.projections import compression_plan, derive_seed, random_projection
+from velora.optim.projections import compression_plan, derive_seed, random_projection, split_param_groups
 
 __all__ = ["Flora"]
 
@@ -48,7 +52,8 @@ class Flora(TensorStateOptimizer):
     """FLoRA: first moment kept in a resampled random projection (n x r instead of n x m).
 
     Args:
-        params: parameters or param groups (groups may override any keyword below, and ``compress``).
+        params: a model (recommended: compresses attention/MLP matrices only), parameters, or param
+            groups (groups may override any keyword below, and set ``compress``).
         lr: learning rate (for ``base="adafactor"`` the step is min(lr, 1/sqrt(t)) * max(eps2, RMS(W)),
             as in ``torch.optim.Adafactor``).
         rank: projection rank r of the first moment.
@@ -88,6 +93,9 @@ class Flora(TensorStateOptimizer):
             weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal,
             force_compress=force_compress, compress=True,
         )
+        if isinstance(params, nn.Module):
+            # a model: compress only attention/MLP matrices (see projections.projectable_parameters)
+            params = split_param_groups(params, {}, {"compress": False})
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -204,7 +212,12 @@ class Flora(TensorStateOptimizer):
         bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1
         denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-        work.addcdiv_(direction, denom, value=-step_size)
+        # Adafactor-style RMS clipping. Exact Adam never triggers it (|m_hat| <= sqrt(v_hat) when
+        # beta1^2 <= beta2), but a decompressed random-projection momentum can exceed sqrt(v_hat)
+        # by ~sqrt(p / r), which otherwise makes the AdamW base diverge at ordinary learning rates.
+        ratio_rms = (direction / denom).norm(2).item() / math.sqrt(direction.numel()) / bias_correction1
+        clip = max(1.0, ratio_rms / group["clip_threshold"])
+        work.addcdiv_(direction, denom, value=-step_size / clip)
 
     @staticmethod
     def _adafactor_update(work, grad, direction, state, group) -> None:

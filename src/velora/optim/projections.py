@@ -20,6 +20,8 @@ __all__ = [
     "CompressionPlan",
     "compression_plan",
     "svd_projector",
+    "projectable_parameters",
+    "split_param_groups",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -138,3 +140,36 @@ def svd_projector(matrix: torch.Tensor, rank: int, side: str) -> torch.Tensor:
             return basis.float().contiguous()
         errors.append(f"{name}: non-finite singular vectors")
     raise RuntimeError(f"SVD of a {tuple(matrix.shape)} gradient failed in every attempt ({'; '.join(errors)})")
+
+
+def projectable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The matrices FLoRA/GaLore-style compression is meant for: trainable weights of ``nn.Linear``
+    (and HF ``Conv1D``) layers, minus the output head (``get_output_embeddings()``) and any weight
+    shared with an ``nn.Embedding``. Embeddings and heads project across the vocabulary, which
+    smears a sparse gradient over every token row (the FLoRA paper keeps them uncompressed too)."""
+    excluded = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            excluded.add(id(module.weight))
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        excluded.add(id(head.weight))
+    chosen, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            weight = module.weight
+            if weight.requires_grad and weight.dim() == 2 and id(weight) not in excluded | seen:
+                chosen.append(weight)
+                seen.add(id(weight))
+    return chosen
+
+
+def split_param_groups(model: torch.nn.Module, projected: dict, rest: dict | None = None) -> list[dict]:
+    """Two param groups: ``projectable_parameters(model)`` with the options ``projected`` and every
+    other trainable parameter with the options ``rest`` (empty groups are dropped)."""
+    chosen = projectable_parameters(model)
+    chosen_ids = {id(p) for p in chosen}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen_ids]
+    groups = [dict(params=chosen, **projected), dict(params=others, **(rest or {}))]
+    return [group for group in groups if group["params"]]
