@@ -1,0 +1,329 @@
+"""Multi-process behaviour on CPU: 2 gloo ranks (spawned once per module) against 1-process references.
+
+One spawn runs every scenario (spawning costs seconds; the scenarios take milliseconds) and saves what
+each rank saw; the tests below compare those files with a single-process run on the concatenated
+batch. Models are float64 so "equal" can mean 1e-10, not "close enough".
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from velora import VeLoRAConfig, apply_velora, velora_modules
+from velora.distributed import (
+    bucket_wire_bytes,
+    compress_gradient,
+    decompress_gradient,
+    run_local,
+    shard_indices,
+)
+from velora.optim.projections import compression_plan, derive_seed, random_projection
+
+VOCAB, WIDTH, SEQ, PER_RANK, WORLD = 64, 32, 8, 2, 2
+VELORA = VeLoRAConfig(sub_token_size=16, target_modules="paper")
+COMM_RANK, COMM_SEED = 4, 11
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.v_proj = nn.Linear(WIDTH, WIDTH)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj = nn.Linear(WIDTH, 2 * WIDTH)
+        self.down_proj = nn.Linear(2 * WIDTH, WIDTH)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn, self.mlp = _Attention(), _MLP()
+
+    def forward(self, h):
+        h = h + self.self_attn.v_proj(h)  # (B, T, W)
+        return h + self.mlp.down_proj(F.gelu(self.mlp.up_proj(h)))  # (B, T, W)
+
+
+class TinyLM(nn.Module):
+    """LLaMA-like names (self_attn.v_proj, mlp.down_proj) without importing transformers (fast spawn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.norm = nn.LayerNorm(WIDTH)
+        self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)  # (B, T, W)
+        for layer in self.layers:
+            h = layer(h)
+        logits = self.lm_head(self.norm(h))  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
+def _model(velora: VeLoRAConfig | None = VELORA, dtype: torch.dtype = torch.float64) -> TinyLM:
+    torch.manual_seed(0)
+    model = TinyLM().to(dtype)
+    return apply_velora(model, velora) if velora is not None else model
+
+
+def _batches(steps: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (steps, WORLD * PER_RANK, SEQ), generator=generator)  # (S, B, T)
+
+
+def _local(batch: torch.Tensor, rank: int) -> torch.Tensor:
+    return batch[list(shard_indices(batch.shape[0], rank, WORLD))]  # (B/world, T)
+
+
+# float32 Adam divides by sqrt(v): a near-zero gradient turns 1e-9 rounding noise (all-reduce vs one batch,
+# thread count) into O(lr) update differences; a larger eps bounds that so the test checks DDP, not rounding
+FP32_EPS = 1e-5
+
+
+def _flora(model):
+    from velora.optim.flora import Flora
+
+    return Flora(model.parameters(), lr=1e-2, rank=4, kappa=2, base="adamw", seed=3, eps=FP32_EPS)
+
+
+def _galore(model):
+    from velora.optim.galore import GaLoreAdamW
+    from velora.registry import projected_linear_weights
+
+    projected, rest = projected_linear_weights(model)
+    return GaLoreAdamW([{"params": rest}, {"params": projected, "rank": 4, "update_proj_gap": 2, "scale": 0.25}],
+                       lr=1e-2, eps=FP32_EPS)
+
+
+OPTIMIZERS = {
+    "adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2),
+    "flora": _flora,
+    "galore": _galore,
+}
+# Flora / GaLoreAdamW / the accumulator compute in float32 (they reject float64 parameters), so their
+# comparisons are at float32 precision
+DTYPES = {"adamw": torch.float64, "flora": torch.float32, "galore": torch.float32}
+TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+def _velora_v(model) -> dict[str, torch.Tensor]:
+    return {name: layer.velora_v.clone() for name, layer in velora_modules(model).items()}
+
+
+def _train(model, optimizer, batches, rank=None, record_v=None):
+    """Full steps; ``rank`` given: this rank's shard of each batch (DDP), else the whole batch."""
+    for step, batch in enumerate(batches):
+        ids = batch if rank is None else _local(batch, rank)
+        model(ids).backward()
+        if step == 0 and record_v is not None:
+            record_v.update(_velora_v(model.module if hasattr(model, "module") else model))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def _ddp(model, **kwargs):
+    from torch.nn.parallel import DistributedDataParallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers is deprecated in new torch
+        return DistributedDataParallel(model, broadcast_buffers=False, **kwargs)
+
+
+def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=None):
+    from velora.optim.accumulate import CompressedGradAccumulator
+
+    accumulator = CompressedGradAccumulator(model, rank=4, accumulation_steps=micro_batches, seed=5)
+    for batch in batches:
+        ids = batch if rank is None else _local(batch, rank)
+        for micro, chunk in enumerate(ids.chunk(micro_batches)):
+            last = micro == micro_batches - 1
+            if ddp is not None and not last:
+                with ddp.no_sync():
+                    ddp(chunk).backward()
+            else:
+                (ddp or model)(chunk).backward()
+        assert accumulator.cycle_complete
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    accumulator.remove()
+    return model
+
+
+# ---- the spawned ranks ----------------------------------------------------------------------------------
+
+
+def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
+    from velora.distributed import broadcast_velora_state, register_flora_comm_hook, velora_state_in_sync
+
+    results: dict = {}
+    batches = _batches(3)
+    for name, make_optimizer in OPTIMIZERS.items():
+        model = _model(dtype=DTYPES[name])
+        ddp = _ddp(model)
+        v_first = {}
+        _train(ddp, make_optimizer(model), batches, rank=rank, record_v=v_first)
+        results[name] = {"v_first": v_first, "params": {k: v.clone() for k, v in model.state_dict().items()},
+                         "in_sync": velora_state_in_sync(model)}
+
+    # negative control: without the cross-rank init, each rank computes its own v
+    unsynced = _model(VeLoRAConfig(sub_token_size=16, target_modules="paper", sync_across_ranks=False))
+    ddp = _ddp(unsynced)
+    ddp(_local(batches[0], rank)).backward()
+    results["unsynced"] = {"v": _velora_v(unsynced), "in_sync_before": velora_state_in_sync(unsynced)}
+    broadcast_velora_state(unsynced)
+    results["unsynced"]["in_sync_after"] = velora_state_in_sync(unsynced)
+    results["unsynced"]["v_after"] = _velora_v(unsynced)
+
+    # FLoRA compressed accumulation under no_sync: 2 micro-batches per step, 2 steps
+    model = _model(dtype=torch.float32)
+    ddp = _ddp(model)
+    _accumulate(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _batches(2, seed=4), 2, rank=rank, ddp=ddp)
+    results["accumulate"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # compressed all-reduce: two backwards (no optimizer step, so the parent can recompute local grads)
+    model = _model(None)
+    ddp = _ddp(model)
+    state = register_flora_comm_hook(ddp, rank=COMM_RANK, seed=COMM_SEED)
+    grads = []
+    for batch in _batches(2, seed=7):
+        ddp(_local(batch, rank)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    results["comm_hook"] = {"grads": grads, "wire_bytes": state.wire_bytes, "dense_bytes": state.dense_bytes,
+                            "step": state.step}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    run_local(_ranks_worker, WORLD, args=(str(out_dir),), timeout_s=180)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _assert_close_dicts(actual: dict, expected: dict, rtol=1e-9, atol=1e-11):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# ---- tests ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_two_rank_ddp_equals_one_rank_on_concatenated_batch(ranks, optimizer):
+    reference = _model(dtype=DTYPES[optimizer])
+    v_first = {}
+    _train(reference, OPTIMIZERS[optimizer](reference), _batches(3), record_v=v_first)
+    tolerance = TOLERANCES[DTYPES[optimizer]]
+    for rank_result in ranks:
+        _assert_close_dicts(rank_result[optimizer]["params"], reference.state_dict(), **tolerance)
+        _assert_close_dicts(rank_result[optimizer]["v_first"], v_first, **tolerance)
+        assert rank_result[optimizer]["in_sync"]
+
+
+def test_v_identical_across_ranks_after_first_step_without_buffer_broadcast(ranks):
+    for optimizer in OPTIMIZERS:
+        first, second = (r[optimizer]["v_first"] for r in ranks)
+        assert first.keys() == set(velora_modules(_model()))
+        for name in first:
+            assert torch.equal(first[name], second[name]), name  # bitwise, not just close
+
+
+def test_unsynced_v_differs_and_broadcast_velora_state_repairs_it(ranks):
+    # the control proves the DDP test above can fail: per-rank means give per-rank v
+    first, second = (r["unsynced"] for r in ranks)
+    assert any(not torch.allclose(first["v"][n], second["v"][n]) for n in first["v"])
+    assert not first["in_sync_before"] and not second["in_sync_before"]
+    assert first["in_sync_after"] and second["in_sync_after"]
+    for name in first["v"]:
+        assert torch.equal(second["v_after"][name], first["v"][name])  # rank 0's v everywhere
+
+
+def test_compressed_accumulation_under_no_sync_equals_one_rank(ranks):
+    reference = _model(dtype=torch.float32)
+    _accumulate(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), _batches(2, seed=4), 2)
+    for rank_result in ranks:
+        _assert_close_dicts(rank_result["accumulate"], reference.state_dict(), **TOLERANCES[torch.float32])
+
+
+def _local_grads(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(ids).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_comm_hook_equals_all_reduce_then_compress(ranks):
+    model = _model(None)
+    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    compressed_names = [n for n, s in shapes.items() if compression_plan(s, COMM_RANK) is not None]
+    assert len(compressed_names) >= 7 and "layers.0.self_attn.v_proj.bias" not in compressed_names
+    for step, batch in enumerate(_batches(2, seed=7)):
+        per_rank = [_local_grads(model, _local(batch, r)) for r in range(WORLD)]
+        for name in shapes:
+            mean = sum(g[name] for g in per_rank) / WORLD  # plain all-reduce (mean)
+            plan = compression_plan(shapes[name], COMM_RANK)
+            if plan is None:
+                expected = mean
+            else:
+                seed = derive_seed(COMM_SEED, index[name], step)
+                projection = random_projection(seed, plan.projected_dim, plan.rank, dtype=torch.float64)
+                expected = decompress_gradient(compress_gradient(mean, projection, plan.transposed), projection,
+                                               plan.transposed)
+                assert not torch.allclose(expected, mean, atol=1e-6)  # compression really happened
+            for rank_result in ranks:
+                torch.testing.assert_close(rank_result["comm_hook"]["grads"][step][name], expected,
+                                           rtol=1e-9, atol=1e-12)
+
+
+def test_comm_hook_byte_counts(ranks):
+    model = _model(None)
+    dense, wire = bucket_wire_bytes(model, None), bucket_wire_bytes(model, COMM_RANK)
+    assert dense == 8 * sum(p.numel() for p in model.parameters())  # float64
+    for rank_result in ranks:
+        assert rank_result["comm_hook"]["step"] == 2
+        assert rank_result["comm_hook"]["dense_bytes"] == 2 * dense
+        assert rank_result["comm_hook"]["wire_bytes"] == 2 * wire
+    assert wire < dense / 4
+
+
+def test_comm_hook_decompression_is_unbiased():
+    # E[AᵀA] = I: averaging the round trip over many seeds converges to the gradient
+    grad = torch.randn(6, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plan = compression_plan(grad.shape, 2)
+    total = torch.zeros_like(grad)
+    trials = 600
+    for seed in range(trials):
+        projection = random_projection(seed, plan.projected_dim, plan.rank, dtype=torch.float64)
+        total += decompress_gradient(compress_gradient(grad, projection, plan.transposed), projection, plan.transposed)
+    error = (total / trials - grad).norm() / grad.norm()
+    assert error < 0.25, error  # one draw alone is off by ~sqrt(cols / rank) ≈ 3
+
+
+def test_shard_indices_equal_sizes_and_errors():
+    assert list(shard_indices(5, 0, 2)) == [0, 2] and list(shard_indices(5, 1, 2)) == [1, 3]
+    with pytest.raises(ValueError, match="shard=2"):
+        shard_indices(4, 2, 2)
+    with pytest.raises(ValueError, match="cannot be split"):
+        shard_indices(1, 0, 2)
+
+
+def test_register_flora_comm_hook_rejects_plain_module():
+    from velora.distributed import register_flora_comm_hook
+
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        register_flora_comm_hook(_model(None), rank=4)
