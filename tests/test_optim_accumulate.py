@@ -1,0 +1,159 @@
+"""CompressedGradAccumulator (FLoRA Alg. 1): exactness, memory, boundary gating, resume, hooks."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from optim_helpers import lm_loss, toy_batch, toy_model
+
+from velora.models import build_config, build_model
+from velora.optim import CompressedGradAccumulator, Flora
+
+torch.set_num_threads(1)
+
+
+def _micro_batches(model, steps: range, scale: float = 1.0) -> None:
+    for step in steps:
+        tokens = toy_batch(step)
+        (lm_loss(model(tokens), tokens) * scale).backward()
+
+
+def _plain_grads(steps: range, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    model = toy_model()
+    _micro_batches(model, steps, scale)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_full_rank_orthogonal_equals_plain_accumulation(reduction):
+    model = toy_model()
+    # rank 40 >= every projected dimension (max side of each matrix): compression is exact
+    acc = CompressedGradAccumulator(model.parameters(), rank=40, accumulation_steps=3, seed=5,
+                                    reduction=reduction, orthogonal=True, force_compress=True)
+    assert all(plan is not None for p, plan in zip(acc.params, acc.plans) if p.dim() == 2)
+    _micro_batches(model, range(3))
+    expected = _plain_grads(range(3), scale=1.0 if reduction == "sum" else 1 / 3)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert acc.cycle_complete
+    # second cycle with a new projection is exact too
+    model.zero_grad(set_to_none=True)
+    _micro_batches(model, range(3, 6))
+    expected = _plain_grads(range(3, 6), scale=1.0 if reduction == "sum" else 1 / 3)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_small_rank_memory_is_r_over_n_and_full_grads_are_freed():
+    model = toy_model()
+    rank = 4
+    acc = CompressedGradAccumulator(model.parameters(), rank=rank, accumulation_steps=4)
+    _micro_batches(model, range(2))  # mid-cycle
+    counted = 0
+    for param, plan, buffer in zip(acc.params, acc.plans, acc.buffers):
+        if plan is None:
+            assert param.grad is not None  # plain accumulation for vectors
+            continue
+        assert param.grad is None  # the full gradient does not exist between micro-batches
+        rows, cols = param.shape
+        assert buffer.numel() == min(rows, cols) * rank
+        # per matrix: r / n of the naive buffer, n = the projected (larger) side
+        assert buffer.numel() * buffer.element_size() * max(rows, cols) == param.numel() * 4 * rank
+        counted += buffer.numel() * buffer.element_size()
+    assert counted == acc.buffer_bytes()
+    naive = sum(p.numel() * 4 for p, plan in zip(acc.params, acc.plans) if plan is not None)
+    assert acc.naive_buffer_bytes() == naive and counted < naive / 4
+
+
+def test_boundary_gated_and_new_projection_per_cycle():
+    model = toy_model()
+    optimizer = Flora(model.parameters(), lr=1e-2, rank=4)
+    acc = CompressedGradAccumulator(model.parameters(), rank=4, accumulation_steps=3)
+    index = next(i for i, plan in enumerate(acc.plans) if plan is not None)
+    projections, boundaries = [acc.projection(index)], 0
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(6):
+        _micro_batches(model, range(step, step + 1))
+        if not acc.cycle_complete:
+            # nothing may step in the middle of a cycle, and no parameter has moved
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            continue
+        boundaries += 1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        projections.append(acc.projection(index))
+        before = [p.detach().clone() for p in model.parameters()]
+    assert boundaries == 2
+    assert all(int(s["step"]) == 2 for s in optimizer.state.values())
+    assert not torch.equal(projections[0], projections[1]) and not torch.equal(projections[1], projections[2])
+
+
+def _train_with_accumulator(model, acc, optimizer, micro_steps: range) -> None:
+    for step in micro_steps:
+        _micro_batches(model, range(step, step + 1))
+        if acc.cycle_complete:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def test_mid_cycle_resume_is_bitwise():
+    def build():
+        model = toy_model()
+        return model, Flora(model.parameters(), lr=1e-2, rank=4, kappa=2), \
+            CompressedGradAccumulator(model.parameters(), rank=4, accumulation_steps=3, seed=3)
+
+    model_a, optimizer_a, acc_a = build()
+    _train_with_accumulator(model_a, acc_a, optimizer_a, range(11))
+
+    model_b, optimizer_b, acc_b = build()
+    _train_with_accumulator(model_b, acc_b, optimizer_b, range(7))  # 2 cycles + 1 micro-batch
+    assert not acc_b.cycle_complete
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "optimizer": optimizer_b.state_dict(),
+                "accumulator": acc_b.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    model_c, optimizer_c, acc_c = build()
+    model_c.load_state_dict(saved["model"])
+    optimizer_c.load_state_dict(saved["optimizer"])
+    acc_c.load_state_dict(saved["accumulator"])
+    _train_with_accumulator(model_c, acc_c, optimizer_c, range(7, 11))
+    for (name, expected), actual in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(expected, actual), name
+
+
+def test_flush_remove_and_model_rule():
+    model = toy_model()
+    with CompressedGradAccumulator(model, rank=4, accumulation_steps=5, orthogonal=True) as acc:
+        _micro_batches(model, range(2))
+        acc.flush()  # partial cycle: decompressed sums of 2 micro-batches
+        assert acc.cycle_complete and all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    _micro_batches(model, range(2))  # hooks removed on exit: plain accumulation
+    expected = _plain_grads(range(2))
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, expected[name]), name
+
+    torch.manual_seed(0)
+    llama = build_model(build_config("llama-tiny", vocab_size=256))
+    acc = CompressedGradAccumulator(llama, rank=8, accumulation_steps=2)
+    names = {id(p): n for n, p in llama.named_parameters()}
+    compressed = {names[id(p)] for p, plan in zip(acc.params, acc.plans) if plan is not None}
+    assert compressed and all(n.rsplit(".", 2)[-2].endswith("proj") for n in compressed)
+    acc.remove()
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(rank=0, accumulation_steps=2), "rank=0"),
+    (dict(rank=4, accumulation_steps=0), "accumulation_steps=0"),
+    (dict(rank=4, accumulation_steps=2, reduction="max"), "reduction='max'"),
+])
+def test_bad_arguments(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        CompressedGradAccumulator(toy_model(), **kwargs)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        CompressedGradAccumulator([], rank=2, accumulation_steps=2)
