@@ -1,0 +1,171 @@
+"""Hugging Face Trainer integration.
+
+Three entry points, from lightest to fullest:
+
+- ``VeLoRACallback(config)``: add it to any ``Trainer(callbacks=[...])`` and VeLoRA is applied to the
+  model when the Trainer is built (``on_init_end``), before any checkpoint is loaded, so a resumed run
+  restores v from ``model.safetensors`` instead of re-initialising it.
+- ``trainer_optimizer(model, args, method)``: a Flora / GaLoreAdamW / GradNormLoRP / AdamW optimizer
+  built from the Trainer's own settings (learning_rate, weight_decay, adam_beta1/2, seed), for
+  ``Trainer(optimizers=trainer_optimizer(...))``.
+- ``VeLoRATrainer(model=..., args=..., method="flora+velora")``: a thin ``Trainer`` subclass doing both
+  through ``velora.registry`` (model surgery + optimizer), plus FLoRA compressed gradient accumulation
+  driven by ``gradient_accumulation_steps`` (``MethodOptions(flora_accumulation=True)``), with the
+  accumulator state saved in and restored from Trainer checkpoints.
+
+Which Trainer settings are used (and never overridden by ``MethodOptions``): ``learning_rate`` -> lr,
+``weight_decay``, ``(adam_beta1, adam_beta2)`` -> betas, ``gradient_accumulation_steps`` -> the
+accumulation cycle, ``seed`` -> the FLoRA projection seeds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from velora.config import VeLoRAConfig
+from velora.registry import MethodOptions, build_optimizer, parse_method, prepare_model
+
+__all__ = ["VeLoRACallback", "VeLoRATrainer", "method_options_from_args", "trainer_optimizer",
+           "ACCUMULATOR_NAME"]
+
+ACCUMULATOR_NAME = "velora_accumulator.pt"
+# MethodOptions fields the Trainer's own arguments decide (see the module docstring)
+_FROM_TRAINING_ARGS = ("lr", "weight_decay", "betas", "accumulation_steps", "seed")
+
+
+class VeLoRACallback(TrainerCallback):
+    """Apply VeLoRA to the Trainer's model when the Trainer is created (idempotent).
+
+    ``Trainer(model, args, callbacks=[VeLoRACallback(VeLoRAConfig(sub_token_size=32))])``. The wrapped
+    layers keep their parameters, so an optimizer built before or after works unchanged; v and the
+    "initialised" flag are buffers, saved in every checkpoint and restored on resume.
+    """
+
+    def __init__(self, config: VeLoRAConfig | None = None, filter_fn=None):
+        self.config = config or VeLoRAConfig()
+        if not isinstance(self.config, VeLoRAConfig):
+            raise ValueError(f"VeLoRACallback needs a VeLoRAConfig, got {type(self.config).__name__}")
+        self.filter_fn = filter_fn
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("VeLoRACallback: the Trainer has no model yet; pass model= to Trainer(...)")
+        from velora.layers import apply_velora
+
+        apply_velora(model, self.config, self.filter_fn)
+        return control
+
+
+def method_options_from_args(args, options: MethodOptions | dict[str, Any] | None = None) -> MethodOptions:
+    """``MethodOptions`` whose lr / weight decay / betas / accumulation steps / seed come from
+    ``TrainingArguments``. A dict of overrides may set any other ``MethodOptions`` field."""
+    trainer_values = dict(lr=args.learning_rate, weight_decay=args.weight_decay,
+                          betas=(args.adam_beta1, args.adam_beta2),
+                          accumulation_steps=args.gradient_accumulation_steps, seed=args.seed)
+    if options is None:
+        options = MethodOptions(**trainer_values)
+    elif isinstance(options, dict):
+        clashes = sorted(set(options) & set(_FROM_TRAINING_ARGS))
+        if clashes:
+            raise ValueError(f"method options {clashes} come from TrainingArguments (learning_rate, weight_decay, "
+                             "adam_beta1/2, gradient_accumulation_steps, seed); set them there instead")
+        options = MethodOptions(**{**trainer_values, **options})
+    elif isinstance(options, MethodOptions):
+        options = replace(options, **trainer_values)
+    else:
+        raise ValueError(f"method_options must be a MethodOptions or a dict, got {type(options).__name__}")
+    return options
+
+
+def trainer_optimizer(model: nn.Module, args, method: str = "full",
+                      method_options: MethodOptions | dict[str, Any] | None = None):
+    """``(optimizer, None)`` for ``Trainer(optimizers=...)``: the method's optimizer (Flora for "flora",
+    GaLoreAdamW for "galore", the GradNormLoRP optimizer for "gradnormlorp", AdamW/Adafactor otherwise)
+    with the Trainer's learning rate, weight decay, betas and seed. The Trainer adds its usual scheduler.
+    The model must already be prepared for the method (``velora.registry.prepare_model``)."""
+    options = method_options_from_args(args, method_options)
+    return build_optimizer(model, parse_method(method), options), None
+
+
+class VeLoRATrainer(Trainer):
+    """``transformers.Trainer`` that trains with a ``velora.registry`` method.
+
+    ``VeLoRATrainer(model=model, args=args, train_dataset=ds, method="flora+velora",
+    method_options={"flora_rank": 8, "flora_accumulation": True})`` prepares the model (VeLoRA,
+    GradNormLoRP, LoRA, checkpointing, as the method says), builds the method's optimizer from the
+    Trainer's settings, and with ``flora_accumulation`` keeps the ``gradient_accumulation_steps``
+    micro-batch gradients of the projectable matrices in FLoRA's compressed (k × r) buffers. Every
+    ``.grad`` is decompressed right after the last micro-batch's backward, so clipping, DDP (which
+    all-reduces that decompressed gradient on the sync micro-batch) and the optimizer see a normal
+    gradient. ``method_options`` must not set lr / weight decay / betas / accumulation / seed (they
+    come from ``args``).
+    """
+
+    def __init__(self, model: nn.Module | None = None, args=None, *, method: str = "velora",
+                 method_options: MethodOptions | dict[str, Any] | None = None, **kwargs):
+        if model is None or args is None:
+            raise ValueError("VeLoRATrainer needs model= and args= (a TrainingArguments)")
+        if kwargs.get("optimizers", (None, None))[0] is not None:
+            raise ValueError("VeLoRATrainer builds the optimizer from method=...; use a plain Trainer with "
+                             "optimizers=trainer_optimizer(...) to bring your own")
+        self.velora_method = parse_method(method)
+        self.velora_options = method_options_from_args(args, method_options)
+        # surgery before Trainer.__init__, so checkpoint keys (v, LoRA factors) match on resume
+        model = prepare_model(model, self.velora_method, self.velora_options)
+        super().__init__(model=model, args=args, **kwargs)
+        self.velora_accumulator = None
+        if self.velora_options.flora_accumulation:
+            self.velora_accumulator = self._build_accumulator()
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            target = self.model if model is None else model
+            self.optimizer = build_optimizer(target, self.velora_method, self.velora_options)
+        return self.optimizer
+
+    # ---- FLoRA compressed accumulation --------------------------------------------------------------
+    def _build_accumulator(self):
+        from velora.optim import CompressedGradAccumulator, projectable_parameters
+
+        steps = self.args.gradient_accumulation_steps
+        if steps < 2:
+            raise ValueError(f"flora_accumulation needs gradient_accumulation_steps > 1 (got {steps}): with one "
+                             "micro-batch there is nothing to accumulate and the projection only adds noise")
+        matrices = projectable_parameters(self.model)
+        if not matrices:
+            raise ValueError("flora_accumulation found no projectable matrices (attention/MLP linears) to compress")
+        rank = self.velora_options.flora_rank or max(1, min(min(p.shape) for p in matrices) // 4)
+        return CompressedGradAccumulator(self.model, rank=rank, accumulation_steps=steps,
+                                         seed=self.velora_options.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.velora_accumulator is not None:
+            # the Trainer shortens the last cycle of an epoch when the batches do not divide evenly
+            cycle = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            self.velora_accumulator.accumulation_steps = int(cycle)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.velora_accumulator is not None and self.args.should_save:
+            state = self.velora_accumulator.state_dict()
+            state["accumulation_steps"] = self.args.gradient_accumulation_steps  # not a shortened last cycle
+            torch.save(state, os.path.join(output_dir, ACCUMULATOR_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.velora_accumulator is None:
+            return
+        path = os.path.join(checkpoint, ACCUMULATOR_NAME)
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint {checkpoint!r} has no {ACCUMULATOR_NAME}; it was not written with "
+                             "flora_accumulation, so resume it without flora_accumulation")
+        self.velora_accumulator.accumulation_steps = self.args.gradient_accumulation_steps
+        self.velora_accumulator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
