@@ -157,3 +157,38 @@ def test_bad_arguments(kwargs, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ValueError, match="no trainable parameters"):
         CompressedGradAccumulator([], rank=2, accumulation_steps=2)
+
+
+def test_drives_accelerate_gradient_accumulation():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    def run(with_accumulator: bool):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = accelerate.Accelerator(gradient_accumulation_steps=3, cpu=True)
+        model = toy_model()
+        optimizer = Flora(model.parameters(), lr=1e-2, rank=4)
+        acc = None
+        if with_accumulator:  # exact settings, so the run must match plain accelerate accumulation
+            acc = CompressedGradAccumulator(model, rank=40, accumulation_steps=3, orthogonal=True,
+                                            force_compress=True)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        for step in range(6):
+            with accelerator.accumulate(model):
+                tokens = toy_batch(step)
+                accelerator.backward(lm_loss(model(tokens), tokens))
+                if acc is not None:
+                    assert acc.cycle_complete == accelerator.sync_gradients
+                optimizer.step()  # accelerate skips it unless sync_gradients
+                optimizer.zero_grad()
+        steps = {int(s["step"]) for s in optimizer.optimizer.state.values()}
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return [p.detach().clone() for p in model.parameters()], steps
+
+    compressed, steps = run(True)
+    plain, plain_steps = run(False)
+    assert steps == plain_steps == {2}
+    for a, b in zip(compressed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
