@@ -63,6 +63,9 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
 
+    def get_output_embeddings(self):  # as transformers models expose their head
+        return self.lm_head
+
     def forward(self, ids):
         h = self.embed(ids)  # (B, T, W)
         for layer in self.layers:
@@ -267,16 +270,19 @@ def _local_grads(model, ids) -> dict[str, torch.Tensor]:
 
 
 def test_comm_hook_equals_all_reduce_then_compress(ranks):
+    from velora.optim import projectable_parameters
+
     model = _model(None)
     index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    compressed_names = [n for n, s in shapes.items() if compression_plan(s, COMM_RANK) is not None]
-    assert len(compressed_names) >= 7 and "layers.0.self_attn.v_proj.bias" not in compressed_names
+    matrices = {id(p) for p in projectable_parameters(model)}
+    compressed_names = [n for n, p in model.named_parameters() if id(p) in matrices]
+    assert len(compressed_names) == 6 and "embed.weight" not in compressed_names  # vocab-sized: sent whole
     for step, batch in enumerate(_batches(2, seed=7)):
         per_rank = [_local_grads(model, _local(batch, r)) for r in range(WORLD)]
         for name in shapes:
             mean = sum(g[name] for g in per_rank) / WORLD  # plain all-reduce (mean)
-            plan = compression_plan(shapes[name], COMM_RANK)
+            plan = compression_plan(shapes[name], COMM_RANK) if name in compressed_names else None
             if plan is None:
                 expected = mean
             else:
@@ -298,7 +304,7 @@ def test_comm_hook_byte_counts(ranks):
         assert rank_result["comm_hook"]["step"] == 2
         assert rank_result["comm_hook"]["dense_bytes"] == 2 * dense
         assert rank_result["comm_hook"]["wire_bytes"] == 2 * wire
-    assert wire < dense / 4
+    assert wire < dense / 2  # embeddings / head dominate this toy; see benchmarks/bench_comm.py for LLaMA
 
 
 def test_comm_hook_decompression_is_unbiased():

@@ -164,12 +164,14 @@ def velora_state_in_sync(model: nn.Module) -> bool:
 class FloraCommState:
     """State of ``flora_comm_hook``: the projection rank, the base seed, and a step counter.
 
-    ``param_index`` maps ``id(parameter)`` to its position in ``module.parameters()``: the seed of a
-    parameter's projection is ``derive_seed(seed, index, step)``, identical on every rank without any
-    communication. ``step`` advances once per synchronised backward (after the last bucket), so every
-    step draws fresh projections (FLoRA's resampling; no projection outlives a step, so nothing else
-    needs storing). ``wire_bytes``/``dense_bytes`` count what was all-reduced vs what plain DDP would
-    send, summed over all steps, for the benchmark.
+    ``param_index`` maps ``id(parameter)`` of each compressible matrix (``projectable_parameters``:
+    attention/MLP linear weights; embeddings and the output head are sent whole, as the FLoRA paper keeps
+    them uncompressed) to its position in ``module.parameters()``: the seed of a parameter's projection
+    is ``derive_seed(seed, index, step)``, identical on every rank without any communication. ``step``
+    advances once per synchronised backward (after the last bucket), so every step draws fresh
+    projections (FLoRA's resampling; no projection outlives a step, so nothing else needs storing).
+    ``wire_bytes``/``dense_bytes`` count what was all-reduced vs what plain DDP would send, summed over
+    all steps, for the benchmark.
     """
 
     rank: int
@@ -211,10 +213,11 @@ def decompress_gradient(compressed: torch.Tensor, projection: torch.Tensor, tran
 def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: all-reduce FLoRA-projected 2-D gradients instead of the full ones.
 
-    Each 2-D gradient G (rows × cols) with ``rank < max(rows, cols)`` is sent as its projection onto a
-    seeded Gaussian A (r × max side), kept_dim × r numbers; everything else (biases, norms, small
-    matrices) is sent as is. After the all-reduce each rank decompresses, so the gradient the optimizer
-    sees is mean_ranks(G)·AᵀA (or AᵀA·mean(G) when rows are the larger side). That equals
+    Each projectable matrix's gradient G (rows × cols, ``rank < max(rows, cols)``) is sent as its
+    projection onto a seeded Gaussian A (r × max side), kept_dim × r numbers; everything else (biases,
+    norms, embeddings, the output head, small matrices) is sent as is. After the all-reduce each rank
+    decompresses, so the gradient the optimizer sees is mean_ranks(G)·AᵀA (or AᵀA·mean(G) when rows
+    are the larger side). That equals
     all-reduce-then-compress-then-decompress exactly (by linearity) and is an **unbiased** estimate of
     the mean gradient (E[AᵀA] = I), with variance shrinking as r grows; at r = max side with
     ``orthogonal=True`` it is exact.
@@ -228,15 +231,12 @@ def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.fut
     pieces: list[torch.Tensor] = []
     layout: list[tuple[torch.Tensor, Any, torch.Tensor | None, int]] = []  # (grad view, plan, A, numel sent)
     for grad, param in zip(grads, params):
-        plan = compression_plan(grad.shape, state.rank)
+        index = state.param_index.get(id(param))  # None: not a projectable matrix
+        plan = compression_plan(grad.shape, state.rank) if index is not None else None
         if plan is None:
             pieces.append(grad.reshape(-1))  # (numel,)
             layout.append((grad, None, None, grad.numel()))
             continue
-        index = state.param_index.get(id(param))
-        if index is None:
-            raise ValueError("a DDP bucket holds a parameter the hook state does not know; build the state with "
-                             "register_flora_comm_hook(ddp_model, ...) so every parameter gets a seed index")
         work_dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
         projection = _projection_for(state, index, plan, grad.device, work_dtype)  # (r, projected_dim)
         compressed = compress_gradient(grad.to(work_dtype), projection, plan.transposed)  # (kept_dim, r)
@@ -273,18 +273,21 @@ def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, pro
                              orthogonal: bool = False) -> FloraCommState:
     """Install ``flora_comm_hook`` on a ``DistributedDataParallel`` model; returns its state.
 
-    ``rank`` is the projection rank r (2-D gradients with both sides <= r are sent uncompressed).
-    All ranks must pass the same ``seed``. Save ``state.state_dict()`` with your checkpoint to resume the
-    projection sequence exactly.
+    ``rank`` is the projection rank r (matrices with both sides <= r are sent uncompressed). The
+    compressed matrices are ``velora.optim.projectable_parameters(module)``. All ranks must pass the same
+    ``seed``. Save ``state.state_dict()`` with your checkpoint to resume the projection sequence exactly.
     """
     from torch.nn.parallel import DistributedDataParallel
+
+    from velora.optim.projections import projectable_parameters
 
     if not isinstance(ddp_model, DistributedDataParallel):
         raise ValueError(f"register_flora_comm_hook needs a DistributedDataParallel model, got "
                          f"{type(ddp_model).__name__}; wrap it with DDP(model) first")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} must be a positive integer (the FLoRA projection rank)")
-    index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
+    compressible = {id(p) for p in projectable_parameters(ddp_model.module)}
+    index = {id(p): i for i, p in enumerate(ddp_model.module.parameters()) if id(p) in compressible}
     state = FloraCommState(rank=rank, seed=seed, process_group=process_group, param_index=index,
                            orthogonal=orthogonal)
     ddp_model.register_comm_hook(state, flora_comm_hook)
@@ -294,14 +297,15 @@ def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, pro
 def bucket_wire_bytes(model: nn.Module, rank: int | None, dtype: torch.dtype | None = None) -> int:
     """Bytes one rank all-reduces per step for ``model``'s trainable parameters: plain DDP
     (``rank=None``) or ``flora_comm_hook`` at projection rank ``rank``. Pure arithmetic, no process group."""
-    from velora.optim.projections import compression_plan
+    from velora.optim.projections import compression_plan, projectable_parameters
 
+    compressible = {id(p) for p in projectable_parameters(model)}
     total = 0
     for param in model.parameters():
         if not param.requires_grad:
             continue
         size = (torch.empty((), dtype=dtype) if dtype is not None else param).element_size()
-        plan = compression_plan(param.shape, rank) if rank is not None else None
+        plan = compression_plan(param.shape, rank) if rank is not None and id(param) in compressible else None
         total += size * (param.numel() if plan is None else plan.kept_dim * plan.rank)
     return total
 
