@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,27 @@ def _module_to_replaces_parameters():
         yield
     finally:
         nn.Module.to = original
+
+
+@contextlib.contextmanager
+def _masks_as_on_real_tensors():
+    """transformers treats fake tensors like a compiler trace and then builds a dense (B, 1, S, S) causal
+    mask that a real run skips (SDPA's is_causal). Let it take the real run's branch; the one value it
+    reads (no padding) is answered by the tracker's fake-scalar rule."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "is_tracing", None)
+    if original is None:
+        yield
+        return
+    masking_utils.is_tracing = lambda tensor=None: original(None)
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = original
 
 
 def _preset_velora_directions(model: nn.Module) -> int:
@@ -222,23 +244,47 @@ def training_setup(config, method: str, optimizer: str = "adamw", *, batch: int,
     return TrainingSetup(model=model, optimizer=opt, step=step, method=parsed.name, notes=notes)
 
 
-def _count_parameters(model: nn.Module) -> tuple[int, int, int]:
+def _count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all weights, trainable weights); an NF4-emulated layer counts its O·D weights."""
+    from velora.memory.nf4 import NF4Linear
+
     total = trainable = 0
     for param in model.parameters():
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    return total, trainable, buffer_bytes
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return total, trainable
+
+
+def _warm_up_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The first training step's only lasting effect is the optimizer state, whose shapes do not depend
+    on the gradients' values: step once on zero gradients instead of paying a forward and backward."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _measure(setup: TrainingSetup, full_warmup: bool):
+    if full_warmup:
+        return measure_step_peak(setup.model, setup.optimizer, setup.step, steps=2, fake_scalars=True)
+    _warm_up_optimizer(setup.model, setup.optimizer)
+    return measure_step_peak(setup.model, setup.optimizer, setup.step, steps=1, fake_scalars=True)
 
 
 def plan(model: Any, method: str = "full", optimizer: str = "adamw", batch: int = 1, seq: int = 512,
-         dtype: str = "fp32", *, steps: int = 2, **options: Any) -> dict[str, Any]:
+         dtype: str = "fp32", *, full_warmup: bool = False, **options: Any) -> dict[str, Any]:
     """Predicted peak memory (bytes) of training ``model`` with ``method``; no real allocation.
 
     ``model``: preset name, config.json path or transformers config. ``options``: MethodOptions fields
     (``lora_rank``, ``galore_rank``, ``lora_targets`` ...) and ``sub_token_size`` /
     ``velora_<VeLoRAConfig field>``. Returns ``peak_bytes`` and ``breakdown`` (parameters, gradients,
     optimizer_state, activations, temporaries at the peak moment) plus what was planned.
+
+    The peak is that of the second training step. By default the first step is replaced by one optimizer
+    step on zero gradients (same optimizer state, half the tracing time); ``full_warmup=True`` traces a
+    real first step instead.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -246,12 +292,16 @@ def plan(model: Any, method: str = "full", optimizer: str = "adamw", batch: int 
     model_name = model if isinstance(model, str) else getattr(model, "name_or_path", None) or model.model_type
     config = load_config(model)
     parse_dtype(dtype)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    if not isinstance(full_warmup, bool):
+        raise ValueError(f"full_warmup={full_warmup!r} must be True or False")
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation chatter from peft
         with _module_to_replaces_parameters():
             setup = training_setup(config, method, optimizer, batch=batch, seq=seq, dtype=dtype, **options)
         _preset_velora_directions(setup.model)
-        report = measure_step_peak(setup.model, setup.optimizer, setup.step, steps=steps, fake_scalars=True)
-    total, trainable, _ = _count_parameters(setup.model)
+        with _masks_as_on_real_tensors():
+            report = _measure(setup, full_warmup)
+    total, trainable = _count_parameters(setup.model)
     breakdown = {name: int(report.breakdown.get(name, 0)) for name in CATEGORIES}
     return {
         "model": model_name,

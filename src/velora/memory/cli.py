@@ -1,0 +1,87 @@
+"""`velora plan`: predicted peak training memory, on fake tensors (no real allocation).
+
+    velora plan --model llama-7b --method qlora+velora --batch 1 --seq 512 --dtype bf16
+    velora plan --model path/to/config.json --method galore --optimizer adamw8bit --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from velora.memory.peak import CATEGORIES
+
+GIB = 2**30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="preset (llama-60m … llama-13b, gpt2, roberta-base, "
+                        "vit-base) or a path to a config.json / model directory")
+    parser.add_argument("--method", default="full", help="full, lora, dora, qlora, galore, flora, gradnormlorp, "
+                        "velora; modifiers +velora +ckpt (e.g. lora+velora, qlora+velora+ckpt)")
+    parser.add_argument("--optimizer", default="adamw", help="adamw, adafactor or adamw8bit (default adamw)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (ViT: patches + 1; default 512)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="weights, activations and optimizer state dtype (default fp32)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="LoRA/DoRA/QLoRA rank (default 8)")
+    parser.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default min side / 4)")
+    parser.add_argument("--flora-rank", type=int, default=None, help="FLoRA rank (default min side / 4)")
+    parser.add_argument("--sub-token-size", type=int, default=None, help="VeLoRA sub-token size M (default 32)")
+    parser.add_argument("--velora-targets", default=None,
+                        help="comma-separated VeLoRA target modules (default 'paper' = value + MLP down proj)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    options = {}
+    for flag, key in (("lora_rank", "lora_rank"), ("galore_rank", "galore_rank"), ("flora_rank", "flora_rank"),
+                      ("sub_token_size", "sub_token_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise ValueError(f"--{flag.replace('_', '-')}={value} must be a positive integer")
+            options[key] = value
+    if args.velora_targets is not None:
+        targets = [t.strip() for t in args.velora_targets.split(",") if t.strip()]
+        if not targets:
+            raise ValueError(f"--velora-targets={args.velora_targets!r} names no module; e.g. v_proj,down_proj")
+        options["velora_target_modules"] = targets
+    return options
+
+
+def render(result: dict) -> None:
+    """A rich table: one row per category, GiB with two decimals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    peak = result["peak_bytes"]
+    title = (f"{result['model']} · {result['method']} · {result['optimizer']} · batch {result['batch']} × "
+             f"seq {result['seq']} · {result['dtype']}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("category")
+    table.add_column("GiB", justify="right")
+    table.add_column("share", justify="right")
+    for name in CATEGORIES:
+        nbytes = result["breakdown"][name]
+        table.add_row(name.replace("_", " "), f"{nbytes / GIB:.2f}", f"{nbytes / peak:.0%}" if peak else "-")
+    table.add_row("[bold]peak[/bold]", f"[bold]{peak / GIB:.2f}[/bold]", "")
+    console = Console()
+    console.print(table)
+    params, trainable = result["parameter_count"], result["trainable_parameter_count"]
+    console.print(f"{params / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable; "
+                  f"planned on fake tensors in {result['seconds']:.1f} s (peak of the 2nd step)")
+    for note in result["notes"]:
+        console.print(f"note: {note}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from velora.memory.planner import plan
+
+    result = plan(args.model, args.method, args.optimizer, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                  **_options(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render(result)
+    return 0
