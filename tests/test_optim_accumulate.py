@@ -192,3 +192,36 @@ def test_drives_accelerate_gradient_accumulation():
     assert steps == plain_steps == {2}
     for a, b in zip(compressed, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_drives_hf_trainer_gradient_accumulation(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    examples = []
+    for index in range(16):
+        ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(index))
+        examples.append({"input_ids": ids, "labels": ids})
+
+    def run(with_accumulator: bool):
+        torch.manual_seed(0)
+        model = build_model(build_config("llama-tiny", vocab_size=256))
+        acc = None
+        if with_accumulator:  # exact settings: must match the Trainer's own accumulation (with clipping)
+            acc = CompressedGradAccumulator(model, rank=1000, accumulation_steps=4, orthogonal=True,
+                                            force_compress=True)
+        optimizer = Flora(model, lr=1e-2, rank=8)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(with_accumulator)), per_device_train_batch_size=2,
+            gradient_accumulation_steps=4, max_steps=2, max_grad_norm=1.0, report_to=[], save_strategy="no",
+            use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, logging_strategy="no",
+        )
+        transformers.Trainer(model=model, args=args, train_dataset=examples, optimizers=(optimizer, None)).train()
+        if acc is not None:  # the hooks really ran: two full compressed cycles, nothing pending
+            assert acc.cycle_complete and int(acc.cycles.min()) == 2 and any(acc.plans)
+        steps = {int(s["step"]) for s in optimizer.state.values()}
+        return [p.detach().clone() for p in model.parameters()], steps
+
+    compressed, steps = run(True)
+    plain, plain_steps = run(False)
+    assert steps == plain_steps == {2}
+    for a, b in zip(compressed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
