@@ -102,19 +102,19 @@ def test_bf16_autocast_matches_autocast_forward_and_keeps_fp32_grads():
 
 @pytest.mark.slow  # inductor's first compile takes ~15 s of CPU
 def test_torch_compile_gives_the_eager_gradients():
-    config = VeLoRAConfig(sub_token_size=16, target_modules=["up", "down"])
-    eager = apply_velora(mlp(), config)
-    x = torch.randn(4, 8, 64)
-    eager(x)  # first training forward initialises v (data-dependent, kept out of the compiled graph)
+    eager = apply_velora(mlp(), VeLoRAConfig(sub_token_size=16, target_modules=["up", "down"]))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend="inductor")
 
-    target = torch.randn(4, 8, 64)
-    for module, run in ((eager, eager), (compiled_model, compiled)):
-        module.zero_grad(set_to_none=True)
-        (run(x) - target).square().mean().backward()
-    for (name, p_eager), (_, p_compiled) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-        torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # step 1 initialises v inside the compiled call (a data-dependent graph break); step 2 runs the traced graph
+    for step in range(2):
+        x, target = torch.randn(4, 8, 64), torch.randn(4, 8, 64)
+        for module, run in ((eager, eager), (compiled_model, compiled)):
+            module.zero_grad(set_to_none=True)
+            (run(x) - target).square().mean().backward()
+        for (name, p_eager), (_, p_compiled) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+            torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(compiled_model.down.velora_v, eager.down.velora_v)  # inductor rounds differently
     # the compiled model still uses the factored gradient, not the exact one
     exact = mlp()
     (exact(x) - target).square().mean().backward()
