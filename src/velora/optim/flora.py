@@ -187,6 +187,9 @@ class Flora(TensorStateOptimizer):
         plan = compression_plan(param.shape, group["rank"], group["force_compress"]) if group["compress"] else None
         if not state:
             self._init_state(state, param, group, plan, param_index)
+        elif group["beta1"] > 0 and (plan is not None) != ("seed" in state):
+            raise ValueError(f"Flora state of a {tuple(param.shape)} parameter was built with another rank/compress "
+                             "setting than its group has now; restore the original rank or start a fresh state")
         grad = working_grad(param)
         work = working_copy(param)
         steps_done = int(state["step"].item())
