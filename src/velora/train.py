@@ -77,6 +77,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         parse_method(self.method)  # one-line error for unknown methods
+        # JSON-normalise (tuples -> lists) so a config read back from config.json compares equal
+        self.options = json.loads(json.dumps(self.options))
+        self.velora = json.loads(json.dumps(self.velora))
         for name in ("seq_len", "batch_size", "accumulation_steps", "steps", "eval_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -606,6 +609,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         "memory_source": memory.get("memory_source"),
         "tokens_per_s": (tokens_per_step * len(timed) / sum(timed)) if timed else None,
         "step_time_s": (sum(timed) / len(timed)) if timed else None,
+        "step_time_median_s": sorted(timed)[len(timed) // 2] if timed else None,
+        "accumulation_buffer_bytes": accumulator.buffer_bytes() if accumulator is not None else None,
+        "naive_accumulation_bytes": accumulator.naive_buffer_bytes() if accumulator is not None else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "lr": config.lr,

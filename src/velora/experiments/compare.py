@@ -1,0 +1,292 @@
+"""`velora compare` — the main job: a CPU-sized VeLoRA Tab. 4 / GradNormLoRP Tab. 2.
+
+Pre-train the same small LLaMA from the same seed on the offline stdlib corpus with every method —
+equal steps, equal tokens, equal batch order — then report validation perplexity, the measured
+saved-activation bytes, the peak of a training step by category and the step time relative to full
+training. Learning rates were tuned once per method on this exact setting (a sweep over
+{1e-3, 3e-3, 1e-2}; see ``TUNED_LR``) and are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from velora.experiments.common import (
+    environment,
+    fresh_dir,
+    markdown_table,
+    mib,
+    pyplot,
+    rows_to_console,
+    smooth,
+    write_json,
+)
+from velora.registry import parse_method
+
+DEFAULT_METHODS = ("full", "velora", "lora", "galore", "flora", "gradnormlorp")
+DEFAULT_OUT = "velora-runs/compare"
+
+# the CPU-sized setting (llama-small: d=128, 4 layers, MLP 352, vocab 2048 BPE, 1.3M parameters)
+SETTING = dict(model="llama-small", data="stdlib", tokenizer="bpe", vocab_size=2048, bpe_train_chars=1_000_000,
+               max_train_chars=1_500_000, max_val_chars=200_000, seq_len=128, batch_size=8, steps=150,
+               warmup_steps=15, min_lr_ratio=0.1, grad_clip=1.0, eval_batches=8, seed=0)
+RANK = 64  # r / d_model = 64 / 128, the ratio of Tab. 4's 60M column (128 / 256)
+SUB_TOKEN_SIZE = 4  # M = D/32 for the value projection (D = 128); the down projection (D = 352) has 88 groups
+UPDATE_GAP = 50  # GaLore / GradNormLoRP subspace refresh and FLoRA kappa, scaled to the 150-step run
+
+# learning rates tuned once on SETTING (sweep over 1e-3, 3e-3, 1e-2; lowest validation ppl kept)
+TUNED_LR = {"full": 3e-3, "velora": 3e-3, "lora": 1e-2, "galore": 1e-2, "flora": 3e-3, "gradnormlorp": 1e-2,
+            "dora": 1e-2}
+
+# the papers' numbers (validation ppl, memory) for the smallest model they pre-train (LLaMA 60M, C4)
+PAPER = {
+    "VeLoRA Tab. 4 (60M, 1.1B tokens, on-device GPU memory)": {
+        "full": (34.06, "1.30G"), "galore": (34.88, "1.27G"), "lora": (34.99, "0.86G"), "velora": (33.76, "1.18G"),
+        "flora": (34.35, "1.27G (poster)"),
+    },
+    "GradNormLoRP Tab. 2 (60M, 1.1B tokens, BF16 weights+optimizer estimate)": {
+        "full": (34.51, "0.35G"), "lora": (35.33, "0.35G"), "dora": (35.42, "0.37G"), "galore": (34.94, "0.23G"),
+        "gradnormlorp": (34.63, "0.17G"),
+    },
+}
+
+
+def method_overrides(method: str, rank: int, sub_token_size: int, update_gap: int) -> dict[str, Any]:
+    """TrainConfig fields (options / velora) a method needs beyond the shared setting."""
+    base = parse_method(method).base
+    options: dict[str, Any] = {}
+    if base in ("lora", "dora"):
+        # pre-training from scratch: adapters on every linear layer, embeddings / norms / head trainable
+        options = {"lora_rank": rank, "lora_alpha": float(rank), "lora_unfreeze": ["embed_tokens", "norm", "lm_head"]}
+    elif base == "galore":
+        options = {"galore_rank": rank, "update_proj_gap": update_gap, "galore_scale": 0.25}
+    elif base == "flora":
+        options = {"flora_rank": rank, "flora_kappa": update_gap}
+    elif base == "gradnormlorp":
+        options = {"gradnorm_rank": rank, "gradnorm_alpha": float(rank), "gradnorm_proj_rank": rank // 2,
+                   "gradnorm_update_proj_gap": update_gap, "gradnorm_scale": 0.25}
+    return {"options": options, "velora": {"sub_token_size": sub_token_size, "target_modules": "paper"}}
+
+
+def describe(method: str, rank: int, sub_token_size: int, update_gap: int) -> str:
+    parsed = parse_method(method)
+    text = {
+        "full": "AdamW on every weight",
+        "lora": f"peft LoRA r={rank} on all linears + trainable embeddings/norms/head",
+        "dora": f"peft DoRA r={rank} on all linears + trainable embeddings/norms/head",
+        "galore": f"GaLore AdamW r={rank}, T={update_gap}, scale 0.25 on attention/MLP weights",
+        "flora": f"FLoRA compressed momentum r={rank}, kappa={update_gap} (AdamW base)",
+        "gradnormlorp": f"GradNormLoRP r={rank}, projection r={rank // 2}, T={update_gap}, scale 0.25",
+    }.get(parsed.base, parsed.base)
+    if parsed.velora:
+        text = ("" if parsed.base == "full" else text + " + ") + \
+            f"VeLoRA M={sub_token_size} on v_proj + down_proj (full weights)"
+    if parsed.checkpointing:
+        text += " + gradient checkpointing"
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--steps", type=int, default=SETTING["steps"], help="optimizer steps per method")
+    parser.add_argument("--model", default=SETTING["model"], help="model preset")
+    parser.add_argument("--batch-size", type=int, default=SETTING["batch_size"])
+    parser.add_argument("--seq-len", type=int, default=SETTING["seq_len"])
+    parser.add_argument("--rank", type=int, default=RANK, help="rank of LoRA / GaLore / FLoRA / GradNormLoRP")
+    parser.add_argument("--sub-token-size", type=int, default=SUB_TOKEN_SIZE, help="VeLoRA sub-token size M")
+    parser.add_argument("--update-gap", type=int, default=UPDATE_GAP,
+                        help="GaLore/GradNormLoRP subspace refresh and FLoRA kappa (steps)")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                        help="override a tuned learning rate, e.g. --lr velora=1e-3 (repeatable)")
+    parser.add_argument("--data", default=SETTING["data"], help="corpus (default: the offline stdlib corpus)")
+    parser.add_argument("--seed", type=int, default=SETTING["seed"])
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _parse_lrs(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        method, sep, value = item.partition("=")
+        try:
+            out[parse_method(method).name] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr {item!r} must look like METHOD=LR, e.g. velora=1e-3") from None
+        if not sep:
+            raise ValueError(f"--lr {item!r} must look like METHOD=LR, e.g. velora=1e-3")
+    return out
+
+
+def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
+    from velora.train import TrainConfig, train
+
+    say = log or (lambda message: print(message, file=sys.stderr))
+    methods = [parse_method(m.strip()).name for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods is empty; pass e.g. full,velora")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    lr_overrides = _parse_lrs(args.lr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setting = {**SETTING, "steps": args.steps, "model": args.model, "batch_size": args.batch_size,
+               "seq_len": args.seq_len, "data": args.data, "seed": args.seed,
+               "warmup_steps": max(1, args.steps // 10)}
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        base = parse_method(method).base
+        lr = lr_overrides.get(method, TUNED_LR.get(method, TUNED_LR.get(base, 1e-3)))
+        config = TrainConfig(method=method, lr=lr, **setting,
+                             **method_overrides(method, args.rank, args.sub_token_size, args.update_gap))
+        run_dir = fresh_dir(out / "runs" / method.replace("+", "-"))
+        what = describe(method, args.rank, args.sub_token_size, args.update_gap)
+        say(f"[{len(results) + 1}/{len(methods)}] {method}: {what}, lr {lr:g}")
+        result = train(config, run_dir, progress=not args.no_progress, tensorboard=False)
+        result.pop("_model")
+        result["lr_source"] = "override" if method in lr_overrides else "tuned once"
+        results[method] = result
+    runtime = time.perf_counter() - started
+
+    reference = results.get("full")
+    rows = []
+    for method, result in results.items():
+        row = {
+            "method": method,
+            "description": describe(method, args.rank, args.sub_token_size, args.update_gap),
+            "lr": result["lr"],
+            "lr_source": result["lr_source"],
+            "val_ppl": result["val_ppl"],
+            "val_ppl_vs_full_pct": (100 * (result["val_ppl"] / reference["val_ppl"] - 1)) if reference else None,
+            "activation_bytes": result["activation_bytes"],
+            "peak_bytes": result["peak_bytes"],
+            "peak_breakdown": result["peak_breakdown"],
+            "step_time_s": result["step_time_median_s"],
+            "step_time_ratio": (result["step_time_median_s"] / reference["step_time_median_s"]) if reference else None,
+            "trainable_parameters": result["trainable_parameters"],
+            "initial_loss": result["initial_loss"],
+            "final_loss": result["final_loss"],
+            "loss_curve": result["loss_curve"],
+        }
+        rows.append(row)
+    first = next(iter(results.values()))
+    summary = {
+        "rows": rows,
+        "setting": {**setting, "rank": args.rank, "sub_token_size": args.sub_token_size,
+                    "update_gap": args.update_gap, "tokens_per_method": first["tokens"],
+                    "parameters": first["parameters"]},
+        "learning_rates": {m: r["lr"] for m, r in results.items()},
+        "lr_tuning": "each method's lr was tuned once on this setting (sweep 1e-3, 3e-3, 1e-2; best val ppl kept)",
+        "data_fingerprint": first["data_fingerprint"],
+        "tokenizer": first["tokenizer"],
+        "memory_source": first["memory_source"],
+        "paper": {k: {m: list(v) for m, v in table.items()} for k, table in PAPER.items()},
+        "runtime_s": runtime,
+        "environment": environment(),
+    }
+    write_json(out / "results.json", summary)
+    (out / "results.md").write_text(render_markdown(summary))
+    plot = write_plot(summary, out / "compare.png")
+    summary["plot"] = str(plot) if plot else None
+    return summary
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+HEADERS = ("method", "lr", "val ppl", "Δ vs full", "saved act. MiB", "peak MiB", "params", "grads", "opt. state",
+           "activations", "temporaries", "step time ×full")
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for row in summary["rows"]:
+        breakdown = row["peak_breakdown"] or {}
+        delta = row["val_ppl_vs_full_pct"]
+        rows.append([row["method"], f"{row['lr']:g}", row["val_ppl"],
+                     "–" if delta is None else f"{delta:+.1f}%", mib(row["activation_bytes"]), mib(row["peak_bytes"]),
+                     mib(breakdown.get("parameters")), mib(breakdown.get("gradients")),
+                     mib(breakdown.get("optimizer_state")), mib(breakdown.get("activations")),
+                     mib(breakdown.get("temporaries")),
+                     None if row["step_time_ratio"] is None else f"{row['step_time_ratio']:.2f}"])
+    return rows
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    s = summary["setting"]
+    lines = [
+        "# velora compare",
+        "",
+        f"Pre-training {s['model']} ({s['parameters'] / 1e6:.2f}M parameters) from scratch on the offline stdlib "
+        f"corpus: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens = {s['tokens_per_method']:,} tokens "
+        "per method, same seed, same batch order. Peak = measured peak of one training step, split by category "
+        f"({summary['memory_source']}). Runtime {summary['runtime_s']:.0f} s on {summary['environment']['threads']} "
+        "threads.",
+        "",
+        markdown_table(HEADERS, table_rows(summary)),
+        "",
+        "Methods and learning rates (" + summary["lr_tuning"] + "):",
+        "",
+    ]
+    for row in summary["rows"]:
+        lines.append(f"- `{row['method']}` (lr {row['lr']:g}, {row['lr_source']}): {row['description']}")
+    lines += ["", "The papers' numbers (LLaMA 60M on C4; validation ppl, memory):", ""]
+    for title, table in summary["paper"].items():
+        lines.append(f"- {title}: " + ", ".join(f"{m} {v[0]} ({v[1]})" for m, v in table.items()))
+    fp = summary["data_fingerprint"]
+    lines += ["", f"Data: {fp.get('source')} (Python {fp.get('python')}, files sha256 "
+                  f"{str(fp.get('files_sha256'))[:16]}…, {fp.get('train_chars'):,} train chars); tokenizer "
+                  f"{summary['tokenizer']['name']}.", ""]
+    return "\n".join(lines)
+
+
+def write_plot(summary: dict[str, Any], path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in summary["rows"]:
+        x = mib(row["peak_bytes"])
+        if x is not None:
+            left.scatter([x], [row["val_ppl"]], s=40)
+            left.annotate(row["method"], (x, row["val_ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        steps = [p[0] for p in row["loss_curve"]]
+        right.plot(steps, smooth([p[1] for p in row["loss_curve"]]), label=row["method"], linewidth=1.2)
+    left.set_xlabel("peak training-step memory (MiB, measured)")
+    left.set_ylabel("validation perplexity")
+    left.set_title("quality vs memory")
+    right.set_xlabel("step")
+    right.set_ylabel("training loss (10-step mean)")
+    right.set_title("loss curves")
+    right.legend(fontsize=8)
+    fig.suptitle(f"velora compare: {summary['setting']['model']}, {summary['setting']['tokens_per_method']:,} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = run_compare(args)
+    if args.json:
+        slim = {**summary, "rows": [{k: v for k, v in r.items() if k != "loss_curve"} for r in summary["rows"]]}
+        print(json.dumps(slim, default=str))
+        return 0
+    s = summary["setting"]
+    rows_to_console(HEADERS, table_rows(summary),
+                    f"velora compare — {s['model']}, {s['tokens_per_method']:,} tokens/method "
+                    f"(memory in MiB)")
+    print("learning rates (tuned once on this setting; sweep 1e-3, 3e-3, 1e-2): "
+          + ", ".join(f"{m} {lr:g}" for m, lr in summary["learning_rates"].items()))
+    print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}"
+          + (f", {summary['plot']}" if summary["plot"] else "") + f" in {summary['runtime_s']:.0f} s")
+    return 0
