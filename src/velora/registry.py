@@ -34,6 +34,9 @@ class MethodOptions:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: Any = "all-linear"
+    # names (substrings) of non-adapter parameters that stay trainable, e.g. ("embed_tokens", "norm",
+    # "lm_head") when pre-training from scratch with LoRA
+    lora_unfreeze: tuple[str, ...] = ()
     # VeLoRA
     velora: VeLoRAConfig = field(default_factory=lambda: VeLoRAConfig(sub_token_size=32, target_modules="paper"))
     # GaLore (rank None -> a quarter of the smaller side of each projected weight)
@@ -201,7 +204,11 @@ def _peft_lora(use_dora: bool):
 
         config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                             target_modules=options.lora_targets, use_dora=use_dora, bias="none")
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        for name, param in model.named_parameters():
+            if any(key in name for key in options.lora_unfreeze):
+                param.requires_grad_(True)
+        return model
 
     return prepare
 
