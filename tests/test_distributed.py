@@ -180,6 +180,21 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
         results[name] = {"v_first": v_first, "params": {k: v.clone() for k, v in model.state_dict().items()},
                          "in_sync": velora_state_in_sync(model)}
 
+    # FSDP2: every VeLoRA layer, every block and the root sharded over the 2 ranks (gloo on CPU)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    for module in [*velora_modules(model).values(), *model.layers, model]:
+        fully_shard(module, mesh=mesh)
+    v_first = {}
+    _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batches, rank=rank, record_v=v_first)
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}  # gathers the shards (a collective: every rank calls it)
+    results["fsdp2"] = {"v_first": v_first, "params": full,
+                        "wrapped": type(model.layers[0].mlp.down_proj).__name__}
+
     # negative control: without the cross-rank init, each rank computes its own v
     unsynced = _model(VeLoRAConfig(sub_token_size=16, target_modules="paper", sync_across_ranks=False))
     ddp = _ddp(unsynced)
@@ -236,6 +251,16 @@ def test_two_rank_ddp_equals_one_rank_on_concatenated_batch(ranks, optimizer):
         _assert_close_dicts(rank_result[optimizer]["params"], reference.state_dict(), **tolerance)
         _assert_close_dicts(rank_result[optimizer]["v_first"], v_first, **tolerance)
         assert rank_result[optimizer]["in_sync"]
+
+
+def test_fsdp2_fully_sharded_velora_layers_equal_one_rank(ranks):
+    reference = _model()
+    v_first = {}
+    _train(reference, OPTIMIZERS["adamw"](reference), _batches(3), record_v=v_first)
+    for rank_result in ranks:
+        assert rank_result["fsdp2"]["wrapped"].startswith("FSDP")  # fully_shard really wrapped the VeLoRA layer
+        _assert_close_dicts(rank_result["fsdp2"]["params"], reference.state_dict())
+        _assert_close_dicts(rank_result["fsdp2"]["v_first"], v_first)
 
 
 def test_v_identical_across_ranks_after_first_step_without_buffer_broadcast(ranks):
