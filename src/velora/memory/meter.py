@@ -128,8 +128,10 @@ class SavedActivationMeter:
             self._stack.pop()
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        # hand autograd a detached alias: an op's output returned as is would hold its own grad_fn and
+        # make a reference cycle that keeps the whole graph (and every saved tensor) alive
         if tensor.layout != torch.strided:
-            return tensor
+            return tensor.detach()
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key not in self._saved:
@@ -137,7 +139,7 @@ class SavedActivationMeter:
             # forget the entry when the storage dies: its address may then be reused by another one
             finalizer = weakref.finalize(storage, self._saved.pop, key, None)
             self._saved[key] = [storage.nbytes(), owner, finalizer]
-        return tensor
+        return tensor.detach()
 
     def _parameter_storages(self) -> set[int]:
         modules = [self.model] if self.model is not None else list(self._seen_modules)

@@ -51,11 +51,16 @@ class PeakReport:
         return "\n".join(lines)
 
 
-def _fake_scalar(dtype: torch.dtype):
-    """What ``.item()`` of a fake tensor returns while planning: a harmless 1 of the right kind."""
-    if dtype == torch.bool:
-        return True
-    if dtype.is_floating_point or dtype.is_complex:
+# Ops whose boolean answer code expects to be True on healthy data (``if not torch.isfinite(x).all()``);
+# any other boolean (``if (x < 0).any()``, ``if norm == 0``) is answered False: guards stay quiet.
+_TRUTHY_OPS = {"all", "isfinite", "allclose", "equal"}
+
+
+def _fake_scalar(tensor: torch.Tensor):
+    """What ``.item()`` of a data-dependent fake tensor returns while planning: a harmless value."""
+    if tensor.dtype == torch.bool:
+        return bool(getattr(tensor, "_velora_truthy", False))
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
         return 1.0
     return 1
 
@@ -139,8 +144,11 @@ class StorageTracker(TorchDispatchMode):
             try:  # fake tensors know the value of constants such as an optimizer's step counter
                 return func(*args, **kwargs)
             except DataDependentOutputException:  # a value computed from data: nothing to plan with
-                return _fake_scalar(args[0].dtype)
+                return _fake_scalar(args[0])
         out = func(*args, **kwargs)
+        if self.fake_scalars and isinstance(out, torch.Tensor) and out.dtype == torch.bool \
+                and func.__name__.split(".")[0] in _TRUTHY_OPS:
+            out._velora_truthy = True
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor) and item.layout == torch.strided:
                 self.track(item.untyped_storage())
@@ -198,7 +206,7 @@ def measure_step_peak(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     def label_saved(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.layout == torch.strided:
             tracker.label(tensor, "activations")
-        return tensor
+        return tensor.detach()  # an alias without grad_fn: returning an output itself would leak its graph
 
     for param in model.parameters():
         if param.requires_grad:

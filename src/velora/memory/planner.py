@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora.memory.peak import CATEGORIES, measure_step_peak
+from velora.memory.peak import CATEGORIES, StorageTracker, measure_step_peak
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -259,11 +259,16 @@ def _count_parameters(model: nn.Module) -> tuple[int, int]:
 def _warm_up_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The first training step's only lasting effect is the optimizer state, whose shapes do not depend
     on the gradients' values: step once on zero gradients instead of paying a forward and backward."""
-    for param in model.parameters():
-        if param.requires_grad:
-            param.grad = torch.zeros_like(param)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    scalars = StorageTracker(fake_scalars=True)  # only for its answer to .item() on fake tensors
+    try:
+        with scalars:
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.grad = torch.zeros_like(param)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        scalars.close()
 
 
 def _measure(setup: TrainingSetup, full_warmup: bool):
