@@ -251,7 +251,9 @@ def _flora_optimizer(model: nn.Module, options: MethodOptions):
     params = trainable_parameters(model)
     rank = options.flora_rank or max(1, min(min(p.shape) for p in params if p.dim() == 2) // 4)
     base = "adamw" if options.optimizer in ("adamw", "adamw8bit") else "adafactor"
-    return Flora(params, lr=options.lr, rank=rank, kappa=options.flora_kappa, base=base, seed=options.seed)
+    # pass the model, not a parameter list: Flora then compresses only attention/MLP matrices and keeps
+    # embeddings and the head uncompressed (a vocabulary-wide random projection stalls training)
+    return Flora(model, lr=options.lr, rank=rank, kappa=options.flora_kappa, base=base, seed=options.seed)
 
 
 def _gradnorm_prepare(model: nn.Module, options: MethodOptions) -> nn.Module:

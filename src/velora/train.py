@@ -504,10 +504,16 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     accumulator = None
     if options.flora_accumulation:
         from velora.optim import CompressedGradAccumulator
+        from velora.optim.projections import projectable_parameters
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        rank = options.flora_rank or max(1, min(min(p.shape) for p in params if p.dim() == 2) // 4)
-        accumulator = CompressedGradAccumulator(model, rank=rank, accumulation_steps=config.accumulation_steps,
+        # attention/MLP matrices only: embeddings and the head accumulate plainly (a random projection
+        # across the vocabulary smears their sparse gradients; FLoRA keeps them uncompressed too)
+        params = projectable_parameters(model)
+        if not params:
+            raise ValueError(f"flora_accumulation: {config.model!r} has no trainable attention/MLP matrices to "
+                             "compress; drop --flora-accumulation")
+        rank = options.flora_rank or max(1, min(min(p.shape) for p in params) // 4)
+        accumulator = CompressedGradAccumulator(params, rank=rank, accumulation_steps=config.accumulation_steps,
                                                 seed=config.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
