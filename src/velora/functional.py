@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from velora.subtoken import compress, factored_weight_grad
+from velora.subtoken import _as, compress, factored_weight_grad
 
 
 class VeLoRALinearFunction(torch.autograd.Function):
@@ -33,9 +33,9 @@ class VeLoRALinearFunction(torch.autograd.Function):
         grad_tokens = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_tokens.matmul(weight.to(grad_tokens.dtype)).view(ctx.x_shape)  # (..., D)
+            grad_x = grad_tokens.mm(_as(weight, grad_tokens.dtype)).view(ctx.x_shape)  # (..., D)
         if ctx.needs_input_grad[1]:
-            grad_w = factored_weight_grad(grad_tokens, z.to(grad_tokens.dtype), directions, in_features, ctx.scale)
+            grad_w = factored_weight_grad(grad_tokens, z, directions, in_features, ctx.scale)  # (O, D)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_tokens.sum(0)  # (O,)
         return grad_x, grad_w, grad_b, None, None

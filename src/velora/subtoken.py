@@ -33,13 +33,20 @@ def group(x: torch.Tensor, sub_token_size: int) -> torch.Tensor:
     return tokens.view(tokens.shape[0], -1, sub_token_size)  # (T, G, M)
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a no-op .to() still costs a dispatcher round trip; this op runs for every wrapped layer every step
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def compress(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """z = group(x) · V, kept in x's dtype, computed in fp32 for half inputs. (..., D) -> (T, G, r)."""
-    sub_token_size = directions.shape[0]
+    sub_token_size, rank = directions.shape
     work = compute_dtype(x.dtype)
-    groups = group(x, sub_token_size)  # (T, G, M)
-    z = torch.matmul(groups.to(work), directions.to(work))  # (T, G, r)
-    return z.to(x.dtype)
+    groups = group(x, sub_token_size)  # (T, G, M), a view when M divides D
+    tokens, count = groups.shape[0], groups.shape[1]
+    # one (T·G, M) @ (M, r) matmul over all sub-tokens
+    z = torch.mm(_as(groups.reshape(tokens * count, sub_token_size), work), _as(directions, work))  # (T·G, r)
+    return _as(z, x.dtype).view(tokens, count, rank)  # (T, G, r)
 
 
 def reconstruct(z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0) -> torch.Tensor:
@@ -58,19 +65,19 @@ def factored_weight_grad(
     """
     tokens, out_features = grad_out.shape
     _, groups, rank = z.shape
-    gz = grad_out.t().matmul(z.reshape(tokens, groups * rank))  # (O, G*r), M× smaller than Gᵀ x̂
-    gz = gz.view(out_features, groups, rank)  # (O, G, r)
-    v = directions.to(grad_out.dtype)
+    sub_token_size = directions.shape[0]
+    gz = grad_out.t().mm(_as(z, grad_out.dtype).reshape(tokens, groups * rank))  # (O, G*r), M× smaller than Gᵀ x̂
+    v = _as(directions, grad_out.dtype)
     if rank == 1:
-        grad_w = gz * v[:, 0]  # (O, G, 1) * (M,) -> (O, G, M)
+        grad_w = gz.unsqueeze(-1) * v.view(sub_token_size)  # (O, G, 1) * (M,) -> (O, G, M)
     else:
-        grad_w = torch.matmul(gz, v.t())  # (O, G, r) @ (r, M) -> (O, G, M)
-    grad_w = grad_w.reshape(out_features, groups * directions.shape[0])  # (O, G*M)
+        grad_w = torch.matmul(gz.view(out_features, groups, rank), v.t())  # (O, G, r) @ (r, M) -> (O, G, M)
+    grad_w = grad_w.view(out_features, groups * sub_token_size)  # (O, G*M)
     if grad_w.shape[1] != in_features:
         grad_w = grad_w[:, :in_features]  # drop the zero-padded tail
     if scale != 1.0:
         grad_w = grad_w * scale
-    return grad_w.to(grad_out.dtype)
+    return grad_w
 
 
 # ---- initial directions -------------------------------------------------------------------------
