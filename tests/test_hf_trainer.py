@@ -129,3 +129,26 @@ def test_compressed_accumulation_needs_accumulation_steps(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps > 1"):
         VeLoRATrainer(model=_model(), args=_args(tmp_path, 1, accumulation=1), train_dataset=TokenDataset(),
                       method="flora", method_options={"flora_accumulation": True, "optimizer": "adamw"})
+
+
+def test_gradnormlorp_trainer_trains_factors_with_projected_optimizer(tmp_path):
+    from velora.gradnorm_lorp import gradnorm_lorp_modules
+    from velora.optim import GaLoreAdamW
+
+    trainer = VeLoRATrainer(model=_model(), args=_args(tmp_path, max_steps=2, accumulation=1, save_strategy="no"),
+                            train_dataset=TokenDataset(), method="gradnormlorp",
+                            method_options={"gradnorm_rank": 4, "gradnorm_proj_rank": 2})
+    layers = gradnorm_lorp_modules(trainer.model)
+    assert len(layers) == 14  # every attention/MLP linear of the 2 layers
+    factors_before = {name: layer.lora_I.detach().clone() for name, layer in layers.items()}
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, GaLoreAdamW)
+    assert [g["rank"] for g in trainer.optimizer.param_groups if g["rank"] is not None] == [2]
+    assert all(not torch.equal(layer.lora_I, factors_before[name]) for name, layer in layers.items())
+
+
+def test_comm_hook_in_a_single_process_run_is_an_error(tmp_path):
+    trainer = VeLoRATrainer(model=_model(), args=_args(tmp_path, max_steps=1, accumulation=1, save_strategy="no"),
+                            train_dataset=TokenDataset(), method="velora", comm_hook_rank=4)
+    with pytest.raises(ValueError, match="multi-process DDP"):
+        trainer.train()

@@ -32,9 +32,10 @@ from velora.config import VeLoRAConfig
 from velora.registry import MethodOptions, build_optimizer, parse_method, prepare_model
 
 __all__ = ["VeLoRACallback", "VeLoRATrainer", "method_options_from_args", "trainer_optimizer",
-           "ACCUMULATOR_NAME"]
+           "ACCUMULATOR_NAME", "COMM_HOOK_NAME"]
 
 ACCUMULATOR_NAME = "velora_accumulator.pt"
+COMM_HOOK_NAME = "velora_comm_hook.pt"
 # MethodOptions fields the Trainer's own arguments decide (see the module docstring)
 _FROM_TRAINING_ARGS = ("lr", "weight_decay", "betas", "accumulation_steps", "seed")
 
@@ -105,10 +106,16 @@ class VeLoRATrainer(Trainer):
     all-reduces that decompressed gradient on the sync micro-batch) and the optimizer see a normal
     gradient. ``method_options`` must not set lr / weight decay / betas / accumulation / seed (they
     come from ``args``).
+
+    ``comm_hook_rank=r`` (multi-process runs, e.g. ``torchrun``): all-reduce FLoRA-projected gradients of
+    the attention/MLP matrices instead of full ones (``velora.distributed.flora_comm_hook``; seeds from
+    ``args.seed``). Its step counter is saved with each checkpoint. A single-process run with
+    ``comm_hook_rank`` raises at the first step (there is nothing to communicate; nothing is silently ignored).
     """
 
     def __init__(self, model: nn.Module | None = None, args=None, *, method: str = "velora",
-                 method_options: MethodOptions | dict[str, Any] | None = None, **kwargs):
+                 method_options: MethodOptions | dict[str, Any] | None = None, comm_hook_rank: int | None = None,
+                 **kwargs):
         if model is None or args is None:
             raise ValueError("VeLoRATrainer needs model= and args= (a TrainingArguments)")
         if kwargs.get("optimizers", (None, None))[0] is not None:
@@ -122,6 +129,12 @@ class VeLoRATrainer(Trainer):
         self.velora_accumulator = None
         if self.velora_options.flora_accumulation:
             self.velora_accumulator = self._build_accumulator()
+        if comm_hook_rank is not None and (isinstance(comm_hook_rank, bool) or not isinstance(comm_hook_rank, int)
+                                           or comm_hook_rank < 1):
+            raise ValueError(f"comm_hook_rank={comm_hook_rank!r} must be a positive integer (the projection rank)")
+        self.velora_comm_hook_rank = comm_hook_rank
+        self.velora_comm_state = None
+        self._velora_comm_resume: dict[str, torch.Tensor] | None = None
 
     # ---- optimizer ----------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -146,14 +159,31 @@ class VeLoRATrainer(Trainer):
                                          seed=self.velora_options.seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.velora_comm_hook_rank is not None and self.velora_comm_state is None:
+            self._register_comm_hook(model)
         if self.velora_accumulator is not None:
             # the Trainer shortens the last cycle of an epoch when the batches do not divide evenly
             cycle = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             self.velora_accumulator.accumulation_steps = int(cycle)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _register_comm_hook(self, model) -> None:
+        # `model` is what the Trainer trains: the DDP wrapper accelerate built (registered before 1st backward)
+        from torch.nn.parallel import DistributedDataParallel
+
+        from velora.distributed import register_flora_comm_hook
+
+        if not isinstance(model, DistributedDataParallel):
+            raise ValueError(f"comm_hook_rank={self.velora_comm_hook_rank} needs multi-process DDP training (e.g. "
+                             f"torchrun --nproc_per_node 2), but the Trainer trains a {type(model).__name__}")
+        self.velora_comm_state = register_flora_comm_hook(model, rank=self.velora_comm_hook_rank, seed=self.args.seed)
+        if self._velora_comm_resume is not None:
+            self.velora_comm_state.load_state_dict(self._velora_comm_resume)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        if self.velora_comm_state is not None and self.args.should_save:
+            torch.save(self.velora_comm_state.state_dict(), os.path.join(output_dir, COMM_HOOK_NAME))
         if self.velora_accumulator is not None and self.args.should_save:
             state = self.velora_accumulator.state_dict()
             state["accumulation_steps"] = self.args.gradient_accumulation_steps  # not a shortened last cycle
@@ -161,6 +191,10 @@ class VeLoRATrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.velora_comm_hook_rank is not None:
+            path = os.path.join(checkpoint, COMM_HOOK_NAME)
+            if os.path.exists(path):  # applied when the hook is registered at the first step
+                self._velora_comm_resume = torch.load(path, map_location="cpu", weights_only=True)
         if checkpoint is None or self.velora_accumulator is None:
             return
         path = os.path.join(checkpoint, ACCUMULATOR_NAME)
