@@ -52,7 +52,7 @@ def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     padded = F.pad(absmax, (0, groups * ABSMAX_BLOCK - blocks)).view(groups, ABSMAX_BLOCK)  # (groups, 256)
     scales = padded.amax(dim=1).clamp_min(1e-12)  # (groups,)
     absmax_codes = (padded / scales[:, None] * 255).round().clamp(1, 255).to(torch.uint8).view(-1)[:blocks]
-    return packed.contiguous(), absmax_codes.contiguous(), scales.contiguous()
+    return packed.contiguous(), absmax_codes.clone(), scales.contiguous()  # clone: drop the padding's bytes
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax_codes: torch.Tensor, scales: torch.Tensor,
