@@ -10,6 +10,8 @@ real step runs under a dispatch mode that samples glibc's in-use heap (mallinfo2
 rise over the step is printed beside the tracker's rise (it also sees allocator rounding and the
 Python objects the step creates, and misses scratch buffers freed inside a kernel).
 
+papers: prints the planner's side of the papers' memory tables for docs/memory.md.
+
 timing: runs ``velora plan --json`` for 7B-scale presets in a fresh process each and reports wall time
 and the child's peak RSS (ru_maxrss).
 """
@@ -73,8 +75,9 @@ def validate(models: list[str], methods: list[str], batch: int, seq: int) -> int
     in_use = _heap_reader()
     header = (f"{'model':<10} {'method':<14} {'real peak':>10} {'plan peak':>10} {'Δpeak':>8} "
               f"{'real act':>9} {'plan act':>9} {'Δact':>8} {'rise':>8} {'heap rise':>9} {'Δheap':>7} "
-              f"{'real s':>7} {'plan s':>7}")
-    print(f"fp32, batch {batch}, seq {seq}; MiB; Δ = plan/real - 1; rise = tracker peak - live at step start")
+              f"{'real saved':>10} {'plan saved':>10} {'Δsaved':>8} {'real s':>7} {'plan s':>7}")
+    print(f"fp32, batch {batch}, seq {seq}; MiB; Δ = plan/real - 1; act = activations at the peak; "
+          "rise = tracker peak - live at step start; saved = most bytes saved for backward at once")
     print(header)
     worst = 0.0
     for model in models:
@@ -99,13 +102,16 @@ def validate(models: list[str], methods: list[str], batch: int, seq: int) -> int
             d_peak = planned["peak_bytes"] / real.peak_bytes - 1
             real_act, plan_act = real.breakdown["activations"], planned["breakdown"]["activations"]
             d_act = plan_act / real_act - 1 if real_act else 0.0
-            worst = max(worst, abs(d_peak), abs(d_act))
+            real_saved, plan_saved = real.saved_activations_max, planned["saved_activation_bytes"]
+            d_saved = plan_saved / real_saved - 1 if real_saved else 0.0
+            worst = max(worst, abs(d_peak), abs(d_act), abs(d_saved))
             d_heap = heap_rise / rise - 1 if rise == rise and rise else float("nan")
             print(f"{model:<10} {method + ':' + optimizer:<14} {real.peak_bytes / MIB:10.1f} "
                   f"{planned['peak_bytes'] / MIB:10.1f} {d_peak:+8.3%} {real_act / MIB:9.1f} {plan_act / MIB:9.1f} "
                   f"{d_act:+8.3%} {rise / MIB:8.1f} {heap_rise / MIB:9.1f} {d_heap:+7.1%} "
+                  f"{real_saved / MIB:10.1f} {plan_saved / MIB:10.1f} {d_saved:+8.3%} "
                   f"{real_seconds:7.1f} {plan_seconds:7.1f}", flush=True)
-    print(f"worst |Δ| of peak/activations: {worst:.3%} (acceptance: 3%)")
+    print(f"worst |Δ| of peak/activations/saved: {worst:.3%} (acceptance: 3%)")
     return 0 if worst <= 0.03 else 1
 
 
@@ -136,6 +142,64 @@ def timing(models: list[str], methods: list[str], batch: int, seq: int, dtype: s
     return status
 
 
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f}"  # the papers report GB
+
+
+def papers() -> int:
+    """The planner's side of the papers' memory tables (markdown), under the assumptions in docs/memory.md."""
+    started = time.perf_counter()
+    # VeLoRA Tab. 3: LLaMA 7B/13B fine-tuning, QLoRA recipe (all linear layers, r=64), batch 2 x seq 512, bf16
+    print("### VeLoRA Tab. 3 (planner: batch 2 x seq 512, bf16, LoRA r=64 on all linears, AdamW)\n")
+    print("| model | method | parameters | optimizer state | activations (at peak) | peak | planner s |")
+    print("|---|---|---|---|---|---|---|")
+    for model, sub_token in (("llama-7b", 32), ("llama-13b", 128)):
+        for method in ("lora", "qlora", "qlora+velora"):
+            result = plan(model, method, "adamw", batch=2, seq=512, dtype="bf16", lora_rank=64,
+                          sub_token_size=sub_token)
+            b = result["breakdown"]
+            print(f"| {model} | {method} | {_gb(b['parameters'])} | {_gb(b['optimizer_state'])} | "
+                  f"{_gb(b['activations'])} | {_gb(result['peak_bytes'])} | {result['seconds']:.0f} |", flush=True)
+    # VeLoRA Tab. 6: which layers to compress, activations only, LLaMA-7B QLoRA (adapters on q, k, v, down)
+    print("\n### VeLoRA Tab. 6 (planner: LLaMA-7B QLoRA r=64 on q,k,v,down, batch 2 x seq 512, bf16, M=32)\n")
+    print("| compressed | activations (at peak) | saved by the forward |")
+    print("|---|---|---|")
+    adapted = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    for targets in ([], ["q_proj"], ["k_proj"], ["v_proj"], ["down_proj"], ["q_proj", "v_proj"],
+                    ["v_proj", "down_proj"], ["q_proj", "v_proj", "down_proj"], adapted):
+        method = "qlora+velora" if targets else "qlora"
+        options = {"velora_target_modules": targets} if targets else {}
+        result = plan("llama-7b", method, "adamw", batch=2, seq=512, dtype="bf16", lora_rank=64,
+                      lora_targets=adapted, sub_token_size=32, **options)
+        print(f"| {'+'.join(t.split('_')[0] for t in targets) or 'none'} | "
+              f"{_gb(result['breakdown']['activations'])} | {_gb(result['saved_activation_bytes'])} |", flush=True)
+    # VeLoRA Tab. 4: pre-training 60M/130M, on-device memory; GaLore's bf16 recipe, batch not given: 16 x 256
+    print("\n### VeLoRA Tab. 4 (planner: bf16, batch 16 x seq 256, AdamW; GaLore/LoRA rank 128/256, M=128 padded)\n")
+    print("| model | full | galore | lora | velora |")
+    print("|---|---|---|---|---|")
+    for model, rank in (("llama-60m", 128), ("llama-130m", 256)):
+        cells = []
+        for method in ("full", "galore", "lora", "velora"):
+            result = plan(model, method, "adamw", batch=16, seq=256, dtype="bf16", galore_rank=rank,
+                          lora_rank=rank, sub_token_size=128, velora_pad=True)
+            cells.append(_gb(result["peak_bytes"]))
+        print(f"| {model} | " + " | ".join(cells) + " |", flush=True)
+    # GradNormLoRP Tab. 2: parameters + optimizer state in bf16 (their estimate), and the planner's peak
+    print("\n### GradNormLoRP Tab. 2 (planner: bf16, batch 16 x seq 256; cells = params+optimizer state / peak)\n")
+    print("| model | full | lora | dora | galore | gradnormlorp |")
+    print("|---|---|---|---|---|---|")
+    for model, rank in (("llama-60m", 128), ("llama-130m", 256), ("llama-350m", 256), ("llama-1b", 512)):
+        cells = []
+        for method in ("full", "lora", "dora", "galore", "gradnormlorp"):
+            result = plan(model, method, "adamw", batch=16, seq=256, dtype="bf16", galore_rank=rank,
+                          lora_rank=rank, gradnorm_rank=rank, gradnorm_proj_rank=rank // 4)
+            b = result["breakdown"]
+            cells.append(f"{_gb(b['parameters'] + b['optimizer_state'])} / {_gb(result['peak_bytes'])}")
+        print(f"| {model} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n(all plans: {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -151,7 +215,10 @@ def main() -> int:
     clock.add_argument("--batch", type=int, default=1)
     clock.add_argument("--seq", type=int, default=512)
     clock.add_argument("--dtype", default="bf16")
+    sub.add_parser("papers", help="the planner's side of the papers' memory tables (markdown)")
     args = parser.parse_args()
+    if args.part == "papers":
+        return papers()
     if args.part == "validate":
         return validate(args.models, args.methods, args.batch, args.seq)
     return timing(args.models, args.methods, args.batch, args.seq, args.dtype)

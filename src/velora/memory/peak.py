@@ -37,6 +37,9 @@ class PeakReport:
     breakdown: dict[str, int] = field(default_factory=dict)
     cuda_max_memory_allocated: int | None = None
     steps: int = 2
+    # most bytes saved for backward alive at once during the measured step (what SavedActivationMeter
+    # reports after the forward), whether or not that moment is the peak
+    saved_activations_max: int = 0
 
     def report(self) -> str:
         width = max(len(name) for name in CATEGORIES)
@@ -76,6 +79,9 @@ class StorageTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self.peak_storages: list[tuple[int, int]] = []  # (serial, bytes) alive at the peak
         self.labels: dict[int, str] = {}  # serial -> category
+        self.saved_live = 0  # bytes of live storages saved for backward (parameters excluded)
+        self.saved_max = 0
+        self._saved_serials: set[int] = set()
         self._serials = itertools.count()
         self._finalizers: list[weakref.finalize] = []
         self.fake_scalars = fake_scalars
@@ -108,6 +114,16 @@ class StorageTracker(TorchDispatchMode):
         if current is None or _PRIORITY[category] < _PRIORITY[current]:
             self.labels[serial] = category
 
+    def mark_saved(self, tensor: torch.Tensor) -> None:
+        """Label a tensor autograd saved for backward and count it in the live saved bytes."""
+        self.label(tensor, "activations")
+        serial = self.track_tensor(tensor)
+        if serial in self._saved_serials or self.labels.get(serial) == "parameters":
+            return
+        self._saved_serials.add(serial)
+        self.saved_live += self.live[tensor.untyped_storage()._cdata][1]
+        self.saved_max = max(self.saved_max, self.saved_live)
+
     def _add(self, nbytes: int) -> None:
         self.live_bytes += nbytes
         if self.live_bytes > self.peak_bytes:
@@ -119,8 +135,12 @@ class StorageTracker(TorchDispatchMode):
         if entry is not None and entry[0] == serial:
             del self.live[key]
             self.live_bytes -= entry[1]
+            if serial in self._saved_serials:
+                self._saved_serials.discard(serial)
+                self.saved_live -= entry[1]
 
     def reset_peak(self) -> None:
+        self.saved_max = self.saved_live
         self.peak_bytes = self.live_bytes
         self.peak_storages = list(self.live.values())
 
@@ -205,7 +225,7 @@ def measure_step_peak(model: nn.Module, optimizer: torch.optim.Optimizer | None,
 
     def label_saved(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.layout == torch.strided:
-            tracker.label(tensor, "activations")
+            tracker.mark_saved(tensor)
         return tensor.detach()  # an alias without grad_fn: returning an output itself would leak its graph
 
     for param in model.parameters():
@@ -227,7 +247,8 @@ def measure_step_peak(model: nn.Module, optimizer: torch.optim.Optimizer | None,
             torch.cuda.synchronize()
             cuda_peak = int(torch.cuda.max_memory_allocated())
         return PeakReport(peak_bytes=int(tracker.peak_bytes), breakdown=tracker.breakdown_at_peak(),
-                          cuda_max_memory_allocated=cuda_peak, steps=steps)
+                          cuda_max_memory_allocated=cuda_peak, steps=steps,
+                          saved_activations_max=int(tracker.saved_max))
     finally:
         for hook in hooks:
             hook.remove()

@@ -317,6 +317,7 @@ def plan(model: Any, method: str = "full", optimizer: str = "adamw", batch: int 
         "dtype": dtype if isinstance(dtype, str) else str(dtype),
         "peak_bytes": int(report.peak_bytes),
         "breakdown": breakdown,
+        "saved_activation_bytes": int(report.saved_activations_max),
         "parameter_count": total,
         "trainable_parameter_count": trainable,
         "notes": setup.notes,
