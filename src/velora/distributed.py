@@ -17,6 +17,7 @@ What is synchronised where:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import traceback
@@ -30,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "init_from_env",
+    "shutdown",
     "is_distributed",
     "rank",
     "world_size",
@@ -91,6 +93,19 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> torch
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: collect garbage, wait for every rank, then destroy the group.
+
+    Drop your ``DistributedDataParallel`` wrapper first (``del ddp``): destroying the group while a DDP
+    reducer is alive, or while another rank is still inside a gloo call, intermittently aborts a rank at
+    exit with "terminate called without an active exception" (about 1 run in 6 on this machine; 0 in 8
+    with ``del ddp`` + this function)."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP objects in reference cycles die now, not after the group
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_indices(num_items: int, shard: int | None = None, num_shards: int | None = None) -> range:
@@ -330,6 +345,8 @@ def _local_worker(fn: Callable, process_rank: int, num_processes: int, port: int
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
             fn(process_rank, num_processes, *args)
+            gc.collect()  # fn's DDP wrappers go before the group (see shutdown)
+            dist.barrier()  # every rank done before any tears the group down
         finally:
             dist.destroy_process_group()
     except BaseException:
