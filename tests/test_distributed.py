@@ -97,7 +97,7 @@ FP32_EPS = 1e-5
 def _flora(model):
     from velora.optim.flora import Flora
 
-    return Flora(model.parameters(), lr=1e-2, rank=4, kappa=2, base="adamw", seed=3, eps=FP32_EPS)
+    return Flora(model, lr=1e-2, rank=4, kappa=2, base="adamw", seed=3, eps=FP32_EPS)  # model: matrices only
 
 
 def _galore(model):
