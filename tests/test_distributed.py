@@ -145,17 +145,14 @@ def _ddp(model, **kwargs):
 
 
 def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=None):
+    from velora.distributed import sync_context
     from velora.optim.accumulate import CompressedGradAccumulator
 
     accumulator = CompressedGradAccumulator(model, rank=4, accumulation_steps=micro_batches, seed=5)
     for batch in batches:
         ids = batch if rank is None else _local(batch, rank)
         for micro, chunk in enumerate(ids.chunk(micro_batches)):
-            last = micro == micro_batches - 1
-            if ddp is not None and not last:
-                with ddp.no_sync():
-                    ddp(chunk).backward()
-            else:
+            with sync_context(ddp or model, last_micro_batch=micro == micro_batches - 1):  # no_sync but last
                 (ddp or model)(chunk).backward()
         assert accumulator.cycle_complete
         optimizer.step()
@@ -168,9 +165,25 @@ def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=No
 
 
 def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
-    from velora.distributed import broadcast_velora_state, register_flora_comm_hook, velora_state_in_sync
+    import time
+
+    from velora.distributed import (
+        broadcast_velora_state,
+        main_process_first,
+        mean_across_ranks,
+        rank_batch_index,
+        register_flora_comm_hook,
+        velora_state_in_sync,
+        wrap_ddp,
+    )
 
     results: dict = {}
+    with main_process_first():
+        entered = time.monotonic()
+        time.sleep(0.2 if rank == 0 else 0.0)
+        left = time.monotonic()
+    results["helpers"] = {"mean": mean_across_ranks(float(rank)), "index": rank_batch_index(3),
+                          "first": torch.tensor([entered, left], dtype=torch.float64)}
     batches = _batches(3)
     for name, make_optimizer in OPTIMIZERS.items():
         model = _model(dtype=DTYPES[name])
@@ -206,7 +219,7 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
 
     # FLoRA compressed accumulation under no_sync: 2 micro-batches per step, 2 steps
     model = _model(dtype=torch.float32)
-    ddp = _ddp(model)
+    ddp = wrap_ddp(model)
     _accumulate(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _batches(2, seed=4), 2, rank=rank, ddp=ddp)
     results["accumulate"] = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -343,6 +356,13 @@ def test_comm_hook_decompression_is_unbiased():
         total += decompress_gradient(compress_gradient(grad, projection, plan.transposed), projection, plan.transposed)
     error = (total / trials - grad).norm() / grad.norm()
     assert error < 0.25, error  # one draw alone is off by ~sqrt(cols / rank) ≈ 3
+
+
+def test_rank_helpers(ranks):
+    first, second = (r["helpers"] for r in ranks)
+    assert first["mean"] == second["mean"] == 0.5
+    assert (first["index"], second["index"]) == (6, 7)  # rank r takes batch 2*i + r
+    assert second["first"][0] >= first["first"][1]  # rank 1 entered only after rank 0 left
 
 
 def test_shard_indices_equal_sizes_and_errors():

@@ -22,6 +22,7 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,11 @@ __all__ = [
     "broadcast_velora_state",
     "velora_state_in_sync",
     "shard_indices",
+    "wrap_ddp",
+    "sync_context",
+    "rank_batch_index",
+    "mean_across_ranks",
+    "main_process_first",
     "FloraCommState",
     "flora_comm_hook",
     "register_flora_comm_hook",
@@ -120,6 +126,60 @@ def shard_indices(num_items: int, shard: int | None = None, num_shards: int | No
     if per_shard == 0:
         raise ValueError(f"{num_items} items cannot be split over {num_shards} ranks; use more data or fewer ranks")
     return range(shard, per_shard * num_shards, num_shards)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device | None = None, **ddp_kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel(model)`` inside a multi-rank group, ``model`` itself otherwise.
+
+    The model is moved to ``device`` first (``cuda:LOCAL_RANK`` from ``init_from_env``; then DDP also
+    moves each forward's inputs there)."""
+    if device is not None:
+        model = model.to(device)
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device is not None and device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [device])
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def sync_context(model: nn.Module, last_micro_batch: bool):
+    """``model.no_sync()`` for a DDP model on every micro-batch but the last of an accumulation cycle
+    (gradients accumulate locally and are all-reduced once); a null context otherwise."""
+    import contextlib
+
+    if last_micro_batch or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def rank_batch_index(index: int) -> int:
+    """This rank's share of a global batch sequence: rank r of N takes batches r, N + r, 2N + r, ... of the
+    single-process order (index unchanged in one process, so single-process runs are unaffected)."""
+    return index * world_size() + rank()
+
+
+def mean_across_ranks(value: float) -> float:
+    """The mean of a Python number over the ranks (for logging); the number itself in one process."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor) / dist.get_world_size()
+
+
+@contextmanager
+def main_process_first():
+    """Run the block on rank 0 first, then on the other ranks (e.g. building data caches once)."""
+    distributed = is_distributed()
+    if distributed and not is_main_process():
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if distributed and is_main_process():
+            dist.barrier()
 
 
 # ---- VeLoRA state across ranks ---------------------------------------------------------------------
