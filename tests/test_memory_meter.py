@@ -163,3 +163,20 @@ def test_meter_errors_are_one_line():
         meter.total_bytes  # noqa: B018
     with meter, pytest.raises(ValueError, match="already active"):
         meter.__enter__()
+
+
+def test_peft_fp32_adapters_on_a_bf16_base_keep_one_fp32_copy_per_adapted_layer():
+    from velora.memory import training_setup
+    from velora.memory.planner import load_config
+
+    batch, seq = 2, 16
+    setup = training_setup(load_config("llama-tiny"), "lora", batch=batch, seq=seq, dtype="bf16")
+    ids = torch.randint(0, 512, (batch, seq))
+    with SavedActivationMeter(setup.model) as meter:
+        loss = setup.model(input_ids=ids, labels=ids).loss
+    hidden = setup.model.config.hidden_size
+    attention = "base_model.model.model.layers.0.self_attn"
+    for name in ("q_proj", "k_proj", "v_proj"):
+        # peft casts the shared bf16 input to its fp32 adapter dtype once per layer: three fp32 copies
+        assert meter.by_module()[f"{attention}.{name}.lora_A.default"] == FP32 * batch * seq * hidden
+    loss.backward()

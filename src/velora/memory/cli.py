@@ -58,7 +58,9 @@ def render(result: dict) -> None:
     peak = result["peak_bytes"]
     title = (f"{result['model']} · {result['method']} · {result['optimizer']} · batch {result['batch']} × "
              f"seq {result['seq']} · {result['dtype']}")
-    table = Table(title=title, title_justify="left")
+    console = Console()
+    console.print(title, highlight=False)
+    table = Table()
     table.add_column("category")
     table.add_column("GiB", justify="right")
     table.add_column("share", justify="right")
@@ -66,13 +68,14 @@ def render(result: dict) -> None:
         nbytes = result["breakdown"][name]
         table.add_row(name.replace("_", " "), f"{nbytes / GIB:.2f}", f"{nbytes / peak:.0%}" if peak else "-")
     table.add_row("[bold]peak[/bold]", f"[bold]{peak / GIB:.2f}[/bold]", "")
-    console = Console()
     console.print(table)
     params, trainable = result["parameter_count"], result["trainable_parameter_count"]
-    console.print(f"{params / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable; "
-                  f"planned on fake tensors in {result['seconds']:.1f} s (peak of the 2nd step)")
+    console.print(f"{params / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable; saved for backward "
+                  f"after the forward: {result['saved_activation_bytes'] / GIB:.2f} GiB", highlight=False)
+    console.print(f"peak of the 2nd training step, planned on fake tensors in {result['seconds']:.1f} s",
+                  highlight=False)
     for note in result["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", highlight=False)
 
 
 def run(args: argparse.Namespace) -> int:
