@@ -373,6 +373,19 @@ def test_shard_indices_equal_sizes_and_errors():
         shard_indices(1, 0, 2)
 
 
+def test_init_from_env_without_torchrun_is_a_no_op_and_bad_backends_fail(monkeypatch):
+    from velora.distributed import init_from_env
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_from_env() == torch.device("cpu") and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="backend='mpi'"):
+        init_from_env(backend="mpi")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        init_from_env(backend="nccl")
+    assert not dist.is_initialized()
+
+
 def test_register_flora_comm_hook_rejects_plain_module():
     from velora.distributed import register_flora_comm_hook
 

@@ -15,7 +15,9 @@ Three entry points, from lightest to fullest:
 
 Which Trainer settings are used (and never overridden by ``MethodOptions``): ``learning_rate`` -> lr,
 ``weight_decay``, ``(adam_beta1, adam_beta2)`` -> betas, ``gradient_accumulation_steps`` -> the
-accumulation cycle, ``seed`` -> the FLoRA projection seeds.
+accumulation cycle, ``seed`` -> the FLoRA projection seeds. The scheduler, clipping, logging and
+checkpointing are the Trainer's. Not used: ``optim`` / ``optim_args`` (the method decides the optimizer;
+``MethodOptions.optimizer`` picks its base) and ``adam_epsilon`` (the optimizers' default eps).
 """
 
 from __future__ import annotations
