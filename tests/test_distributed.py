@@ -189,9 +189,12 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
         model = _model(dtype=DTYPES[name])
         ddp = _ddp(model)
         v_first = {}
-        _train(ddp, make_optimizer(model), batches, rank=rank, record_v=v_first)
+        optimizer = make_optimizer(model)
+        _train(ddp, optimizer, batches, rank=rank, record_v=v_first)
+        state = {f"{index}.{key}": value.clone() for index, entry in optimizer.state_dict()["state"].items()
+                 for key, value in entry.items() if isinstance(value, torch.Tensor)}  # moments, seeds, steps
         results[name] = {"v_first": v_first, "params": {k: v.clone() for k, v in model.state_dict().items()},
-                         "in_sync": velora_state_in_sync(model)}
+                         "in_sync": velora_state_in_sync(model), "optimizer_state": state}
 
     # FSDP2: every VeLoRA layer, every block and the root sharded over the 2 ranks (gloo on CPU)
     from torch.distributed.device_mesh import init_device_mesh
@@ -274,6 +277,17 @@ def test_fsdp2_fully_sharded_velora_layers_equal_one_rank(ranks):
         assert rank_result["fsdp2"]["wrapped"].startswith("FSDP")  # fully_shard really wrapped the VeLoRA layer
         _assert_close_dicts(rank_result["fsdp2"]["params"], reference.state_dict())
         _assert_close_dicts(rank_result["fsdp2"]["v_first"], v_first)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_optimizer_state_bitwise_identical_across_ranks(ranks, optimizer):
+    # Flora: same seeds, so the same projections and compressed momenta on both ranks
+    first, second = (r[optimizer]["optimizer_state"] for r in ranks)
+    assert first.keys() == second.keys() and len(first) > 0
+    if optimizer == "flora":
+        assert any("seed" in key for key in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
 
 
 def test_v_identical_across_ranks_after_first_step_without_buffer_broadcast(ranks):
