@@ -50,12 +50,24 @@ def test_plan_matches_real_cpu_step_on_tiny_llama(method, optimizer):
     assert planned["peak_bytes"] == sum(planned["breakdown"].values())
 
 
-def test_plan_matches_real_cpu_step_on_tiny_gpt2():
-    from transformers import GPT2Config
+def _tiny_config(family: str):
+    import transformers
 
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
-    planned = plan(config, "velora", batch=BATCH, seq=SEQ)
-    setup = training_setup(config, "velora", batch=BATCH, seq=SEQ)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64), SEQ
+    if family == "roberta":
+        return transformers.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, vocab_size=256, max_position_embeddings=66,
+                                          type_vocab_size=1), SEQ
+    return transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  image_size=32, patch_size=8), 17  # 16 patches + class token
+
+
+@pytest.mark.parametrize("family", ["gpt2", "roberta", "vit"])
+def test_plan_matches_real_cpu_step_on_other_families(family):
+    config, seq = _tiny_config(family)
+    planned = plan(config, "velora", batch=BATCH, seq=seq)
+    setup = training_setup(config, "velora", batch=BATCH, seq=seq)
     _assert_close(planned, measure_step_peak(setup.model, setup.optimizer, setup.step))
 
 
@@ -147,6 +159,7 @@ def test_cli_json_and_table(capsys):
         (["--model", "llama-tiny", "--method", "lora+galore"], "pick one base"),
         (["--model", "llama-tiny", "--method", "sparse"], "unknown part"),
         (["--model", "gpt2", "--seq", "4096"], "exceeds the 1024 positions"),
+        (["--model", "vit-base", "--seq", "100"], "use --seq 197"),
         (["--model", "llama-tiny", "--sub-token-size", "0"], "--sub-token-size=0 must be a positive integer"),
     ],
 )

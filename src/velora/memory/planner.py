@@ -256,19 +256,27 @@ def _count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+@contextlib.contextmanager
+def _fake_scalars():
+    """Answer ``.item()`` of data-dependent fake tensors (e.g. ``trunc_normal_`` init, SVD checks) the way
+    the peak tracker does; nothing is measured."""
+    scalars = StorageTracker(fake_scalars=True)
+    try:
+        with scalars:
+            yield
+    finally:
+        scalars.close()
+
+
 def _warm_up_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The first training step's only lasting effect is the optimizer state, whose shapes do not depend
     on the gradients' values: step once on zero gradients instead of paying a forward and backward."""
-    scalars = StorageTracker(fake_scalars=True)  # only for its answer to .item() on fake tensors
-    try:
-        with scalars:
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.grad = torch.zeros_like(param)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        scalars.close()
+    with _fake_scalars():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _measure(setup: TrainingSetup, full_warmup: bool):
@@ -301,7 +309,7 @@ def plan(model: Any, method: str = "full", optimizer: str = "adamw", batch: int 
         raise ValueError(f"full_warmup={full_warmup!r} must be True or False")
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation chatter from peft
-        with _module_to_replaces_parameters():
+        with _module_to_replaces_parameters(), _fake_scalars():
             setup = training_setup(config, method, optimizer, batch=batch, seq=seq, dtype=dtype, **options)
         _preset_velora_directions(setup.model)
         with _masks_as_on_real_tensors():
