@@ -228,13 +228,13 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
 
     # compressed all-reduce: two backwards (no optimizer step, so the parent can recompute local grads)
     model = _model(None)
-    ddp = _ddp(model)
+    ddp = _ddp(model, bucket_cap_mb=0.01, gradient_as_bucket_view=True)  # several buckets, grads as views
     state = register_flora_comm_hook(ddp, rank=COMM_RANK, seed=COMM_SEED)
     grads = []
     for batch in _batches(2, seed=7):
         ddp(_local(batch, rank)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=False)  # keep the bucket views
     results["comm_hook"] = {"grads": grads, "wire_bytes": state.wire_bytes, "dense_bytes": state.dense_bytes,
                             "step": state.step}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
