@@ -20,12 +20,12 @@ from typing import Any
 
 from velora.experiments.common import environment, fresh_dir, markdown_table, mib, pyplot, rows_to_console, write_json
 
-BASE_STEPS = 250
+BASE_STEPS = 200
 BASE = dict(method="full", model="llama-small", data="stdlib", tokenizer="bpe", vocab_size=2048,
             bpe_train_chars=1_000_000, max_train_chars=1_500_000, max_val_chars=200_000, seq_len=128, batch_size=8,
             warmup_steps=25, lr=3e-3, eval_batches=8, seed=0)
 FINETUNE = dict(model="llama-small", data="stdlib-docs", max_train_chars=400_000, max_val_chars=100_000, seq_len=128,
-                batch_size=8, steps=120, warmup_steps=12, lr=3e-3, eval_batches=8, seed=0,
+                batch_size=8, steps=80, warmup_steps=8, lr=3e-3, eval_batches=8, seed=0,
                 options={"lora_rank": 16, "lora_alpha": 32.0, "lora_targets": "all-linear"})
 
 
