@@ -144,11 +144,14 @@ def _ddp(model, **kwargs):
         return DistributedDataParallel(model, broadcast_buffers=False, **kwargs)
 
 
-def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=None):
-    from velora.distributed import sync_context
+def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=None, comm_hook=False):
+    from velora.distributed import register_flora_comm_hook, sync_context
     from velora.optim.accumulate import CompressedGradAccumulator
 
     accumulator = CompressedGradAccumulator(model, rank=4, accumulation_steps=micro_batches, seed=5)
+    hook_state = None
+    if comm_hook:  # all-reduce the accumulator's (k × r) sums instead of the decompressed gradients
+        hook_state = register_flora_comm_hook(ddp, rank=COMM_RANK, seed=COMM_SEED, accumulator=accumulator)
     for batch in batches:
         ids = batch if rank is None else _local(batch, rank)
         for micro, chunk in enumerate(ids.chunk(micro_batches)):
@@ -158,7 +161,7 @@ def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=No
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     accumulator.remove()
-    return model
+    return hook_state
 
 
 # ---- the spawned ranks ----------------------------------------------------------------------------------
@@ -225,6 +228,12 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
     ddp = wrap_ddp(model)
     _accumulate(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _batches(2, seed=4), 2, rank=rank, ddp=ddp)
     results["accumulate"] = {k: v.clone() for k, v in model.state_dict().items()}
+    model = _model(dtype=torch.float32)
+    ddp = wrap_ddp(model)
+    hook_state = _accumulate(model, torch.optim.AdamW(model.parameters(), lr=1e-2), _batches(2, seed=4), 2,
+                             rank=rank, ddp=ddp, comm_hook=True)
+    results["accumulate_hook"] = {"params": {k: v.clone() for k, v in model.state_dict().items()},
+                                  "wire_bytes": hook_state.wire_bytes, "dense_bytes": hook_state.dense_bytes}
 
     # compressed all-reduce: two backwards (no optimizer step, so the parent can recompute local grads)
     model = _model(None)
@@ -313,6 +322,24 @@ def test_compressed_accumulation_under_no_sync_equals_one_rank(ranks):
     _accumulate(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), _batches(2, seed=4), 2)
     for rank_result in ranks:
         _assert_close_dicts(rank_result["accumulate"], reference.state_dict(), **TOLERANCES[torch.float32])
+
+
+def test_comm_hook_sends_accumulator_sums_and_equals_one_rank(ranks):
+    # the hook all-reduces the accumulator's own (k × r) sums: same result as 1 rank, fewer bytes
+    reference = _model(dtype=torch.float32)
+    _accumulate(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), _batches(2, seed=4), 2)
+    from velora.optim import CompressedGradAccumulator
+
+    accumulator = CompressedGradAccumulator(reference, rank=4, accumulation_steps=2)
+    matrices = [(p, plan) for p, plan in zip(accumulator.params, accumulator.plans) if plan is not None]
+    accumulator.remove()
+    dense = 4 * sum(p.numel() for p in reference.parameters())
+    expected_wire = dense - 4 * sum(p.numel() - plan.kept_dim * plan.rank for p, plan in matrices)
+    for rank_result in ranks:
+        _assert_close_dicts(rank_result["accumulate_hook"]["params"], reference.state_dict(),
+                            **TOLERANCES[torch.float32])
+        assert rank_result["accumulate_hook"]["dense_bytes"] == 2 * dense  # 2 optimizer steps
+        assert rank_result["accumulate_hook"]["wire_bytes"] == 2 * expected_wire
 
 
 def _local_grads(model, ids) -> dict[str, torch.Tensor]:

@@ -247,6 +247,9 @@ class FloraCommState:
     projections (FLoRA's resampling; no projection outlives a step, so nothing else needs storing).
     ``wire_bytes``/``dense_bytes`` count what was all-reduced vs what plain DDP would send, summed over
     all steps, for the benchmark.
+
+    With ``accumulator`` (a ``CompressedGradAccumulator``), the matrices it compresses are sent as the
+    accumulator's own (k × r) sums instead (``accumulator_index``: ``id(parameter)`` -> its index there).
     """
 
     rank: int
@@ -257,6 +260,8 @@ class FloraCommState:
     orthogonal: bool = False
     wire_bytes: int = 0
     dense_bytes: int = 0
+    accumulator: Any = None
+    accumulator_index: dict[int, int] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"step": torch.tensor(self.step, dtype=torch.int64), "seed": torch.tensor(self.seed, dtype=torch.int64)}
@@ -271,6 +276,29 @@ def _projection_for(state: FloraCommState, param_index: int, plan, device, dtype
     seed = derive_seed(state.seed, param_index, state.step)
     return random_projection(seed, plan.projected_dim, plan.rank, device=device, dtype=dtype,
                              orthogonal=state.orthogonal)  # (r, projected_dim)
+
+
+def _accumulator_projection(state: FloraCommState, index: int, device) -> tuple[Any, torch.Tensor]:
+    """(plan, A) of the accumulation cycle that just ended for accumulator parameter ``index``."""
+    from velora.optim.projections import random_projection
+
+    accumulator = state.accumulator
+    if int(accumulator.counts[index]) != 0:
+        raise ValueError("flora_comm_hook(accumulator=...) saw DDP synchronise in the middle of an accumulation "
+                         "cycle; run every micro-batch but the last under ddp.no_sync() (velora.distributed."
+                         "sync_context) so gradients are all-reduced once per cycle")
+    plan = accumulator.plans[index]
+    cycle = int(accumulator.cycles[index]) - 1  # the accumulator's hook already closed the cycle
+    projection = random_projection(accumulator.seed_for(index, cycle), plan.projected_dim, plan.rank, device,
+                                   torch.float32, accumulator.orthogonal)  # (r, projected_dim)
+    return plan, projection
+
+
+def _recover_accumulated(grad: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The accumulator left .grad = C·A (oriented); get its (k × r) sum C back: C = (G Aᵀ)(A Aᵀ)⁻¹."""
+    oriented = (grad.t() if transposed else grad).float()  # (k, p)
+    gram = projection @ projection.t()  # (r, r), symmetric positive definite
+    return torch.linalg.solve(gram, (oriented @ projection.t()).t()).t()  # (k, r)
 
 
 def compress_gradient(grad: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -306,6 +334,13 @@ def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.fut
     pieces: list[torch.Tensor] = []
     layout: list[tuple[torch.Tensor, Any, torch.Tensor | None, int]] = []  # (grad view, plan, A, numel sent)
     for grad, param in zip(grads, params):
+        accumulated = state.accumulator_index.get(id(param))
+        if accumulated is not None:  # send the accumulator's (k × r) sum: no second projection
+            plan, projection = _accumulator_projection(state, accumulated, grad.device)
+            compressed = _recover_accumulated(grad, projection, plan.transposed)  # (k, r)
+            pieces.append(compressed.reshape(-1).to(grad.dtype))  # (k * r,)
+            layout.append((grad, plan, projection, compressed.numel()))
+            continue
         index = state.param_index.get(id(param))  # None: not a projectable matrix
         plan = compression_plan(grad.shape, state.rank) if index is not None else None
         if plan is None:
@@ -345,12 +380,18 @@ flora_comm_hook.__annotations__ = {"state": FloraCommState, "bucket": dist.GradB
 
 
 def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, process_group: Any = None,
-                             orthogonal: bool = False) -> FloraCommState:
+                             orthogonal: bool = False, accumulator: Any = None) -> FloraCommState:
     """Install ``flora_comm_hook`` on a ``DistributedDataParallel`` model; returns its state.
 
     ``rank`` is the projection rank r (matrices with both sides <= r are sent uncompressed). The
     compressed matrices are ``velora.optim.projectable_parameters(module)``. All ranks must pass the same
     ``seed``. Save ``state.state_dict()`` with your checkpoint to resume the projection sequence exactly.
+
+    ``accumulator``: a ``CompressedGradAccumulator`` over the same model, used with ``no_sync`` on all but
+    the last micro-batch. Its matrices are then sent as the accumulator's own (k × r) sums, recovered
+    exactly from the decompressed ``.grad`` (C = G·Aᵀ(AAᵀ)⁻¹), all-reduced, and decompressed with the
+    same A: the result is decompress(mean over ranks of C), i.e. exactly the single-process FLoRA
+    accumulation on the concatenated batch, with no second projection and its extra variance.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -365,6 +406,10 @@ def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, pro
     index = {id(p): i for i, p in enumerate(ddp_model.module.parameters()) if id(p) in compressible}
     state = FloraCommState(rank=rank, seed=seed, process_group=process_group, param_index=index,
                            orthogonal=orthogonal)
+    if accumulator is not None:
+        state.accumulator = accumulator
+        state.accumulator_index = {id(p): i for i, (p, plan) in enumerate(zip(accumulator.params, accumulator.plans))
+                                   if plan is not None}
     ddp_model.register_comm_hook(state, flora_comm_hook)
     return state
 

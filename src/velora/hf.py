@@ -111,8 +111,10 @@ class VeLoRATrainer(Trainer):
 
     ``comm_hook_rank=r`` (multi-process runs, e.g. ``torchrun``): all-reduce FLoRA-projected gradients of
     the attention/MLP matrices instead of full ones (``velora.distributed.flora_comm_hook``; seeds from
-    ``args.seed``). Its step counter is saved with each checkpoint. A single-process run with
-    ``comm_hook_rank`` raises at the first step (there is nothing to communicate; nothing is silently ignored).
+    ``args.seed``); with ``flora_accumulation`` the accumulated matrices are sent as the accumulator's own
+    (k × flora_rank) sums instead, which is exact (no second projection). Its step counter is saved
+    with each checkpoint. A single-process run with ``comm_hook_rank`` raises at the first step (there is
+    nothing to communicate; nothing is silently ignored).
     """
 
     def __init__(self, model: nn.Module | None = None, args=None, *, method: str = "velora",
@@ -178,7 +180,9 @@ class VeLoRATrainer(Trainer):
         if not isinstance(model, DistributedDataParallel):
             raise ValueError(f"comm_hook_rank={self.velora_comm_hook_rank} needs multi-process DDP training (e.g. "
                              f"torchrun --nproc_per_node 2), but the Trainer trains a {type(model).__name__}")
-        self.velora_comm_state = register_flora_comm_hook(model, rank=self.velora_comm_hook_rank, seed=self.args.seed)
+        # with compressed accumulation the hook sends the accumulator's own (k × r) sums (no second projection)
+        self.velora_comm_state = register_flora_comm_hook(model, rank=self.velora_comm_hook_rank, seed=self.args.seed,
+                                                          accumulator=self.velora_accumulator)
         if self._velora_comm_resume is not None:
             self.velora_comm_state.load_state_dict(self._velora_comm_resume)
 
