@@ -14,6 +14,7 @@ count + 1 equals seq; peak = the second step, as ``max_memory_allocated`` would 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 import warnings
@@ -170,6 +171,7 @@ def _check_shapes(config, batch: int, seq: int) -> Any:
             default = (config.image_size // config.patch_size) ** 2 + 1
             raise ValueError(f"seq={seq} is not a ViT token count (patches² + 1); use --seq {default} for "
                              f"image_size={config.image_size}, patch_size={config.patch_size}")
+        config = copy.deepcopy(config)  # the caller's config stays as it was
         config.image_size = side * config.patch_size
         return config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
