@@ -39,11 +39,13 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
     table = [[r["label"], act_mib(r), r["val_ppl"], f"{100 * (r['val_ppl'] / reference['val_ppl'] - 1):+.2f}%"]
              for r in rows]
     single_attn = [by_label[k] for k in ("q", "k", "v")]
-    frees_nothing = all(abs(act_mib(r) - act_mib(reference)) < 1e-3 for r in single_attn)
+    frees_nothing = all(act_mib(r) >= act_mib(reference) - 1e-3 for r in single_attn)
     best = min(rows, key=lambda r: r["val_ppl"])
     verdict = ((
-        "Memory: compressing q, k or v alone frees nothing here (they share one input, measured), where the paper "
-        "reports 1.67 → 1.42 GB for each — its estimate counts bytes per layer, not unique storage. "
+        f"Memory: compressing q, k or v alone frees nothing here (measured {act_mib(single_attn[0]):.2f} vs "
+        f"{act_mib(reference):.2f} MiB): they read one shared input, which the other two still keep, and the "
+        "compressed copy is stored on top. The paper reports 1.67 → 1.42 GB for each — its estimate counts bytes "
+        "per layer, not unique storage. "
         if frees_nothing else "Memory: single q/k/v compression changes the measured bytes (see table). ")
         + f"down alone saves {act_mib(reference) - act_mib(by_label['down']):.2f} MiB and q+k+v+down saves "
         f"{act_mib(reference) - act_mib(by_label['q+k+v+down']):.2f} MiB. Quality: best here is {best['label']} "
