@@ -60,7 +60,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax_codes: torch.Tensor, scales: tor
     """Inverse of ``quantize_nf4``: a fresh (O, D) tensor of ``dtype``.
 
     Real tensors go through 8 slices so the index temporaries stay small next to the (O, D) result
-    (≈1.6× the result in all); on fake tensors (the planner) only the result is allocated, exactly what
+    (≈1.3–1.5× the result in all); on fake tensors (the planner) only the result is allocated, exactly what
     bitsandbytes' fused CUDA kernel allocates."""
     from torch._subclasses.fake_tensor import is_fake
 
