@@ -214,15 +214,14 @@ def _peft_lora(use_dora: bool):
 
 
 def projected_linear_weights(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(2-D weights of the attention/MLP linears, everything else trainable) — the GaLore/FLoRA split.
-    Embeddings, the LM head and norms keep full optimizer state, as in the GaLore and FLoRA papers."""
-    projected, rest, seen = [], [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(k in name for k in ("attn", "attention", "mlp")):
-            if module.weight.requires_grad:
-                projected.append(module.weight)
-                seen.add(id(module.weight))
-    rest = [p for p in trainable_parameters(model) if id(p) not in seen]
+    """(matrices to project, everything else trainable) — the GaLore/FLoRA split: trainable weights of
+    nn.Linear and GPT-2 Conv1D layers; embeddings and the LM head keep full optimizer state, as in the
+    GaLore and FLoRA papers (velora.optim.projections.projectable_parameters)."""
+    from velora.optim.projections import projectable_parameters
+
+    projected = projectable_parameters(model)
+    chosen = {id(p) for p in projected}
+    rest = [p for p in trainable_parameters(model) if id(p) not in chosen]
     return projected, rest
 
 

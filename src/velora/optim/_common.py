@@ -42,7 +42,9 @@ def working_copy(param: torch.Tensor) -> torch.Tensor:
 
 
 def store_back(param: torch.Tensor, work: torch.Tensor) -> None:
-    if work.data_ptr() != param.data_ptr():
+    # working_copy made an fp32 copy only for 16-bit params; otherwise work aliases param (no data_ptr
+    # comparison: fake tensors have no real pointers)
+    if work.dtype != param.dtype:
         param.detach().copy_(work)  # rounds the fp32 result to the param dtype
 
 
