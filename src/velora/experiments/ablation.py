@@ -89,7 +89,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default velora-runs/bench/<experiment>)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning / training steps per variant")
     parser.add_argument("--base-steps", type=int, default=BASE_STEPS, help="pre-training steps of the base model")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see velora compare)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -112,7 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=SETTING["data"], help="corpus (default: the offline stdlib corpus)")
     parser.add_argument("--seed", type=int, default=SETTING["seed"])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    # one thread by default: at d=128 the matmuls are too small to gain from intra-op threads, and on a
+    # shared machine two spinning OpenMP threads ran 5-10x slower than one (measured)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--no-progress", action="store_true")
 
