@@ -107,7 +107,7 @@ def test_torch_compile_gives_the_eager_gradients():
     compiled = torch.compile(compiled_model, backend="inductor")
 
     # step 1 initialises v inside the compiled call (a data-dependent graph break); step 2 runs the traced graph
-    for step in range(2):
+    for _ in range(2):
         x, target = torch.randn(4, 8, 64), torch.randn(4, 8, 64)
         for module, run in ((eager, eager), (compiled_model, compiled)):
             module.zero_grad(set_to_none=True)
