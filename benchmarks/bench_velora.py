@@ -20,7 +20,10 @@ round-robin within each round (order reversed every other round) so machine nois
 and each ratio is the median of the per-round ratios against the variant's baseline.
 
     python benchmarks/bench_velora.py            # reference workload, writes benchmarks/results/velora.md
-    python benchmarks/bench_velora.py --quick    # tiny smoke run (seconds), nothing written
+    python benchmarks/bench_velora.py --quick    # tiny smoke run (seconds, 1 thread), nothing written
+
+--quick only checks that everything runs: at that size the per-call Python cost of autograd Functions dominates
+and its step ratios say nothing about the reference workload.
 """
 
 from __future__ import annotations
@@ -254,19 +257,21 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps; prints only")
     parser.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 15, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, quick 1)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default 2; quick 1: tiny ops on 2 busy cores measure only OpenMP waits)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help=f"markdown file to write (default {RESULTS}; none with --quick)")
     args = parser.parse_args()
     work = QUICK if args.quick else Workload()
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    threads = args.threads if args.threads is not None else (1 if args.quick else 2)
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds={rounds} must be >= 1 and warmup={warmup} >= 0")
 
     load_before = os.getloadavg()[0]
-    rows = run(work, warmup, rounds, args.threads, args.seed)
-    table = markdown(rows, work, warmup, rounds, args.threads, (load_before, os.getloadavg()[0]))
+    rows = run(work, warmup, rounds, threads, args.seed)
+    table = markdown(rows, work, warmup, rounds, threads, (load_before, os.getloadavg()[0]))
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out:
