@@ -11,7 +11,7 @@ import importlib
 
 from velora.config import VeLoRAConfig
 from velora.functional import velora_linear
-from velora.layers import apply_velora, is_velora_module, remove_velora, velora_modules
+from velora.layers import apply_velora, is_velora_module, load_peft_velora_state, remove_velora, velora_modules
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "velora_linear",
     "velora_modules",
     "is_velora_module",
+    "load_peft_velora_state",
     "__version__",
     *_LAZY,
 ]
