@@ -47,6 +47,7 @@ class MethodOptions:
     flora_rank: int | None = None
     flora_kappa: int = 1000
     flora_accumulation: bool = False
+    flora_orthogonal: bool = False  # compressed accumulation with orthonormal projection rows
     accumulation_steps: int = 1
     # GradNormLoRP
     gradnorm_rank: int = 8
