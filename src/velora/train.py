@@ -33,6 +33,18 @@ from torch import nn
 
 from velora.config import VeLoRAConfig
 from velora.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
+from velora.distributed import (
+    init_from_env,
+    is_distributed,
+    is_main_process,
+    main_process_first,
+    mean_across_ranks,
+    rank_batch_index,
+    shutdown,
+    sync_context,
+    world_size,
+    wrap_ddp,
+)
 from velora.registry import MethodOptions, build_optimizer, parse_method, prepare_model
 
 CHECKPOINT_VERSION = 1
@@ -467,6 +479,11 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     called once the model is prepared and restored (experiments use it to attach meters or hooks).
     """
     say = log or (lambda message: print(message, file=sys.stderr))
+    # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
+    # rank r trains on batches r, N + r, ... of the single-process order (velora.distributed)
+    device = init_from_env()
+    if not is_main_process():
+        say = lambda message: None  # noqa: E731
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("--resume needs --out DIR (the run folder to continue)")
@@ -489,8 +506,11 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
 
     # data and model, seeded: an uninterrupted and a resumed run build exactly the same objects
     torch.manual_seed(config.seed)
-    data = load_data(config, cache_dir)
+    with main_process_first():  # rank 0 builds the tokenizer and token caches, the others then read them
+        data = load_data(config, cache_dir)
     model = build_base_model(config, data.tokenizer.vocab_size)
+    if is_distributed():
+        model = model.to(device)
     if config.init_from:
         source = Path(config.init_from)
         source = latest_checkpoint(source) or source if (source / "checkpoints").exists() else source
@@ -527,16 +547,17 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         torch.set_rng_state(state["rng"])
         start_step = int(state["step"])
         say(f"resumed {out} at step {start_step}")
-    if out is not None:
+    if out is not None and is_main_process():
         data.tokenizer.save(out / "tokenizer.json")
     if on_model_ready is not None:
         on_model_ready(model)
+    ddp_model = wrap_ddp(model)  # the model itself in one process
 
-    run_log = RunLog(out, start_step, tensorboard) if out is not None else None
+    run_log = RunLog(out, start_step, tensorboard) if out is not None and is_main_process() else None
     rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     bar = _Progress(progress, config.steps, start_step, f"{config.method}")
-    tokens_per_step = config.batch_size * config.accumulation_steps * config.seq_len
+    tokens_per_step = config.batch_size * config.accumulation_steps * config.seq_len * world_size()
     step_times: list[float] = []
     val_history: list[dict[str, float]] = []
     status = "completed" if last_step == config.steps else "stopped"
@@ -549,12 +570,15 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
                 group["lr"] = group["initial_lr"] * factor
             step_loss = 0.0
             for micro in range(config.accumulation_steps):
-                batch = data.train.batch(step * config.accumulation_steps + micro, config.batch_size)  # (B, T)
-                loss = model(input_ids=batch, labels=batch).loss
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}")
-                (loss / config.accumulation_steps).backward()
+                index = rank_batch_index(step * config.accumulation_steps + micro)
+                batch = data.train.batch(index, config.batch_size)  # (B, T)
+                with sync_context(ddp_model, last_micro_batch=micro == config.accumulation_steps - 1):
+                    loss = ddp_model(input_ids=batch, labels=batch).loss
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}")
+                    (loss / config.accumulation_steps).backward()
                 step_loss += float(loss.detach()) / config.accumulation_steps
+            step_loss = mean_across_ranks(step_loss)  # logged: the mean over ranks
             grad_norm = _gradient_norm(trainable, config.grad_clip)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}")
@@ -575,7 +599,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
                 if run_log is not None:
                     run_log.scalar("val/ppl", perplexity(val_loss), done)
             if out is not None and config.save_every and done % config.save_every == 0 and done < last_step:
-                save_checkpoint(out, done, model, optimizer, accumulator)
+                if is_main_process():
+                    save_checkpoint(out, done, model, optimizer, accumulator)
             bar.update(done, f"loss {step_loss:.3f} ppl {row['ppl']:.1f} {row['tokens_per_s']:.0f} tok/s "
                              f"rss {_rss_mib():.0f} MiB")
     except TrainingDiverged as err:
@@ -587,7 +612,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         raise TrainingDiverged(f"training stopped: {err}; {where}. Lower --lr (now {config.lr}) or raise "
                                "--warmup-steps, then --resume or start over") from None
     bar.close()
-    if out is not None and last_step > start_step:
+    if out is not None and last_step > start_step and is_main_process():
         save_checkpoint(out, last_step, model, optimizer, accumulator)
 
     val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)
@@ -629,8 +654,11 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    if out is not None:
+    if out is not None and is_main_process():
         _write_text_atomic(out / "result.json", json.dumps(result, indent=2))
+    if is_distributed():
+        del ddp_model
+        shutdown()  # barrier, then leave the process group (see velora.distributed.shutdown)
     result["_model"] = model  # in-process callers (experiments) may inspect it; dropped from JSON output
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"status": "diverged", "error": str(err), "out": out}))
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # torchrun: rank 0 reports (train() has already left the process group)
     result = public_result(result)
     result["out"] = out
     if args.json:
