@@ -415,3 +415,32 @@ def test_group_shapes():
     g = group(x, 4)
     assert g.shape == (6, 2, 4)
     assert torch.equal(g[1, 1], torch.tensor([12.0, 13, 14, 15]))
+
+
+def test_gradnorm_lorp_layer_composes_with_velora():
+    """VeLoRA on a GradNormLoRP layer: grad_W of the composed weight flows on to m, I and J; exact when the
+    input's sub-tokens lie on span(v), and the layer keeps z instead of x."""
+    from velora.gradnorm_lorp import GradNormLoRPConfig, apply_gradnorm_lorp
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 48))
+        apply_gradnorm_lorp(model, GradNormLoRPConfig(rank=4, alpha=8, target_modules=["0"]))
+        with torch.no_grad():
+            model[0].lora_I.normal_()  # move away from the init, where I = 0 hides the J gradient
+        return model.double()
+
+    plain, model = build(), build()
+    V = orthonormalise(torch.randn(8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    velora.apply_velora(model, velora.VeLoRAConfig(sub_token_size=8, init=V[:, 0], target_modules="0"))
+    assert type(model[0]).__name__ == "VeLoRAGradNormLoRPLinear"
+    x = on_span_input(20, 32, V, torch.Generator().manual_seed(6))
+    out, ref = model(x), plain(x)
+    assert torch.equal(out, ref)
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    for name in ("magnitude", "lora_I", "lora_J"):
+        torch.testing.assert_close(getattr(model[0], name).grad, getattr(plain[0], name).grad, rtol=1e-10, atol=1e-10)
+    keep = saved_bytes(lambda: model(x).sum(), model)
+    full = saved_bytes(lambda: plain(x).sum(), plain)
+    assert full - keep == 20 * 32 * 8 - 20 * 4 * 8  # x (fp64) swapped for z

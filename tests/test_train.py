@@ -65,8 +65,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_factor(100, config) == pytest.approx(0.1)
 
 
-# combinations the model surgery does not support yet: they must fail up front with a one-line error
-UNSUPPORTED = {"gradnormlorp+velora", "gradnormlorp+velora+ckpt"}
+# combinations the model surgery does not support: they must fail up front with a one-line error
+UNSUPPORTED: set[str] = set()
 
 
 def test_registry_covers_every_method(text_file):

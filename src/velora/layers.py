@@ -142,21 +142,49 @@ class _Conv1DWeight:
         return self.weight.t()  # Conv1D stores (D, O); the function wants (O, D)
 
 
+class _GradNormLoRPWeight:
+    """GradNormLoRP layer: W = m ⊙ (W0 + s·IJ)/‖W0 + s·IJ‖_c is built every forward; W0 is frozen, so
+    VeLoRA is active when m, I or J train, and grad_W flows on to them through autograd."""
+
+    def _velora_weight(self) -> torch.Tensor:
+        return self.merged_weight()  # (O, D)
+
+    def _velora_in_features(self) -> int:
+        return self.in_features
+
+    def _velora_active(self, x: torch.Tensor) -> bool:
+        trains = self.magnitude.requires_grad or self.lora_I.requires_grad or self.lora_J.requires_grad
+        return self.training and torch.is_grad_enabled() and trains
+
+
+def _gradnorm_class():
+    from velora.gradnorm_lorp import GradNormLoRPLinear  # lazy: gradnorm_lorp is an optional part
+
+    return GradNormLoRPLinear
+
+
 _WRAPPED_CLASSES: dict[type, type] = {}
 
 
 def __getattr__(name: str):
-    # lets pickle find the Conv1D wrapper, which is built only when transformers is importable
+    # lets pickle find the wrappers that are built on first use
     if name == "VeLoRAConv1D":
         conv1d = _conv1d_class()
         if conv1d is not None:
             return _wrapper_class_for(conv1d)
+    if name == "VeLoRAGradNormLoRPLinear":
+        return _wrapper_class_for(_gradnorm_class())
     raise AttributeError(f"module 'velora.layers' has no attribute {name!r}")
 
 
 def _wrapper_class_for(cls: type) -> type | None:
     if cls is nn.Linear:
         return VeLoRALinear
+    if cls.__name__ == "GradNormLoRPLinear" and cls is _gradnorm_class():
+        if cls not in _WRAPPED_CLASSES:
+            _WRAPPED_CLASSES[cls] = type("VeLoRAGradNormLoRPLinear", (_GradNormLoRPWeight, VeLoRAMixin, cls),
+                                         {"__module__": __name__})
+        return _WRAPPED_CLASSES[cls]
     conv1d = _conv1d_class()
     if conv1d is not None and cls is conv1d:
         if conv1d not in _WRAPPED_CLASSES:
@@ -213,8 +241,8 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
         raise ValueError(f"{name!r} already has VeLoRA with a different config; call remove_velora(model) first")
     wrapper = _wrapper_class_for(type(module))
     if wrapper is None:
-        raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear, transformers Conv1D "
-                         "or peft LoRA layer; narrow target_modules to its linear children")
+        raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear, transformers Conv1D, "
+                         "GradNormLoRP or peft LoRA layer; narrow target_modules to its linear children")
     base_class = type(module)
     module.__class__ = wrapper
     in_features = module._velora_in_features()
