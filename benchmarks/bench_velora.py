@@ -15,7 +15,7 @@ Variants
 - peft LoRA + VeLoRA        the same peft LoRA with velora-torch on every lora_A, M=32, init batch_average_once
 
 Saved-activation bytes: unique storages handed to autograd during one forward, parameters and buffers
-excluded (saved_tensors_hooks). Step time: zero_grad + forward + backward + AdamW step; the variants run
+excluded (velora.memory.SavedActivationMeter). Step time: zero_grad + forward + backward + AdamW step; the variants run
 round-robin within each round (order reversed every other round) so machine noise hits all of them alike,
 and each ratio is the median of the per-round ratios against the variant's baseline.
 
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora
+from velora.memory import SavedActivationMeter
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "velora.md")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -147,26 +148,12 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
 
 
 def saved_activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
-    """Unique bytes autograd keeps for backward after one forward (parameters and buffers excluded).
-
-    Buffers are looked up after the forward: VeLoRA creates its v during the first one.
-    """
-    storages: dict[int, int] = {}
-    keep_alive: list[torch.Tensor] = []  # data_ptr keys stay valid only while the tensors live
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        keep_alive.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    """Unique bytes one forward keeps for backward, by the library's meter (parameters and buffers excluded)."""
+    with SavedActivationMeter(model) as meter:
         loss = model(input_ids=batch, labels=batch).loss
-    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    total = sum(nbytes for pointer, nbytes in storages.items() if pointer not in excluded)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return total
+    return meter.total_bytes
 
 
 def make_step(model: nn.Module, batch: torch.Tensor) -> Callable[[], float]:

@@ -13,12 +13,6 @@ from velora.memory import SavedActivationMeter
 FP32 = 4
 
 
-@pytest.fixture(autouse=True)
-def _modest_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_layer_mlp_saves_exactly_input_and_relu_output():

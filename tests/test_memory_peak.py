@@ -11,12 +11,6 @@ from velora.memory import CATEGORIES, StorageTracker, measure_step_peak
 FP32 = 4
 
 
-@pytest.fixture(autouse=True)
-def _modest_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _linear_sgd_step(batch: int, d_in: int, d_out: int):

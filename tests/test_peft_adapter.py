@@ -12,6 +12,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from saved_bytes import saved_activation_bytes  # noqa: E402
 
 from velora import VeLoRAConfig, apply_velora, remove_velora, velora_modules  # noqa: E402
 from velora.layers import load_peft_velora_state  # noqa: E402
@@ -35,32 +36,6 @@ def corpus_batch(batch: int, seq: int, offset: int = 0) -> torch.Tensor:
     start = offset * batch * seq
     ids = torch.frombuffer(bytearray(data[start : start + batch * seq]), dtype=torch.uint8)
     return ids.long().view(batch, seq)
-
-
-def saved_activation_bytes(model: nn.Module, run) -> int:
-    """Unique bytes autograd keeps for backward while ``run()`` builds the graph.
-
-    Deduplicated by untyped-storage pointer (several views of one tensor count once); parameters and buffers
-    excluded by storage pointer (a Linear's weight reaches the hook as a plain ``.t()`` view), looked up after
-    the forward because VeLoRA creates its v buffers during the first one. The saved tensors are kept alive
-    until counting ends, so no pointer is reused by a later allocation.
-    """
-    storages: dict[int, int] = {}
-    keep_alive: list[torch.Tensor] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        keep_alive.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = run()
-    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    total = sum(nbytes for pointer, nbytes in storages.items() if pointer not in excluded)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return total
 
 
 def lora_model(use_dora: bool = False, seed: int = 0, velora_config=None, **lora_kwargs) -> nn.Module:

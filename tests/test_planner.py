@@ -20,12 +20,6 @@ from velora.models import build_config
 BATCH, SEQ = 2, 32
 
 
-@pytest.fixture(autouse=True)
-def _modest_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _real(model: str, method: str, optimizer: str = "adamw", **options):

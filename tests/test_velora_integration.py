@@ -7,33 +7,13 @@ import copy
 
 import pytest
 import torch
+from saved_bytes import saved_activation_bytes
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
 from velora.subtoken import compress, reconstruct
 
 torch.set_num_threads(1)
-
-
-def saved_activation_bytes(model: nn.Module, run) -> int:
-    """Unique bytes autograd keeps for backward while ``run()`` builds the graph (parameters and buffers excluded
-    by storage pointer, looked up after the forward because VeLoRA creates v during the first one)."""
-    storages: dict[int, int] = {}
-    keep_alive: list[torch.Tensor] = []  # data_ptr keys stay valid only while the tensors live
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        keep_alive.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = run()
-    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    total = sum(nbytes for pointer, nbytes in storages.items() if pointer not in excluded)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return total
 
 
 class MLP(nn.Module):
