@@ -21,14 +21,6 @@ from velora.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other test files share the cores; also makes runs reproducible
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     """~45 KB of real text: a few standard-library modules concatenated."""
