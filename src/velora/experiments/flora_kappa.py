@@ -1,7 +1,8 @@
 """`velora bench flora-kappa` — FLoRA Tab. 3: how often the momentum projection is resampled.
 
-Pre-training llama-small from scratch (the `velora compare` setting) with FLoRA's compressed momentum
-(AdamW base, r = 32 = d/4) resampling its projection every kappa steps, against uncompressed AdamW.
+Pre-training llama-small from scratch (the 8 x 128 setting the `velora compare` lrs were tuned on) with
+FLoRA's compressed momentum (AdamW base, r = 32 = d/4) resampling its projection every kappa steps,
+against uncompressed AdamW.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, mib
-from velora.experiments.compare import SETTING, TUNED_LR
+from velora.experiments.compare import TUNING_LR, TUNING_SETTING
 
 KAPPAS = (10, 50, 1000)
 RANK = 32
@@ -25,12 +26,12 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
     from velora.train import TrainConfig
 
     steps = args.steps or 150
-    setting = {**SETTING, "steps": steps, "warmup_steps": max(1, steps // 10)}
-    variants = [Variant("AdamW (uncompressed)", TrainConfig(method="full", lr=TUNED_LR["full"], **setting),
+    setting = {**TUNING_SETTING, "steps": steps, "warmup_steps": max(1, steps // 10)}
+    variants = [Variant("AdamW (uncompressed)", TrainConfig(method="full", lr=TUNING_LR["full"], **setting),
                         {"kappa": "–"})]
     for kappa in KAPPAS:
         label = f"FLoRA kappa={kappa}" + (" (never resampled)" if kappa >= steps else "")
-        variants.append(Variant(label, TrainConfig(method="flora", lr=TUNED_LR["flora"],
+        variants.append(Variant(label, TrainConfig(method="flora", lr=TUNING_LR["flora"],
                                                    options={"flora_rank": RANK, "flora_kappa": kappa}, **setting),
                                 {"kappa": kappa}))
     rows = ablation.run_variants(variants, out, not args.no_progress, say)
