@@ -4,30 +4,10 @@ minutes): the files they promise exist and the JSON has the documented schema.""
 from __future__ import annotations
 
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
-import torch
 
 from velora.experiments import ablation
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join((root / name).read_text() for name in ("textwrap.py", "bisect.py", "colorsys.py",
-                                                                     "fnmatch.py", "keyword.py")))
-    return path
 
 
 def test_compare_writes_table_json_and_png(tmp_path, text_file, capsys, monkeypatch):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from velora.train import (
     lr_factor,
     train,
 )
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """~45 KB of real text: a few standard-library modules concatenated."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join((root / name).read_text() for name in ("textwrap.py", "bisect.py", "colorsys.py",
-                                                                     "fnmatch.py", "keyword.py")))
-    return path
 
 
 def tiny(text_file: Path, **changes) -> TrainConfig:
