@@ -67,6 +67,8 @@ def factored_weight_grad(
     _, groups, rank = z.shape
     sub_token_size = directions.shape[0]
     gz = grad_out.t().mm(_as(z, grad_out.dtype).reshape(tokens, groups * rank))  # (O, G*r), M× smaller than Gᵀ x̂
+    if scale != 1.0:
+        gz = gz * scale  # on (O, G*r), not on the M× larger (O, D) result
     v = _as(directions, grad_out.dtype)
     if rank == 1:
         grad_w = gz.unsqueeze(-1) * v.view(sub_token_size)  # (O, G, 1) * (M,) -> (O, G, M)
@@ -75,8 +77,6 @@ def factored_weight_grad(
     grad_w = grad_w.view(out_features, groups * sub_token_size)  # (O, G*M)
     if grad_w.shape[1] != in_features:
         grad_w = grad_w[:, :in_features]  # drop the zero-padded tail
-    if scale != 1.0:
-        grad_w = grad_w * scale
     return grad_w
 
 
