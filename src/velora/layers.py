@@ -72,28 +72,22 @@ class VeLoRAMixin:
 
     @torch.no_grad()
     def _velora_initialise(self, x: torch.Tensor) -> None:
-        cfg = self.velora_config
-        size = self.velora_sub_token_size
-        x = x.detach()
-        if isinstance(cfg.init, torch.Tensor):
-            directions = orthonormalise(cfg.init.to(device=x.device))
-        elif cfg.init in ("batch_average_once", "ema"):
-            mean = _all_reduce_mean(mean_sub_token(x, size), cfg.sync_across_ranks)  # (M,)
-            if not torch.isfinite(mean).all():
-                raise ValueError(f"VeLoRA init of {self._velora_name!r}: the first training batch holds NaN/Inf; "
-                                 "fix the inputs before training")
-            directions = initial_directions(x, size, cfg.rank, "batch_average_once", seed=cfg.seed,
-                                            max_samples=cfg.svd_max_samples, mean=mean)
-            directions = _broadcast(directions, cfg.sync_across_ranks)  # rank>1 residual SVD is per-rank
-            if cfg.init == "ema":
-                self.velora_running_mean = mean.to(self.velora_running_mean)
-        else:
-            if not torch.isfinite(x).all() and cfg.init == "svd":
-                raise ValueError(f"VeLoRA init of {self._velora_name!r}: the first training batch holds NaN/Inf; "
-                                 "fix the inputs before training")
-            directions = initial_directions(x, size, cfg.rank, cfg.init, seed=cfg.seed,
-                                            max_samples=cfg.svd_max_samples)
-            directions = _broadcast(directions, cfg.sync_across_ranks)
+        cfg, size, x = self.velora_config, self.velora_sub_token_size, x.detach()
+        sync = cfg.sync_across_ranks
+        try:
+            directions = _fixed_directions(cfg, size, x.device, self._velora_name)
+            if directions is None and cfg.init == "svd":
+                directions = _broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
+                                        sync)
+            elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
+                mean = _all_reduce_mean(mean_sub_token(x, size), sync)  # (M,)
+                directions = initial_directions(x, size, cfg.rank, "batch_average_once",
+                                                max_samples=cfg.svd_max_samples, mean=mean)
+                directions = _broadcast(directions, sync)  # rank>1 residual SVD is per-rank
+                if cfg.init == "ema":
+                    self.velora_running_mean = mean.to(self.velora_running_mean)
+        except ValueError as err:  # e.g. NaN/Inf in the first batch: say which layer
+            raise ValueError(f"VeLoRA init of {self._velora_name!r}: {err}") from None
         self._velora_set_directions(directions)
 
     @torch.no_grad()
@@ -245,13 +239,12 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
                          "GradNormLoRP or peft LoRA layer; narrow target_modules to its linear children")
     base_class = type(module)
     module.__class__ = wrapper
-    in_features = module._velora_in_features()
     try:
-        size = config.sub_token_size_for(in_features, name)
+        size = config.sub_token_size_for(module._velora_in_features(), name)
+        fixed = _fixed_directions(config, size, module.weight.device, name)
     except ValueError:
-        module.__class__ = base_class
+        module.__class__ = base_class  # a failed apply leaves the layer as it was
         raise
-    groups_dim = size
     weight = module.weight
     dtype = compute_dtype(weight.dtype) if weight.is_floating_point() else torch.float32
     module.velora_config = config
@@ -259,25 +252,26 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     module._velora_base_class = base_class
     module._velora_name = name
     module._velora_ready = False
-    module.register_buffer("velora_v", torch.zeros(groups_dim, config.rank, device=weight.device, dtype=dtype))
+    module.register_buffer("velora_v", torch.zeros(size, config.rank, device=weight.device, dtype=dtype))
     module.register_buffer("velora_initialised", torch.zeros((), dtype=torch.bool, device=weight.device))
     if config.init == "ema":
-        module.register_buffer("velora_running_mean", torch.zeros(groups_dim, device=weight.device, dtype=dtype))
-    if config.init == "random" or isinstance(config.init, torch.Tensor):
-        # data-independent: set now so the directions exist before the first batch
-        if isinstance(config.init, torch.Tensor):
-            if config.init.shape[0] != size or (config.init.dim() == 2 and config.init.shape[1] != config.rank):
-                module.__class__ = base_class
-                for key in ("velora_v", "velora_initialised"):
-                    delattr(module, key)
-                raise ValueError(f"init tensor of shape {tuple(config.init.shape)} does not fit {name!r} "
-                                 f"(expects ({size},) or ({size}, {config.rank}))")
-            directions = orthonormalise(config.init.to(device=weight.device))
-        else:
-            directions = initial_directions(torch.zeros(1, size, device=weight.device), size, config.rank,
-                                            "random", seed=config.seed)
-        module._velora_set_directions(directions)
+        module.register_buffer("velora_running_mean", torch.zeros(size, device=weight.device, dtype=dtype))
+    if fixed is not None:  # data-independent: set now so the directions exist before the first batch
+        module._velora_set_directions(fixed)
     return True
+
+
+def _fixed_directions(config: VeLoRAConfig, size: int, device, name: str) -> torch.Tensor | None:
+    """Directions that need no data (a user tensor, or the seeded ``random`` init); None otherwise."""
+    if isinstance(config.init, torch.Tensor):
+        init = config.init
+        if init.shape[0] != size or (init.dim() == 2 and init.shape[1] != config.rank):
+            raise ValueError(f"init tensor of shape {tuple(init.shape)} does not fit {name!r} "
+                             f"(expects ({size},) or ({size}, {config.rank}))")
+        return orthonormalise(init.to(device=device))
+    if config.init == "random":
+        return initial_directions(torch.zeros(1, size, device=device), size, config.rank, "random", seed=config.seed)
+    return None
 
 
 def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn=None) -> nn.Module:
