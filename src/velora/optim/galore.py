@@ -131,18 +131,10 @@ class GaLoreAdamW(TensorStateOptimizer):
         grad, work = working_grad(param), working_copy(param)
         state["step"] += 1
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg"), read_moment(state, "exp_avg_sq")
-        # torch.optim.AdamW, single-tensor path, same operation order
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        work.mul_(1 - lr * group["weight_decay"])
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = state["step"].item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-        work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-        write_moment(state, "exp_avg", exp_avg, signed=True)
-        write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
+        work.mul_(1 - group["lr"] * group["weight_decay"])
+        denom, bias_correction1 = _adam_moments(exp_avg, exp_avg_sq, grad, state["step"].item(), group)
+        work.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
+        _write_moments(state, exp_avg, exp_avg_sq)
         store_back(param, work)
 
     def _projected_step(self, param: torch.Tensor, group: dict) -> None:
@@ -173,17 +165,27 @@ class GaLoreAdamW(TensorStateOptimizer):
         projector = state["projector"]
         low_grad = projector.T @ grad if side == "left" else grad @ projector  # (r, m) or (n, r)
         state["step"] += 1
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        work.mul_(1 - lr * group["weight_decay"])
-        exp_avg.lerp_(low_grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low_grad, low_grad, value=1 - beta2)
-        step = state["step"].item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        work.mul_(1 - group["lr"] * group["weight_decay"])
+        denom, bias_correction1 = _adam_moments(exp_avg, exp_avg_sq, low_grad, state["step"].item(), group)
         low_update = exp_avg / denom  # (r, m) or (n, r)
         update = projector @ low_update if side == "left" else low_update @ projector.T  # (n, m)
-        work.add_(update, alpha=-lr * group["scale"] / bias_correction1)
-        write_moment(state, "exp_avg", exp_avg, signed=True)
-        write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
+        work.add_(update, alpha=-group["lr"] * group["scale"] / bias_correction1)
+        _write_moments(state, exp_avg, exp_avg_sq)
         store_back(param, work)
+
+
+def _adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: float,
+                  group: dict) -> tuple[torch.Tensor, float]:
+    """Adam's moment update in place, in torch.optim.AdamW's single-tensor operation order (so the
+    unprojected path is bitwise AdamW). Returns (denominator, bias correction of the first moment)."""
+    beta1, beta2 = group["betas"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+    return denom, 1 - beta1**step
+
+
+def _write_moments(state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    write_moment(state, "exp_avg", exp_avg, signed=True)
+    write_moment(state, "exp_avg_sq", exp_avg_sq, signed=False)
