@@ -12,7 +12,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from saved_bytes import saved_activation_bytes  # noqa: E402
+from references import capture_io, saved_activation_bytes  # noqa: E402
 
 from velora import VeLoRAConfig, apply_velora, remove_velora, velora_modules  # noqa: E402
 from velora.layers import load_peft_velora_state  # noqa: E402
@@ -72,15 +72,7 @@ def test_adapter_mode_wraps_lora_a_only_and_gives_exact_factored_grads(use_dora)
             assert not module.base_layer.weight.requires_grad
 
     # reference: grad_A = Gᵀ x̂ with x̂ the reconstruction of the captured lora_A input
-    inputs, grads = {}, {}
-
-    def capture(name):
-        def hook(module, args, output):
-            inputs[name] = args[0].detach()
-            output.register_hook(lambda grad: grads.__setitem__(name, grad.detach()))
-        return hook
-
-    handles = [m.register_forward_hook(capture(n)) for n, m in wrapped.items()]
+    inputs, grads, handles = capture_io(wrapped)
     ids = corpus_batch(2, 32)
     lm_loss(model, ids).backward()
     for handle in handles:

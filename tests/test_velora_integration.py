@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from saved_bytes import saved_activation_bytes
+from references import capture_io, saved_activation_bytes
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
@@ -31,20 +31,6 @@ class MLP(nn.Module):
 def mlp(seed: int = 0) -> MLP:
     torch.manual_seed(seed)
     return MLP()
-
-
-def capture_io(modules: dict[str, nn.Module]):
-    """Forward hooks recording each module's input and the gradient of its output."""
-    inputs, grads = {}, {}
-
-    def hook_for(name):
-        def hook(module, args, output):
-            inputs[name] = args[0].detach()
-            output.register_hook(lambda grad: grads.__setitem__(name, grad.detach()))
-        return hook
-
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
-    return inputs, grads, handles
 
 
 # ---- autocast ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""An independent reference counter of saved-for-backward bytes (the library's meter is tested against
-analytic counts in test_memory_meter.py; the op tests use this small counter so they do not depend on it)."""
+"""Small independent references for the op tests: a saved-for-backward byte counter (the library's meter is
+tested against analytic counts in test_memory_meter.py, so the op tests do not depend on it) and a hook that
+captures each module's input and output gradient."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def saved_activation_bytes(model: nn.Module, run) -> int:
     loss.backward()
     model.zero_grad(set_to_none=True)
     return total
+
+
+def capture_io(modules: dict[str, nn.Module]):
+    """Forward hooks recording each module's input and the gradient of its output.
+    Returns (inputs, grads, handles); remove the handles when done."""
+    inputs, grads = {}, {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+            output.register_hook(lambda grad: grads.__setitem__(name, grad.detach()))
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    return inputs, grads, handles
