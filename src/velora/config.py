@@ -57,6 +57,7 @@ class VeLoRAConfig:
     pad: bool = False
     mode: str = "auto"
     sync_across_ranks: bool = True
+    fuse_lora: bool = True
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,9 @@ class VeLoRAConfig:
             raise ValueError(f"svd_max_samples={self.svd_max_samples} must be >= rank={self.rank}")
         if not math.isfinite(float(self.scale)) or float(self.scale) == 0.0:
             raise ValueError(f"scale={self.scale} must be a finite non-zero number")
+        for name in ("pad", "sync_across_ranks", "fuse_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {MODES}")
         if self.version != CONFIG_VERSION:

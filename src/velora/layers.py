@@ -19,6 +19,7 @@ from torch import nn
 
 from velora.config import VeLoRAConfig
 from velora.functional import VeLoRALinearFunction
+from velora.lora_fused import fuse, unfuse
 from velora.subtoken import compute_dtype, initial_directions, mean_sub_token, orthonormalise
 
 
@@ -48,10 +49,7 @@ class VeLoRAMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._velora_active(x):
             return super().forward(x)  # eval / no_grad / frozen weight: the plain layer, no overhead
-        if not self._velora_ready:
-            self._velora_initialise(x)
-        elif self.velora_config.init == "ema":
-            self._velora_ema_update(x)
+        self._velora_prepare(x)
         weight, bias = self._velora_weight(), self.bias
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
@@ -62,6 +60,13 @@ class VeLoRAMixin:
             with torch.autocast(device_type, enabled=False):
                 return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
         return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
+
+    def _velora_prepare(self, x: torch.Tensor) -> None:
+        """Before a training forward: build v from the first batch, or take one EMA step."""
+        if not self._velora_ready:
+            self._velora_initialise(x)
+        elif self.velora_config.init == "ema":
+            self._velora_ema_update(x)
 
     # ---- v -------------------------------------------------------------------------------------
     def _velora_set_directions(self, directions: torch.Tensor) -> None:
@@ -119,6 +124,8 @@ def _is_identity(x: torch.Tensor) -> bool:
 
 
 class VeLoRALinear(VeLoRAMixin, nn.Linear):
+    _velora_fusable = True  # as a peft lora_A, its parent may run the fused LoRA path (velora.lora_fused)
+
     def _velora_weight(self) -> torch.Tensor:
         return self.weight  # (O, D)
 
@@ -285,6 +292,7 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
         raise ValueError(f"config must be a VeLoRAConfig, got {type(config).__name__}")
     candidates = list(model.named_modules())
     matched: list[tuple[str, nn.Module]] = []
+    lora_layers: list[nn.Module] = []
     for name, module in candidates:
         if not name or not config.matches(name):
             continue
@@ -295,6 +303,7 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
                 raise ValueError(f"{name!r} is a peft LoRA layer but mode='full'; use mode='adapter' (or 'auto') "
                                  "to compress the input of its lora_A")
             matched.extend(_lora_a_targets(name, module))
+            lora_layers.append(module)
         elif config.mode == "adapter" and not is_velora_module(module):
             continue  # adapter mode only touches LoRA layers; plain matches are left alone on purpose
         else:
@@ -305,6 +314,9 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
                          f"(mode={config.mode!r}); linear layers here include {linear_names}")
     for name, module in matched:
         _wrap(module, name, config)
+    if config.fuse_lora:
+        for layer in lora_layers:
+            fuse(layer)  # peft's forward still runs whenever the fused path does not apply
     _mark_dora_probes(model)
     return model
 
@@ -340,6 +352,8 @@ def _mark_dora_probes(model: nn.Module) -> None:
 
 def remove_velora(model: nn.Module) -> nn.Module:
     """Undo ``apply_velora``: original classes, original state_dict keys. Returns ``model``."""
+    for module in model.modules():
+        unfuse(module)
     for module in velora_modules(model).values():
         for key in ("velora_v", "velora_initialised", "velora_running_mean"):
             if key in module._buffers:

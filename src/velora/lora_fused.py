@@ -1,0 +1,183 @@
+"""One autograd node for a peft LoRA layer whose ``lora_A`` carries VeLoRA (adapter mode).
+
+peft computes ``base(x) + lora_B(lora_A(dropout(x))) · s`` as separate nodes: the frozen base linear,
+lora_A, lora_B, a scale and an add, and autograd sums the two input gradients. Each of the last three
+is a full pass over a (T, O) or (T, D) tensor. Fused, the training forward is
+
+    h   = x Aᵀ                          (T, r)   kept for grad_B
+    out = x Wᵀ + b + s · h Bᵀ           (T, O)   one addmm on top of the base matmul
+    z   = group(x) · V                  (T, D/M, k)   kept for grad_A, instead of x
+
+and the backward, with G = ∂L/∂out (T, O):
+
+    gh     = s · G B                    (T, r)
+    grad_B = s · Gᵀ h                   (O, r)
+    grad_A = (ghᵀ z) ⊗ V                (r, D)   factored, x̂ never formed (DESIGN.md §2)
+    grad_x = G W + gh A                 (T, D)   one addmm on top of the base matmul
+    grad_b = ΣG                         (O,)     only if the base bias trains
+
+It saves exactly what the unfused path saves (z and h; parameters and v are not activations) and gives
+the same numbers up to float rounding. The fused class takes this path only when it is the plain case
+— training with grad enabled, one active unmerged adapter, vanilla LoRA (no DoRA or other variant),
+no dropout, no lora_B bias, a frozen ``nn.Linear`` base, one dtype for x and all weights, autocast
+off, no user hooks on the parts it skips — and otherwise runs peft's own forward unchanged.
+``VeLoRAConfig(fuse_lora=False)`` turns the fused class off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from velora.subtoken import compress, factored_weight_grad
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+class LoRAVeLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale):
+        # x: (..., D); weight: (O, D) frozen; bias: (O,) or None; lora_a: (r, D); lora_b: (O, r); directions: (M, k)
+        tokens = x.reshape(-1, x.shape[-1])  # (T, D)
+        hidden = tokens.mm(lora_a.t())  # (T, r)
+        out = F.linear(tokens, weight, bias)  # (T, O)
+        out.addmm_(hidden, lora_b.t(), alpha=scaling)  # (T, O) += s · (T, r) @ (r, O)
+        needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        z = compress(tokens, directions) if needs_a else None  # (T, G, k)
+        ctx.save_for_backward(z, hidden if needs_b else None, weight if needs_x else None,
+                              lora_a if needs_x else None, lora_b if (needs_x or needs_a) else None,
+                              directions if needs_a else None)
+        ctx.x_shape, ctx.scaling, ctx.velora_scale = x.shape, float(scaling), float(velora_scale)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., O)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
+        needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
+        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
+        grad_x = grad_bias = grad_a = grad_b = None
+        grad_hidden = grad.mm(lora_b).mul_(ctx.scaling) if (needs_x or needs_a) else None  # (T, r)
+        if needs_b:
+            grad_b = grad.t().mm(hidden).mul_(ctx.scaling)  # (O, r)
+        if needs_a:
+            grad_a = factored_weight_grad(grad_hidden, z, directions, ctx.x_shape[-1], ctx.velora_scale)  # (r, D)
+        if needs_x:
+            grad_x = grad.mm(weight).addmm_(grad_hidden, lora_a).view(ctx.x_shape)  # (..., D)
+        if ctx.has_bias and needs_bias:
+            grad_bias = grad.sum(0)  # (O,)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _observer(hook) -> bool:
+    """Hooks that only watch (the library's memory meter) may be skipped without changing anything."""
+    return getattr(getattr(hook, "__func__", hook), "_velora_observer", False)
+
+
+def _hooked(module: nn.Module) -> bool:
+    if "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None:  # e.g. accelerate offload
+        return True
+    hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+    return not all(_observer(hook) for hook in hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    hooks = list(module_mod._global_forward_hooks.values()) + list(module_mod._global_forward_pre_hooks.values())
+    return not all(_observer(hook) for hook in hooks)
+
+
+class FusedLoRAMixin:
+    """Forward for a peft ``lora.Linear`` that fuses the plain training case (see the module docstring)."""
+
+    _velora_fused_base_class: type
+
+    def _velora_fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The adapter the fused path runs, or None when peft's own forward must run."""
+        if args or kwargs or not (self.training and torch.is_grad_enabled()):
+            return None
+        if self.disable_adapters or self.merged:
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1:
+            return None
+        adapter = active[0]
+        if adapter in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(adapter, False):
+            return None
+        lora_a, lora_b, base = self.lora_A[adapter], self.lora_B[adapter], self.base_layer
+        dropout = self.lora_dropout[adapter]
+        if not (getattr(lora_a, "_velora_fusable", False) and lora_a.velora_config.fuse_lora
+                and lora_a._velora_active(x)):
+            return None
+        if type(lora_b) is not nn.Linear or lora_b.bias is not None or lora_a.bias is not None:
+            return None
+        if type(base) is not nn.Linear or base.weight.requires_grad:
+            return None
+        if not (isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and dropout.p == 0)):
+            return None
+        dtype = x.dtype
+        if not x.is_floating_point() or any(t.dtype != dtype for t in (base.weight, lora_a.weight, lora_b.weight)):
+            return None
+        if base.bias is not None and base.bias.dtype != dtype:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        if any(_hooked(m) for m in (base, lora_a, lora_b, dropout)) or _global_hooks():
+            return None
+        return adapter
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = self._velora_fused_adapter(x, args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        lora_a, base = self.lora_A[adapter], self.base_layer
+        lora_a._velora_prepare(x)  # first-batch init / EMA step, exactly as the unfused lora_A would
+        return LoRAVeLoRAFunction.apply(x, base.weight, base.bias, lora_a.weight, self.lora_B[adapter].weight,
+                                        lora_a.velora_v, self.scaling[adapter], lora_a.velora_config.scale)
+
+
+def _peft_linear_class() -> type | None:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # peft not installed: no LoRA layers to fuse
+        return None
+    return Linear
+
+
+def fused_class_for(cls: type) -> type | None:
+    """The fused subclass of peft's ``lora.Linear`` (exactly that class, not its quantised relatives)."""
+    peft_linear = _peft_linear_class()
+    if peft_linear is None or cls is not peft_linear:
+        return None
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type("VeLoRAFusedLoraLinear", (FusedLoRAMixin, cls), {"__module__": __name__})
+    return _FUSED_CLASSES[cls]
+
+
+def __getattr__(name: str):
+    # lets pickle find the fused class, which is built on first use
+    if name == "VeLoRAFusedLoraLinear":
+        cls = fused_class_for(_peft_linear_class())
+        if cls is not None:
+            return cls
+    raise AttributeError(f"module 'velora.lora_fused' has no attribute {name!r}")
+
+
+def fuse(layer: nn.Module) -> bool:
+    """Swap a peft ``lora.Linear`` to its fused class in place. False if the layer is of another kind."""
+    if isinstance(layer, FusedLoRAMixin):
+        return True
+    fused = fused_class_for(type(layer))
+    if fused is None:
+        return False
+    base_class = type(layer)
+    layer.__class__ = fused
+    layer._velora_fused_base_class = base_class
+    return True
+
+
+def unfuse(layer: nn.Module) -> None:
+    if isinstance(layer, FusedLoRAMixin):
+        layer.__class__ = layer.__dict__.pop("_velora_fused_base_class")
