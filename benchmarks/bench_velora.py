@@ -12,7 +12,14 @@ Variants
 - peft LoRA + peft VeLoRA   peft's own LoRA variant (LoraConfig(velora_config=...)), init batch_average_once,
                             M=32 on every layer (num_groups=D/32: 16 for d=512; the down_proj layers, D=1344,
                             are set to 42 groups after construction because peft takes one num_groups per adapter)
-- peft LoRA + VeLoRA        the same peft LoRA with velora-torch on every lora_A, M=32, init batch_average_once
+- peft LoRA + VeLoRA        the same peft LoRA with velora-torch on every lora_A, M=32, init batch_average_once;
+                            the parent layers run velora-torch's fused LoRA node (velora.lora_fused, the default)
+- ... unfused               informative: the same with VeLoRAConfig(fuse_lora=False), i.e. peft's own LoRA forward
+                            around velora-torch's lora_A, to show what the compression alone costs or saves
+
+The bound on full + VeLoRA: the weight-gradient matmuls of v_proj and down_proj (Gᵀx, (O×T)·(T×D)) are the work
+the factored backward removes. They are timed alone in the same process after the round-robin, and
+1 − (their time)/(full step) is printed as the best step ratio any implementation of this layer choice can reach.
 
 Saved-activation bytes: unique storages handed to autograd during one forward, parameters and buffers
 excluded (velora.memory.SavedActivationMeter). Step time: zero_grad + forward + backward + AdamW step; the variants run
@@ -121,9 +128,10 @@ def velora_full_all(model: nn.Module, work: Workload) -> nn.Module:
     return apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size, target_modules=ALL_LINEAR))
 
 
-def velora_adapter(model: nn.Module, work: Workload) -> nn.Module:
+def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True) -> nn.Module:
     return apply_velora(peft_lora(model, work), VeLoRAConfig(sub_token_size=work.sub_token_size,
-                                                             target_modules=ALL_LINEAR, mode="adapter"))
+                                                             target_modules=ALL_LINEAR, mode="adapter",
+                                                             fuse_lora=fuse_lora))
 
 
 VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
@@ -133,6 +141,7 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "peft LoRA": peft_lora,
     "peft LoRA + peft VeLoRA": peft_velora,
     "peft LoRA + velora-torch VeLoRA": velora_adapter,
+    "peft LoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: velora_adapter(model, work, False),
 }
 BASELINE = {  # ratios are taken against the plain method the variant extends
     "full": "full",
@@ -141,6 +150,7 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "peft LoRA": "peft LoRA",
     "peft LoRA + peft VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA": "peft LoRA",
+    "peft LoRA + velora-torch VeLoRA, unfused (informative)": "peft LoRA",
 }
 
 
@@ -192,6 +202,7 @@ def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int) -> li
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu_elapsed)
 
+    removed_ms = removed_weight_grad_ms(work, repeats=max(rounds, 5))
     rows = []
     for name in models:
         base = BASELINE[name]
@@ -212,7 +223,26 @@ def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int) -> li
             ratio_min=min(a / b for a, b in zip(times[name], times[base])),
             ratio_max=max(a / b for a, b in zip(times[name], times[base])),
         ))
+    full_ms = 1e3 * statistics.median(times["full"])
+    rows.append(dict(bound=True, removed_ms=removed_ms, full_ms=full_ms, ratio=1 - removed_ms / full_ms))
     return rows
+
+
+def removed_weight_grad_ms(work: Workload, repeats: int) -> float:
+    """Median time of the Gᵀx matmuls of every v_proj and down_proj in one step: what the factored backward skips."""
+    tokens = work.batch * work.seq
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(tokens, work.hidden, generator=generator)  # (T, O): both layers output d
+    inputs = [torch.randn(tokens, work.hidden, generator=generator),  # (T, D) v_proj input
+              torch.randn(tokens, work.intermediate, generator=generator)]  # (T, ff) down_proj input
+    samples = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for _ in range(work.layers):
+            for layer_input in inputs:
+                grad_out.t().mm(layer_input)  # (O, T) @ (T, D) -> (O, D)
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples[1:])  # the first call warms the allocator
 
 
 def markdown(rows: list[dict], work: Workload, warmup: int, rounds: int, threads: int,
@@ -228,12 +258,18 @@ def markdown(rows: list[dict], work: Workload, warmup: int, rounds: int, threads
         "| fastest-step ratio | per-round ratio range |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    bound = next(row for row in rows if row.get("bound"))
     for row in rows:
+        if row.get("bound"):
+            continue
         lines.append(
             f"| {row['name']} | {row['baseline']} | {row['saved_mib']:.1f} | {row['saved_ratio']:.3f} | "
             f"{row['step_ms']:.0f} | {row['step_ratio']:.3f} | {row['cpu_ratio']:.3f} | {row['min_ratio']:.3f} | "
             f"{row['ratio_min']:.2f}–{row['ratio_max']:.2f} |"
         )
+    lines += ["", f"Bound for full + VeLoRA (v_proj, down_proj): the weight-gradient matmuls it removes take "
+              f"{bound['removed_ms']:.0f} ms of the {bound['full_ms']:.0f} ms full step (timed alone, same threads), "
+              f"so no implementation of this layer choice can go below {bound['ratio']:.3f}x full."]
     lines += ["", f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
               "(other jobs on the machine make the wall-clock ratios noisy; the CPU-time ratio is steadier)."]
     return "\n".join(lines) + "\n"
