@@ -72,7 +72,7 @@ def test_small_rank_memory_is_r_over_n_and_full_grads_are_freed(project):
 
 
 def _reference_round_trip(grad_sum: torch.Tensor, seed: int, rank: int, project: str, orthogonal: bool):
-    """Aᵀ A G (rows projected) or G Aᵀ A (columns projected), written out from the paper's definition."""
+    """Aᵀ A G (rows projected) or G Aᵀ A (columns projected), written out from the definition."""
     rows, cols = grad_sum.shape
     project_rows = rows < cols if project == "smaller" else rows > cols
     side = rows if project_rows else cols

@@ -48,7 +48,7 @@ class MethodOptions:
     flora_kappa: int = 1000
     flora_accumulation: bool = False
     flora_orthogonal: bool = False  # compressed accumulation with orthonormal projection rows
-    # side of each matrix FLoRA projects (momentum and accumulation): "smaller" (paper, less noise) or "larger"
+    # side of each matrix FLoRA projects (momentum and accumulation): "smaller" (FLoRA code, less noise) or "larger"
     flora_project: str = "smaller"
     accumulation_steps: int = 1
     # GradNormLoRP

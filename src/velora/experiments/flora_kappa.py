@@ -62,7 +62,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
         for side, style in (("smaller", "o-"), ("larger", "^")):
             chosen = [r for r in rows[1:] if r["side"] == side]
             axis.semilogx([r["kappa"] for r in chosen], [r["val_ppl"] for r in chosen], style,
-                          label=f"FLoRA r={RANK}, {side} side" + (" (paper)" if side == "smaller" else ""))
+                          label=f"FLoRA r={RANK}, {side} side" + (" (default)" if side == "smaller" else ""))
         axis.axhline(reference["val_ppl"], color="gray", linestyle="--", label="AdamW (uncompressed)")
         axis.set_xlabel("kappa (resampling interval, steps)")
         axis.set_ylabel("validation ppl")
@@ -72,8 +72,8 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
 
     intro = (f"Pre-training llama-small from scratch on the stdlib corpus, {steps} steps x 8 x 128 tokens; FLoRA "
              f"compressed momentum with an AdamW base, r = {RANK}, resampled every kappa steps; the smaller side "
-             "of each weight is projected (the paper's choice) unless the row says 'larger side'. The learning "
-             "rates are velora compare's (tuned with the larger side).")
+             "of each weight is projected (the FLoRA reference code's choice) unless the row says 'larger side'. "
+             "The learning rates are velora compare's (tuned with the larger side).")
     return ablation.write_outputs(out, "flora-kappa", "momentum resampling interval (FLoRA Tab. 3)", intro,
                                   ["setting", "val ppl", "Δ vs AdamW", "opt. state MiB", "peak MiB"], table,
                                   "FLoRA Tab. 3", ["setting", "memory", "quality"], PAPER_ROWS, verdict, rows,

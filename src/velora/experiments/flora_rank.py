@@ -4,7 +4,7 @@ Full fine-tuning of the base model on stdlib docstrings with 4 micro-batches per
 accumulated plainly (one full gradient buffer per weight) or with FLoRA's compressed accumulation
 (each 2-D gradient projected to rank r as soon as it is produced, decompressed at the boundary).
 Reports the accumulation buffer bytes and validation ppl per rank. The default projects the smaller
-side of each matrix (the paper's choice); a few rows project the larger side instead (smaller buffers,
+side of each matrix (what the FLoRA reference code does); a few rows project the larger side instead (smaller buffers,
 more noise) to show the trade-off.
 """
 
@@ -70,7 +70,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
     for r in rows[1:]:
         table.append([r["label"], r["rank"], r["side"], mib(r["accumulation_buffer_bytes"]), r["val_ppl"],
                       f"{gap(r):+.2f}%"])
-    gaussian = [r for r in rows[1:] if not r["orthogonal"] and r["side"] == "smaller"]  # the paper's setting
+    gaussian = [r for r in rows[1:] if not r["orthogonal"] and r["side"] == "smaller"]  # the paper's (Gaussian) setting
     quarter = [r for r in gaussian if r["rank"] >= 32]  # r >= 1/4 of the smaller side (128) of every weight
     worst = max(gap(r) for r in quarter)
     orthogonal = [r for r in rows[1:] if r["orthogonal"]]
@@ -89,7 +89,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
 
     def plot(plt, rows):
         fig, axis = plt.subplots(figsize=(6.5, 4.2))
-        kinds = ((("smaller", False), "o-", "FLoRA, smaller side (Gaussian, paper)"),
+        kinds = ((("smaller", False), "o-", "FLoRA, smaller side (Gaussian, default)"),
                  (("smaller", True), "s--", "FLoRA, smaller side (orthonormal)"),
                  (("larger", False), "^:", "FLoRA, larger side (Gaussian)"))
         for kind, style, name in kinds:
@@ -111,8 +111,8 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
 
     intro = (f"Full fine-tuning (AdamW, lr 1e-3) of the base model on stdlib docstrings/comments, {steps} steps of "
              f"{ACCUMULATION} micro-batches x 2 sequences x 128 tokens; only the accumulation differs. 'side' is the "
-             "side of each weight that is projected (smaller: the paper's choice and our default, buffer "
-             "max(n, m) x r; larger: buffer min(n, m) x r). llama-small's attention weights are square "
+             "side of each weight that is projected (smaller: the FLoRA reference code's choice and our default, "
+             "buffer max(n, m) x r; larger: buffer min(n, m) x r). llama-small's attention weights are square "
              "(128 x 128), so the side only changes its MLP weights (352 x 128 and 128 x 352).")
     return ablation.write_outputs(out, "flora-rank", "compressed gradient accumulation vs rank (FLoRA Tab. 1)",
                                   intro, ["setting", "rank", "side", "accum. buffer MiB", "val ppl", "Δ vs plain"],

@@ -3,7 +3,7 @@
 Plain accumulation keeps one full gradient buffer per parameter (n x m). Here every 2-D gradient is
 compressed as soon as autograd has accumulated it (a post-accumulate-grad hook), its full ``.grad``
 is freed, and only C (k, r) is kept. G is taken in the orientation (k, p) where p is the projected
-side: by default the smaller one (``project="smaller"``, k = max(n, m), as in the FLoRA paper; the
+side: by default the smaller one (``project="smaller"``, k = max(n, m), as the FLoRA reference code does; the
 decompression noise grows like sqrt(p / r)), or the larger one (``project="larger"``, k = min(n, m):
 a smaller buffer, more noise):
 
@@ -55,7 +55,7 @@ class CompressedGradAccumulator:
         seed: base seed of the projections.
         reduction: "sum" (default: exactly what plain accumulation leaves in ``.grad``) or "mean".
         orthogonal: orthonormalised projections (exact when rank >= the projected dimension).
-        project: which side of each matrix is projected, "smaller" (default, the paper's choice: less
+        project: which side of each matrix is projected, "smaller" (default, as the FLoRA reference code: less
             noise) or "larger" (a min(n, m) x rank buffer: less memory, more noise).
         force_compress: compress every 2-D parameter, even when it saves nothing (for tests).
     """

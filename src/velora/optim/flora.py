@@ -1,8 +1,8 @@
 """FLoRA momentum (Hao et al. 2024, Alg. 2) on an Adafactor or AdamW base.
 
 For a 2-D parameter W (rows, cols) we work on the orientation G (k, p), p the projected side: by
-default the smaller one (``project="smaller"``: p = min(rows, cols), k = max(rows, cols), the FLoRA
-paper's choice; the decompressed momentum's noise grows like sqrt(p / r)), or the larger one
+default the smaller one (``project="smaller"``: p = min(rows, cols), k = max(rows, cols), as the FLoRA
+reference code does; the decompressed momentum's noise grows like sqrt(p / r)), or the larger one
 (``project="larger"``: k = min(rows, cols), a smaller state, more noise). G is the transpose when that
 puts the projected side last. The first moment lives in a seeded random projection A (r, p),
 regenerated from an int64 seed kept in the state:
@@ -75,7 +75,7 @@ class Flora(TensorStateOptimizer):
         seed: base seed; the projection of parameter i in cycle c is seeded by derive_seed(seed, i, c).
         eight_bit: keep the first moment block-wise 8-bit (``velora.optim.quant``).
         orthogonal: orthonormalise the projection rows (exact round trip when rank == projected dim).
-        project: which side of each matrix is projected: "smaller" (default, the paper's choice, less
+        project: which side of each matrix is projected: "smaller" (default, as the FLoRA reference code, less
             noise; state max(n, m) x r) or "larger" (state min(n, m) x r: less memory, more noise).
         force_compress: compress every 2-D parameter even when it saves no memory (for testing).
     """

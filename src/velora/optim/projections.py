@@ -85,7 +85,7 @@ def check_project_side(project: str) -> None:
     """One-line ValueError for a projection side other than "smaller" / "larger"."""
     if project not in PROJECT_SIDES:
         raise ValueError(f"project={project!r} is not a projection side; use 'smaller' (project the smaller side "
-                         "of each matrix: the FLoRA paper's choice, less noise) or 'larger' (less memory)")
+                         "of each matrix, as the FLoRA reference code: less noise) or 'larger' (less memory)")
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,10 @@ class CompressionPlan:
     We always work on the orientation (kept_dim, projected_dim): the tensor itself, or its transpose
     when ``transposed`` is True. The kept state is (kept_dim, rank). ``project="smaller"`` (default)
     projects min(rows, cols), keeping (max, rank): the decompression noise grows like
-    sqrt(projected_dim / rank), so this is the accurate choice and the one of the FLoRA paper and its
-    reference code. ``project="larger"`` projects max(rows, cols), keeping (min, rank): less memory,
-    more noise. Square matrices are identical under both.
+    sqrt(projected_dim / rank), so this is the accurate choice at a given rank, and the one of the
+    FLoRA reference code (the paper's Alg. 1 writes the column side). ``project="larger"`` projects
+    max(rows, cols), keeping (min, rank): less memory, more noise (at equal memory both sides have the
+    same error). Square matrices are identical under both.
     """
 
     kept_dim: int
