@@ -296,14 +296,15 @@ def _accumulator_projection(state: FloraCommState, index: int, device) -> tuple[
                          "sync_context) so gradients are all-reduced once per cycle")
     plan = accumulator.plans[index]
     cycle = int(accumulator.cycles[index]) - 1  # the accumulator's hook already closed the cycle
+    # in the accumulator's own dtype (float64 buffers for float64 parameters)
     projection = random_projection(accumulator.seed_for(index, cycle), plan.projected_dim, plan.rank, device,
-                                   torch.float32, accumulator.orthogonal)  # (r, projected_dim)
+                                   accumulator.buffers[index].dtype, accumulator.orthogonal)  # (r, projected_dim)
     return plan, projection
 
 
 def _recover_accumulated(grad: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The accumulator left .grad = C·A (oriented); get its (k × r) sum C back: C = (G Aᵀ)(A Aᵀ)⁻¹."""
-    oriented = (grad.t() if transposed else grad).float()  # (k, p)
+    oriented = (grad.t() if transposed else grad).to(projection.dtype)  # (k, p)
     gram = projection @ projection.t()  # (r, r), symmetric positive definite
     return torch.linalg.solve(gram, (oriented @ projection.t()).t()).t()  # (k, r)
 
