@@ -8,8 +8,9 @@ is the median over the timed steps (forward + backward incl. communication + Ada
 Part 2 (arithmetic, the same formula the test checks against the measured count): bytes per step for the
 usual LLaMA sizes (fp32 gradients, built on the meta device, nothing allocated).
 
-    python benchmarks/bench_comm.py            # llama-small, ranks 8 and 32, 6 steps
-    python benchmarks/bench_comm.py --quick    # llama-tiny, 3 steps (seconds)
+    python benchmarks/bench_comm.py                     # llama-small, ranks 8 and 32, 6 steps
+    python benchmarks/bench_comm.py --quick             # llama-tiny, 3 steps (seconds)
+    python benchmarks/bench_comm.py --project larger    # project the larger side of each matrix
 
 Caveat printed with the results: on one CPU box gloo "communication" is a memory copy, so time is
 dominated by compute and by drawing the Gaussian projections; the byte ratio is the point here.
@@ -40,7 +41,8 @@ _counting_allreduce.__annotations__ = {"state": dict, "bucket": dist.GradBucket,
                                        "return": torch.futures.Future[torch.Tensor]}
 
 
-def _worker(process_rank: int, world: int, preset: str, ranks: list[int], steps: int, out: str) -> None:
+def _worker(process_rank: int, world: int, preset: str, ranks: list[int], steps: int, out: str,
+            project: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from velora.models import build_config, build_model
@@ -57,7 +59,7 @@ def _worker(process_rank: int, world: int, preset: str, ranks: list[int], steps:
             state = {"bytes": 0}
             ddp.register_comm_hook(state, _counting_allreduce)
         else:
-            hook_state = register_flora_comm_hook(ddp, rank=rank, seed=0)
+            hook_state = register_flora_comm_hook(ddp, rank=rank, seed=0, project=project)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         times = []
         for step in range(steps + 1):  # step 0 warms up (DDP rebuilds buckets after it)
@@ -70,12 +72,12 @@ def _worker(process_rank: int, world: int, preset: str, ranks: list[int], steps:
                 times.append(time.perf_counter() - start)
         sent = state["bytes"] if rank is None else hook_state.wire_bytes
         rows.append({"rank": rank, "bytes_per_step": sent / (steps + 1), "ms": 1e3 * statistics.median(times),
-                     "formula": bucket_wire_bytes(model, rank)})
+                     "formula": bucket_wire_bytes(model, rank, project=project)})
     if process_rank == 0:
         torch.save(rows, out)
 
 
-def _arithmetic(presets: list[str], ranks: list[int]) -> None:
+def _arithmetic(presets: list[str], ranks: list[int], project: str) -> None:
     from velora.models import build_config, build_model
     from velora.optim import projectable_parameters
 
@@ -91,7 +93,7 @@ def _arithmetic(presets: list[str], ranks: list[int]) -> None:
         matrix_bytes = 4 * sum(p.numel() for p in matrices)
         cells = ""
         for r in ranks:
-            sent = bucket_wire_bytes(model, r)
+            sent = bucket_wire_bytes(model, r, project=project)
             saved = dense - sent  # only the matrices shrink
             cells += f"{sent / 2**20:>10.1f} MiB {dense / sent:>5.1f}x{matrix_bytes / (matrix_bytes - saved):>15.1f}x"
         print(f"{preset:<12}{dense / 2**20:>8.1f} MiB{matrix_bytes / 2**20:>8.1f} MiB{cells}")
@@ -100,12 +102,15 @@ def _arithmetic(presets: list[str], ranks: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--project", default="smaller", choices=("smaller", "larger"),
+                        help="side of each matrix the hook projects (default smaller)")
     args = parser.parse_args()
     preset, ranks, steps = ("llama-tiny", [8], 3) if args.quick else ("llama-small", [8, 32], 6)
     with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
-        run_local(_worker, 2, args=(preset, ranks, steps, handle.name), timeout_s=600)
+        run_local(_worker, 2, args=(preset, ranks, steps, handle.name, args.project), timeout_s=600)
         rows = torch.load(handle.name, weights_only=True)
-    print(f"measured: {preset}, 2 gloo ranks on one CPU box, batch 4x128 per rank, {steps} timed steps")
+    print(f"measured: {preset}, 2 gloo ranks on one CPU box, batch 4x128 per rank, {steps} timed steps, "
+          f"{args.project} side projected")
     print(f"{'variant':<18}{'bytes/step/rank':>18}{'formula':>14}{'ratio':>8}{'step ms':>10}")
     dense = rows[0]["bytes_per_step"]
     for row in rows:
@@ -115,7 +120,7 @@ def main() -> None:
     print("note: one-box gloo makes communication nearly free, so step time here measures the hook's compute "
           "(projection draws + matmuls), not network savings")
     _arithmetic(["llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"] if not args.quick else ["llama-60m"],
-                [64, 256])
+                [64, 256], args.project)
 
 
 if __name__ == "__main__":

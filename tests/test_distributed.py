@@ -396,7 +396,25 @@ def test_comm_hook_decompression_is_unbiased():
         projection = random_projection(seed, plan.projected_dim, plan.rank, dtype=torch.float64)
         total += decompress_gradient(compress_gradient(grad, projection, plan.transposed), projection, plan.transposed)
     error = (total / trials - grad).norm() / grad.norm()
-    assert error < 0.25, error  # one draw alone is off by ~sqrt(cols / rank) ≈ 3
+    assert error < 0.25, error  # one draw alone is off by ~sqrt(projected side / rank) = sqrt(6 / 2)
+
+
+def test_comm_hook_side_sets_the_bytes_sent():
+    from velora.models import build_config, build_model
+    from velora.optim import projectable_parameters
+
+    with torch.device("meta"):
+        model = build_model(build_config("llama-tiny", vocab_size=256))
+    dense = bucket_wire_bytes(model, None)
+    matrices = projectable_parameters(model)
+    assert {tuple(p.shape) for p in matrices} == {(64, 64), (192, 64), (64, 192)}
+    # every matrix is compressed at r = 8; it sends (kept side) x 8 numbers instead of rows x cols
+    for side, kept in (("smaller", max), ("larger", min)):
+        expected = dense - 4 * sum(p.numel() - kept(p.shape) * 8 for p in matrices)
+        assert bucket_wire_bytes(model, 8, project=side) == expected
+    assert bucket_wire_bytes(model, 8) == bucket_wire_bytes(model, 8, project="smaller")  # the default
+    with pytest.raises(ValueError, match="project='up'"):
+        bucket_wire_bytes(model, 8, project="up")
 
 
 def test_rank_helpers(ranks):

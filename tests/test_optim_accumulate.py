@@ -9,7 +9,7 @@ import torch
 from optim_helpers import lm_loss, toy_batch, toy_model
 
 from velora.models import build_config, build_model
-from velora.optim import CompressedGradAccumulator, Flora
+from velora.optim import CompressedGradAccumulator, Flora, random_projection
 
 torch.set_num_threads(1)
 
@@ -26,12 +26,12 @@ def _plain_grads(steps: range, scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_full_rank_orthogonal_equals_plain_accumulation(reduction):
+@pytest.mark.parametrize("reduction, project", [("sum", "smaller"), ("mean", "smaller"), ("sum", "larger")])
+def test_full_rank_orthogonal_equals_plain_accumulation(reduction, project):
     model = toy_model()
-    # rank 40 >= every projected dimension (max side of each matrix): compression is exact
+    # rank 40 >= every projected dimension (either side of each matrix): compression is exact
     acc = CompressedGradAccumulator(model.parameters(), rank=40, accumulation_steps=3, seed=5,
-                                    reduction=reduction, orthogonal=True, force_compress=True)
+                                    reduction=reduction, orthogonal=True, project=project, force_compress=True)
     assert all(plan is not None for p, plan in zip(acc.params, acc.plans) if p.dim() == 2)
     _micro_batches(model, range(3))
     expected = _plain_grads(range(3), scale=1.0 if reduction == "sum" else 1 / 3)
@@ -46,10 +46,11 @@ def test_full_rank_orthogonal_equals_plain_accumulation(reduction):
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_small_rank_memory_is_r_over_n_and_full_grads_are_freed():
+@pytest.mark.parametrize("project", ["smaller", "larger"])
+def test_small_rank_memory_is_r_over_n_and_full_grads_are_freed(project):
     model = toy_model()
     rank = 4
-    acc = CompressedGradAccumulator(model.parameters(), rank=rank, accumulation_steps=4)
+    acc = CompressedGradAccumulator(model.parameters(), rank=rank, accumulation_steps=4, project=project)
     _micro_batches(model, range(2))  # mid-cycle
     counted = 0
     for param, plan, buffer in zip(acc.params, acc.plans, acc.buffers):
@@ -58,13 +59,100 @@ def test_small_rank_memory_is_r_over_n_and_full_grads_are_freed():
             continue
         assert param.grad is None  # the full gradient does not exist between micro-batches
         rows, cols = param.shape
-        assert buffer.numel() == min(rows, cols) * rank
-        # per matrix: r / n of the naive buffer, n = the projected (larger) side
-        assert buffer.numel() * buffer.element_size() * max(rows, cols) == param.numel() * 4 * rank
+        kept, projected = (max(rows, cols), min(rows, cols)) if project == "smaller" else (min(rows, cols),
+                                                                                             max(rows, cols))
+        assert buffer.shape == (kept, rank)
+        # per matrix: r / n of the naive buffer, n = the projected side
+        assert buffer.numel() * buffer.element_size() * projected == param.numel() * 4 * rank
         counted += buffer.numel() * buffer.element_size()
     assert counted == acc.buffer_bytes()
     naive = sum(p.numel() * 4 for p, plan in zip(acc.params, acc.plans) if plan is not None)
-    assert acc.naive_buffer_bytes() == naive and counted < naive / 4
+    # the toy's matrices have min side 16, max side 32..40: r=4 keeps <= 1/4 of them either way
+    assert acc.naive_buffer_bytes() == naive and counted <= naive / 4
+
+
+def _reference_round_trip(grad_sum: torch.Tensor, seed: int, rank: int, project: str, orthogonal: bool):
+    """Aᵀ A G (rows projected) or G Aᵀ A (columns projected), written out from the definition."""
+    rows, cols = grad_sum.shape
+    project_rows = rows < cols if project == "smaller" else rows > cols
+    side = rows if project_rows else cols
+    projection = random_projection(seed, side, rank, dtype=torch.float64, orthogonal=orthogonal)  # (r, side)
+    if project_rows:
+        return projection.T @ (projection @ grad_sum)  # (rows, r) @ (r, cols)
+    return (grad_sum @ projection.T) @ projection  # (rows, r) @ (r, cols)
+
+
+def _wide_and_tall(dtype=torch.float64) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(6, 20, dtype=dtype)), torch.nn.Parameter(torch.randn(20, 6, dtype=dtype)),
+            torch.nn.Parameter(torch.randn(12, 12, dtype=dtype))]
+
+
+def _feed(params, micro_grads) -> None:
+    # loss = sum(W * X) has gradient exactly X: the hooks see known gradients
+    for grads in micro_grads:
+        sum((param * grad).sum() for param, grad in zip(params, grads)).backward()
+
+
+@pytest.mark.parametrize("project", ["smaller", "larger"])
+def test_decompressed_sum_is_the_chosen_side_projection_in_fp64(project):
+    params = _wide_and_tall()
+    generator = torch.Generator().manual_seed(1)
+    micro_grads = [[torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+                   for _ in range(3)]
+    rank = 3
+    acc = CompressedGradAccumulator(params, rank=rank, accumulation_steps=3, seed=11, project=project)
+    assert all(b.dtype == torch.float64 for b in acc.buffers)
+    _feed(params, micro_grads)
+    assert acc.cycle_complete
+    for index, param in enumerate(params):
+        grad_sum = sum(grads[index] for grads in micro_grads)  # (rows, cols)
+        expected = _reference_round_trip(grad_sum, acc.seed_for(index, 0), rank, project, orthogonal=False)
+        torch.testing.assert_close(param.grad, expected, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(param.grad, grad_sum, atol=1e-3)  # r=3 < 6: really compressed
+    # the two sides are different estimators of the same wide/tall sum
+    other = "larger" if project == "smaller" else "smaller"
+    grad_sum = sum(grads[0] for grads in micro_grads)
+    assert not torch.allclose(params[0].grad, _reference_round_trip(grad_sum, acc.seed_for(0, 0), rank, other,
+                                                                    orthogonal=False), atol=1e-3)
+
+
+@pytest.mark.parametrize("project, rank", [("smaller", 6), ("larger", 20)])
+def test_orthogonal_rank_equal_to_projected_side_recovers_the_sum_exactly(project, rank):
+    params = _wide_and_tall()[:2]
+    generator = torch.Generator().manual_seed(2)
+    micro_grads = [[torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+                   for _ in range(2)]
+    acc = CompressedGradAccumulator(params, rank=rank, accumulation_steps=2, orthogonal=True, project=project,
+                                    force_compress=True)
+    assert [plan.projected_dim for plan in acc.plans] == [rank, rank]
+    _feed(params, micro_grads)
+    for index, param in enumerate(params):
+        # A is orthonormalised in float32 (bit-identical on every device), so AᵀA = I to float32 precision
+        torch.testing.assert_close(param.grad, micro_grads[0][index] + micro_grads[1][index], rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_side_choice_is_saved_and_a_mismatching_resume_fails():
+    params = _wide_and_tall(torch.float32)
+    larger = CompressedGradAccumulator(params, rank=3, accumulation_steps=2, project="larger")
+    buffer = io.BytesIO()
+    torch.save(larger.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["project"] == "larger"
+    larger.remove()
+    smaller = CompressedGradAccumulator(params, rank=3, accumulation_steps=2)  # default: smaller side
+    with pytest.raises(ValueError) as info:
+        smaller.load_state_dict(saved)
+    message = str(info.value)
+    assert "project='larger'" in message and "project='smaller'" in message and "\n" not in message
+    legacy = {k: v for k, v in saved.items() if k != "project"}  # written before the option: larger side
+    with pytest.raises(ValueError, match="project='larger'"):
+        smaller.load_state_dict(legacy)
+    smaller.remove()
+    again = CompressedGradAccumulator(params, rank=3, accumulation_steps=2, project="larger")
+    again.load_state_dict(legacy)
 
 
 def test_boundary_gated_and_new_projection_per_cycle():
@@ -150,6 +238,7 @@ def test_flush_remove_and_model_rule():
     (dict(rank=0, accumulation_steps=2), "rank=0"),
     (dict(rank=4, accumulation_steps=0), "accumulation_steps=0"),
     (dict(rank=4, accumulation_steps=2, reduction="max"), "reduction='max'"),
+    (dict(rank=4, accumulation_steps=2, project="left"), "project='left'"),
 ])
 def test_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError) as info:

@@ -114,7 +114,7 @@ def _expected_state_bytes(name: str, optimizer) -> int:
             if isinstance(optimizer, Flora):
                 moment = quantized_bytes if group["eight_bit"] else (lambda n: 4 * n)
                 total += 4  # step
-                plan = compression_plan(shape, group["rank"])
+                plan = compression_plan(shape, group["rank"], project=group["project"])
                 if plan is not None:
                     total += 8 + moment(plan.kept_dim * plan.rank)  # seed + (k, r) momentum
                 else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -29,11 +31,12 @@ def _run(make, shape, steps, grads_seed=1, zero_grad_at=()):
     return matrix, bias, optimizer
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
-def test_adamw_base_with_full_orthogonal_projection_matches_torch_adamw(shape):
+@pytest.mark.parametrize("shape, project", [((6, 10), "smaller"), ((10, 6), "smaller"), ((6, 10), "larger"),
+                                            ((10, 6), "larger")])
+def test_adamw_base_with_full_orthogonal_projection_matches_torch_adamw(shape, project):
     # rank == projected dim and orthogonal projections: compression is exact, across kappa boundaries
     flora = _run(lambda ps: Flora(ps, lr=1e-2, rank=10, kappa=3, base="adamw", weight_decay=0.1,
-                                  orthogonal=True, force_compress=True), shape, steps=8)
+                                  orthogonal=True, project=project, force_compress=True), shape, steps=8)
     adamw = _run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), shape, steps=8)
     assert "seed" in flora[2].state[flora[0]]  # the matrix really went through the projection path
     torch.testing.assert_close(flora[0], adamw[0], rtol=0, atol=1e-6)
@@ -47,13 +50,14 @@ def test_adafactor_base_without_momentum_is_torch_adafactor_bitwise():
 
 
 def _decompressed_momentum(optimizer, matrix, orthogonal=True):
-    state = optimizer.state[matrix]
-    plan = compression_plan(matrix.shape, optimizer.param_groups[0]["rank"], force=True)
+    state, group = optimizer.state[matrix], optimizer.param_groups[0]
+    plan = compression_plan(matrix.shape, group["rank"], force=True, project=group["project"])
     projection = random_projection(int(state["seed"]), plan.projected_dim, plan.rank, orthogonal=orthogonal)
     return state["momentum"] @ projection  # (k, p)
 
 
 def test_transfer_keeps_decompressed_momentum_with_full_orthogonal_projections():
+    # (6, 10) at rank 10 with the default smaller side: the rows (6) are projected at effective rank 6
     make = lambda ps: Flora(ps, lr=1e-2, rank=10, kappa=2, force_compress=True, orthogonal=True)  # noqa: E731
     before_matrix, _, before = _run(make, (6, 10), steps=2)
     momentum_before = _decompressed_momentum(before, before_matrix)
@@ -65,7 +69,7 @@ def test_transfer_keeps_decompressed_momentum_with_full_orthogonal_projections()
     momentum_after = _decompressed_momentum(after, after_matrix)
     torch.testing.assert_close(momentum_after, 0.9 * momentum_before, rtol=1e-5, atol=1e-6)
     # the defect we avoid: transferring with the new matrix on both sides loses the momentum
-    new_projection = random_projection(seed_after, 10, 10, orthogonal=True)
+    new_projection = random_projection(seed_after, 6, 6, orthogonal=True)
     wrong = before.state[before_matrix]["momentum"] @ new_projection @ new_projection.T @ new_projection
     assert not torch.allclose(wrong, momentum_before, atol=1e-2)
 
@@ -97,14 +101,57 @@ def test_projection_regenerated_from_seed_is_bit_identical():
     assert len({derive_seed(0, i, c) for i in range(20) for c in range(20)}) == 400
 
 
-def test_state_holds_seed_and_small_momentum_only():
-    matrix, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, kappa=2), (6, 40), steps=5)
+@pytest.mark.parametrize("project, kept", [("smaller", 40), ("larger", 6)])
+def test_state_holds_seed_and_small_momentum_only(project, kept):
+    matrix, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, kappa=2, project=project), (6, 40), steps=5)
     state = optimizer.state[matrix]
     assert state["seed"].dtype == torch.int64 and state["seed"].shape == ()
-    assert state["momentum"].shape == (6, 3)  # (min side, rank), not (6, 40)
+    # (kept side, rank), not (6, 40): the smaller side projected keeps the larger one and vice versa
+    assert state["momentum"].shape == (kept, 3)
     assert state["row_var"].shape == (6, 1) and state["col_var"].shape == (1, 40)
-    tall, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=3), (40, 6), steps=1)
-    assert optimizer.state[tall]["momentum"].shape == (6, 3)
+    tall, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, project=project), (40, 6), steps=1)
+    assert optimizer.state[tall]["momentum"].shape == (kept, 3)
+
+
+@pytest.mark.parametrize("project", ["smaller", "larger"])
+def test_first_momentum_is_the_gradient_projected_on_the_chosen_side(project):
+    # one step from zero: M = (1 - beta1) * (G compressed on the chosen side), written out here
+    for shape in ((6, 40), (40, 6)):
+        matrix, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, beta1=0.9, base="adamw", seed=4,
+                                                     project=project), shape, steps=1)
+        generator = torch.Generator().manual_seed(1)  # the first gradient _run fed
+        grad = torch.randn(shape, generator=generator).double()  # (rows, cols)
+        rows, cols = shape
+        project_rows = rows < cols if project == "smaller" else rows > cols
+        projection = random_projection(derive_seed(4, 0, 0), rows if project_rows else cols, 3,
+                                       dtype=torch.float64)  # (r, projected side)
+        compressed = (projection @ grad).T if project_rows else grad @ projection.T  # (kept side, r)
+        torch.testing.assert_close(optimizer.state[matrix]["momentum"].double(), 0.1 * compressed, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_side_is_in_the_state_dict_and_a_mismatching_resume_fails():
+    _, _, larger = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, project="larger"), (6, 40), steps=2)
+    buffer = io.BytesIO()
+    torch.save(larger.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["param_groups"][0]["project"] == "larger"
+    smaller = _run(lambda ps: Flora(ps, lr=1e-2, rank=3), (6, 40), steps=0)[2]
+    with pytest.raises(ValueError) as info:
+        smaller.load_state_dict(saved)
+    message = str(info.value)
+    assert "project='larger'" in message and "project='smaller'" in message and "\n" not in message
+    # states saved before the option existed were built on the larger side
+    legacy = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "project"} for g in saved["param_groups"]]}
+    with pytest.raises(ValueError, match="project='larger'"):
+        smaller.load_state_dict(legacy)
+    resumed = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, project="larger"), (6, 40), steps=0)[2]
+    resumed.load_state_dict(legacy)
+    assert resumed.param_groups[0]["project"] == "larger"
+    with pytest.raises(ValueError, match="project='left'") as info:
+        Flora([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-2, rank=2, project="left")
+    assert "\n" not in str(info.value)
 
 
 def test_which_parameters_keep_full_state():
@@ -115,8 +162,10 @@ def test_which_parameters_keep_full_state():
                   if g["compress"] and any(p is q for q in g["params"])}
     assert compressed and all(n.rsplit(".", 2)[-2].endswith("proj") for n in compressed)
     assert not any("embed" in n or "lm_head" in n or "norm" in n for n in compressed)
-    # the shape rule: rank >= max(rows, cols) saves nothing -> full state
-    assert compression_plan((6, 10), 10) is None and compression_plan((6, 10), 9) is not None
+    # the shape rule: rank >= the projected side saves nothing -> full state
+    assert compression_plan((6, 10), 6) is None and compression_plan((6, 10), 5) is not None
+    assert compression_plan((6, 10), 10, project="larger") is None
+    assert compression_plan((6, 10), 9, project="larger") is not None
     assert compression_plan((10,), 2) is None and compression_plan((3, 4, 5), 2) is None
     small, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=16), (6, 10), steps=1)
     assert "seed" not in optimizer.state[small] and optimizer.state[small]["momentum"].shape == (6, 10)

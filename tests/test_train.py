@@ -181,3 +181,24 @@ def test_cli_bad_method_is_one_line_error(capsys, text_file):
     assert main(["train", "--method", "lora+galore", "--data", str(text_file)]) == 2
     err = capsys.readouterr().err
     assert "combines base methods" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_flora_project_reaches_the_accumulator_and_bad_side_is_one_line_error(tmp_path, capsys, text_file):
+    from velora.cli import main
+
+    common = ["train", "--method", "full", "--data", str(text_file), "--tokenizer", "byte", "--steps", "1",
+              "--seq-len", "16", "--batch-size", "2", "--accumulation-steps", "2", "--flora-accumulation",
+              "--flora-rank", "8", "--eval-batches", "1", "--no-progress", "--no-memory", "--json"]
+    assert main([*common, "--flora-project", "sideways", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "project='sideways'" in err and len(err.strip().splitlines()) == 1
+    results = {}
+    for side in ("smaller", "larger"):
+        assert main([*common, "--flora-project", side, "--out", str(tmp_path / side)]) == 0
+        results[side] = json.loads(capsys.readouterr().out)
+    # llama-tiny (2 layers): 4 square 64 x 64 attention weights keep 64 x 8 either way; its 3 MLP weights
+    # (64 x 192, 192 x 64) keep 192 x 8 with the smaller side projected and 64 x 8 with the larger
+    attention = 4 * 64 * 8
+    assert results["smaller"]["accumulation_buffer_bytes"] == 2 * 4 * (attention + 3 * 192 * 8)
+    assert results["larger"]["accumulation_buffer_bytes"] == 2 * 4 * (attention + 3 * 64 * 8)
+    assert results["smaller"]["naive_accumulation_bytes"] == results["larger"]["naive_accumulation_bytes"]

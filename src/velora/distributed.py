@@ -10,8 +10,8 @@ What is synchronised where:
 - **FLoRA projections** are regenerated from integer seeds (``velora.optim.projections``), never
   communicated: identical seeds give bit-identical matrices on every rank.
 - **Gradients** go through DDP as usual, or through ``register_flora_comm_hook``, which all-reduces
-  each 2-D gradient's seeded random projection (kept_dim × r instead of rows × cols) and decompresses
-  after the all-reduce.
+  each 2-D gradient's seeded random projection (kept_dim × r instead of rows × cols; by default the
+  smaller side is projected, as in FLoRA's accumulation) and decompresses after the all-reduce.
 """
 
 from __future__ import annotations
@@ -248,8 +248,14 @@ class FloraCommState:
     ``wire_bytes``/``dense_bytes`` count what was all-reduced vs what plain DDP would send, summed over
     all steps, for the benchmark.
 
+    ``project``: the side of each matrix that is projected, "smaller" (default: the same convention as
+    ``Flora`` and ``CompressedGradAccumulator``, so one ``rank`` means one estimator everywhere) or
+    "larger" (fewer bytes per rank). At equal bytes both have the same variance (it grows like
+    projected side / r), so the side only decides what ``rank`` buys.
+
     With ``accumulator`` (a ``CompressedGradAccumulator``), the matrices it compresses are sent as the
-    accumulator's own (k × r) sums instead (``accumulator_index``: ``id(parameter)`` -> its index there).
+    accumulator's own (k × r) sums instead (``accumulator_index``: ``id(parameter)`` -> its index there),
+    on the accumulator's side.
     """
 
     rank: int
@@ -258,6 +264,7 @@ class FloraCommState:
     process_group: Any = None
     param_index: dict[int, int] = field(default_factory=dict)
     orthogonal: bool = False
+    project: str = "smaller"
     wire_bytes: int = 0
     dense_bytes: int = 0
     accumulator: Any = None
@@ -289,26 +296,27 @@ def _accumulator_projection(state: FloraCommState, index: int, device) -> tuple[
                          "sync_context) so gradients are all-reduced once per cycle")
     plan = accumulator.plans[index]
     cycle = int(accumulator.cycles[index]) - 1  # the accumulator's hook already closed the cycle
+    # in the accumulator's own dtype (float64 buffers for float64 parameters)
     projection = random_projection(accumulator.seed_for(index, cycle), plan.projected_dim, plan.rank, device,
-                                   torch.float32, accumulator.orthogonal)  # (r, projected_dim)
+                                   accumulator.buffers[index].dtype, accumulator.orthogonal)  # (r, projected_dim)
     return plan, projection
 
 
 def _recover_accumulated(grad: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The accumulator left .grad = C·A (oriented); get its (k × r) sum C back: C = (G Aᵀ)(A Aᵀ)⁻¹."""
-    oriented = (grad.t() if transposed else grad).float()  # (k, p)
+    oriented = (grad.t() if transposed else grad).to(projection.dtype)  # (k, p)
     gram = projection @ projection.t()  # (r, r), symmetric positive definite
     return torch.linalg.solve(gram, (oriented @ projection.t()).t()).t()  # (k, r)
 
 
 def compress_gradient(grad: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """(rows, cols) -> (kept_dim, r): project the larger side with A (r, projected_dim)."""
+    """(rows, cols) -> (kept_dim, r): project the plan's projected side with A (r, projected_dim)."""
     oriented = grad.t() if transposed else grad  # (kept_dim, projected_dim)
     return oriented @ projection.t()  # (kept_dim, r)
 
 
 def decompress_gradient(compressed: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """(kept_dim, r) -> (rows, cols): c·A, transposed back when the rows were the projected side."""
+    """(kept_dim, r) -> (rows, cols): c·A, transposed back when the plan worked on the transpose."""
     restored = compressed @ projection  # (kept_dim, projected_dim)
     return restored.t() if transposed else restored
 
@@ -316,13 +324,13 @@ def decompress_gradient(compressed: torch.Tensor, projection: torch.Tensor, tran
 def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: all-reduce FLoRA-projected 2-D gradients instead of the full ones.
 
-    Each projectable matrix's gradient G (rows × cols, ``rank < max(rows, cols)``) is sent as its
-    projection onto a seeded Gaussian A (r × max side), kept_dim × r numbers; everything else (biases,
-    norms, embeddings, the output head, small matrices) is sent as is. After the all-reduce each rank
-    decompresses, so the gradient the optimizer sees is mean_ranks(G)·AᵀA (or AᵀA·mean(G) when rows
-    are the larger side). That equals
+    Each projectable matrix's gradient G (rows × cols, ``rank`` below its projected side, by default
+    the smaller one) is sent as its projection onto a seeded Gaussian A (r × projected side),
+    kept_dim × r numbers; everything else (biases, norms, embeddings, the output head, small matrices)
+    is sent as is. After the all-reduce each rank decompresses, so the gradient the optimizer sees is
+    mean_ranks(G)·AᵀA (or AᵀA·mean(G) when the rows are the projected side). That equals
     all-reduce-then-compress-then-decompress exactly (by linearity) and is an **unbiased** estimate of
-    the mean gradient (E[AᵀA] = I), with variance shrinking as r grows; at r = max side with
+    the mean gradient (E[AᵀA] = I), with variance shrinking as r grows; at r = the projected side with
     ``orthogonal=True`` it is exact.
     """
     from velora.optim.projections import compression_plan
@@ -342,7 +350,7 @@ def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.fut
             layout.append((grad, plan, projection, compressed.numel()))
             continue
         index = state.param_index.get(id(param))  # None: not a projectable matrix
-        plan = compression_plan(grad.shape, state.rank) if index is not None else None
+        plan = compression_plan(grad.shape, state.rank, project=state.project) if index is not None else None
         if plan is None:
             pieces.append(grad.reshape(-1))  # (numel,)
             layout.append((grad, None, None, grad.numel()))
@@ -380,10 +388,12 @@ flora_comm_hook.__annotations__ = {"state": FloraCommState, "bucket": dist.GradB
 
 
 def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, process_group: Any = None,
-                             orthogonal: bool = False, accumulator: Any = None) -> FloraCommState:
+                             orthogonal: bool = False, accumulator: Any = None,
+                             project: str = "smaller") -> FloraCommState:
     """Install ``flora_comm_hook`` on a ``DistributedDataParallel`` model; returns its state.
 
-    ``rank`` is the projection rank r (matrices with both sides <= r are sent uncompressed). The
+    ``rank`` is the projection rank r (matrices whose projected side, by default the smaller one, is
+    <= r are sent uncompressed); ``project`` picks that side ("smaller" or "larger"). The
     compressed matrices are ``velora.optim.projectable_parameters(module)``. All ranks must pass the same
     ``seed``. Save ``state.state_dict()`` with your checkpoint to resume the projection sequence exactly.
 
@@ -395,17 +405,18 @@ def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, pro
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    from velora.optim.projections import projectable_parameters
+    from velora.optim.projections import check_project_side, projectable_parameters
 
     if not isinstance(ddp_model, DistributedDataParallel):
         raise ValueError(f"register_flora_comm_hook needs a DistributedDataParallel model, got "
                          f"{type(ddp_model).__name__}; wrap it with DDP(model) first")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} must be a positive integer (the FLoRA projection rank)")
+    check_project_side(project)
     compressible = {id(p) for p in projectable_parameters(ddp_model.module)}
     index = {id(p): i for i, p in enumerate(ddp_model.module.parameters()) if id(p) in compressible}
     state = FloraCommState(rank=rank, seed=seed, process_group=process_group, param_index=index,
-                           orthogonal=orthogonal)
+                           orthogonal=orthogonal, project=project)
     if accumulator is not None:
         state.accumulator = accumulator
         state.accumulator_index = {id(p): i for i, (p, plan) in enumerate(zip(accumulator.params, accumulator.plans))
@@ -414,9 +425,11 @@ def register_flora_comm_hook(ddp_model: nn.Module, rank: int, seed: int = 0, pro
     return state
 
 
-def bucket_wire_bytes(model: nn.Module, rank: int | None, dtype: torch.dtype | None = None) -> int:
+def bucket_wire_bytes(model: nn.Module, rank: int | None, dtype: torch.dtype | None = None,
+                      project: str = "smaller") -> int:
     """Bytes one rank all-reduces per step for ``model``'s trainable parameters: plain DDP
-    (``rank=None``) or ``flora_comm_hook`` at projection rank ``rank``. Pure arithmetic, no process group."""
+    (``rank=None``) or ``flora_comm_hook`` at projection rank ``rank`` projecting the ``project`` side.
+    Pure arithmetic, no process group."""
     from velora.optim.projections import compression_plan, projectable_parameters
 
     compressible = {id(p) for p in projectable_parameters(model)}
@@ -425,7 +438,8 @@ def bucket_wire_bytes(model: nn.Module, rank: int | None, dtype: torch.dtype | N
         if not param.requires_grad:
             continue
         size = (torch.empty((), dtype=dtype) if dtype is not None else param).element_size()
-        plan = compression_plan(param.shape, rank) if rank is not None and id(param) in compressible else None
+        plan = (compression_plan(param.shape, rank, project=project)
+                if rank is not None and id(param) in compressible else None)
         total += size * (param.numel() if plan is None else plan.kept_dim * plan.rank)
     return total
 

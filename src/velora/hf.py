@@ -160,7 +160,8 @@ class VeLoRATrainer(Trainer):
             raise ValueError("flora_accumulation found no projectable matrices (attention/MLP linears) to compress")
         rank = self.velora_options.flora_rank or max(1, min(min(p.shape) for p in matrices) // 4)
         return CompressedGradAccumulator(self.model, rank=rank, accumulation_steps=steps,
-                                         seed=self.velora_options.seed)
+                                         seed=self.velora_options.seed, orthogonal=self.velora_options.flora_orthogonal,
+                                         project=self.velora_options.flora_project)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.velora_comm_hook_rank is not None and self.velora_comm_state is None:

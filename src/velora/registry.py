@@ -48,6 +48,8 @@ class MethodOptions:
     flora_kappa: int = 1000
     flora_accumulation: bool = False
     flora_orthogonal: bool = False  # compressed accumulation with orthonormal projection rows
+    # side of each matrix FLoRA projects (momentum and accumulation): "smaller" (FLoRA code, less noise) or "larger"
+    flora_project: str = "smaller"
     accumulation_steps: int = 1
     # GradNormLoRP
     gradnorm_rank: int = 8
@@ -64,6 +66,9 @@ class MethodOptions:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={self.accumulation_steps} must be >= 1")
+        from velora.optim.projections import check_project_side
+
+        check_project_side(self.flora_project)
 
 
 @dataclass(frozen=True)
@@ -253,7 +258,8 @@ def _flora_optimizer(model: nn.Module, options: MethodOptions):
     base = "adamw" if options.optimizer in ("adamw", "adamw8bit") else "adafactor"
     # pass the model, not a parameter list: Flora then compresses only attention/MLP matrices and keeps
     # embeddings and the head uncompressed (a vocabulary-wide random projection stalls training)
-    return Flora(model, lr=options.lr, rank=rank, kappa=options.flora_kappa, base=base, seed=options.seed)
+    return Flora(model, lr=options.lr, rank=rank, kappa=options.flora_kappa, base=base, seed=options.seed,
+                 project=options.flora_project)
 
 
 def _gradnorm_prepare(model: nn.Module, options: MethodOptions) -> nn.Module:

@@ -534,7 +534,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
                              "compress; drop --flora-accumulation")
         rank = options.flora_rank or max(1, min(min(p.shape) for p in params) // 4)
         accumulator = CompressedGradAccumulator(params, rank=rank, accumulation_steps=config.accumulation_steps,
-                                                seed=config.seed, orthogonal=options.flora_orthogonal)
+                                                seed=config.seed, orthogonal=options.flora_orthogonal,
+                                                project=options.flora_project)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     start_step = 0

@@ -22,6 +22,8 @@ METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
     "--galore-scale": ("galore_scale", float, "GaLore update scale (default 0.25)"),
     "--flora-rank": ("flora_rank", int, "FLoRA projection rank (default: a quarter of the smaller side)"),
     "--flora-kappa": ("flora_kappa", int, "FLoRA momentum resampling interval kappa (default 1000)"),
+    "--flora-project": ("flora_project", str, "side of each matrix FLoRA projects: smaller (default, as the FLoRA "
+                        "reference code: less noise) or larger (less memory, more noise)"),
     "--gradnorm-rank": ("gradnorm_rank", int, "GradNormLoRP LoRA rank (default 8)"),
     "--gradnorm-proj-rank": ("gradnorm_proj_rank", int, "GradNormLoRP gradient projection rank (default 4)"),
     "--gradnorm-update-proj-gap": ("gradnorm_update_proj_gap", int, "GradNormLoRP SVD refresh interval"),

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=None, help="LoRA/DoRA/QLoRA rank (default 8)")
     parser.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default min side / 4)")
     parser.add_argument("--flora-rank", type=int, default=None, help="FLoRA rank (default min side / 4)")
+    parser.add_argument("--flora-project", default=None, choices=("smaller", "larger"),
+                        help="side of each matrix FLoRA projects (default smaller: state max side x rank)")
     parser.add_argument("--sub-token-size", type=int, default=None, help="VeLoRA sub-token size M (default 32)")
     parser.add_argument("--velora-targets", default=None,
                         help="comma-separated VeLoRA target modules (default 'paper' = value + MLP down proj)")
@@ -42,6 +44,8 @@ def _options(args: argparse.Namespace) -> dict:
             if value <= 0:
                 raise ValueError(f"--{flag.replace('_', '-')}={value} must be a positive integer")
             options[key] = value
+    if args.flora_project is not None:
+        options["flora_project"] = args.flora_project
     if args.velora_targets is not None:
         targets = [t.strip() for t in args.velora_targets.split(",") if t.strip()]
         if not targets:

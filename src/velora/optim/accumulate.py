@@ -2,7 +2,10 @@
 
 Plain accumulation keeps one full gradient buffer per parameter (n x m). Here every 2-D gradient is
 compressed as soon as autograd has accumulated it (a post-accumulate-grad hook), its full ``.grad``
-is freed, and only C (k, r) is kept, k = min(n, m):
+is freed, and only C (k, r) is kept. G is taken in the orientation (k, p) where p is the projected
+side: by default the smaller one (``project="smaller"``, k = max(n, m), as the FLoRA reference code does; the
+decompression noise grows like sqrt(p / r)), or the larger one (``project="larger"``, k = min(n, m):
+a smaller buffer, more noise):
 
     micro-batch 1..tau-1:  C <- C + G @ A.T ;  param.grad = None          # (k, r)
     micro-batch tau:       C <- C + G @ A.T ;  param.grad <- C @ A          # decompressed, in place
@@ -16,8 +19,9 @@ step exactly when they would with plain accumulation. Nothing is stepped per mic
 
 Which parameters are compressed: given a model, its attention/MLP matrices
 (``projections.projectable_parameters``; embeddings and the output head stay plain), given a
-parameter list, every 2-D tensor; in both cases only if ``rank < max(rows, cols)``
-(``projections.compression_plan``). The others accumulate in ``.grad`` as usual.
+parameter list, every 2-D tensor; in both cases only if ``rank`` is below the projected side
+(``projections.compression_plan``: the buffer (k, r) must be smaller than the gradient). The others
+accumulate in ``.grad`` as usual.
 The projection of parameter i in cycle c is ``random_projection(seed_for(i, c), ...)``.
 """
 
@@ -28,6 +32,7 @@ from torch import nn
 
 from velora.optim.projections import (
     CompressionPlan,
+    check_project_side,
     compression_plan,
     derive_seed,
     projectable_parameters,
@@ -50,6 +55,8 @@ class CompressedGradAccumulator:
         seed: base seed of the projections.
         reduction: "sum" (default: exactly what plain accumulation leaves in ``.grad``) or "mean".
         orthogonal: orthonormalised projections (exact when rank >= the projected dimension).
+        project: which side of each matrix is projected, "smaller" (default, as the FLoRA reference code: less
+            noise) or "larger" (a min(n, m) x rank buffer: less memory, more noise).
         force_compress: compress every 2-D parameter, even when it saves nothing (for tests).
     """
 
@@ -62,6 +69,7 @@ class CompressedGradAccumulator:
         *,
         reduction: str = "sum",
         orthogonal: bool = False,
+        project: str = "smaller",
         force_compress: bool = False,
     ):
         for name, value in (("rank", rank), ("accumulation_steps", accumulation_steps)):
@@ -69,14 +77,17 @@ class CompressedGradAccumulator:
                 raise ValueError(f"CompressedGradAccumulator: {name}={value!r} must be a positive integer")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"CompressedGradAccumulator: reduction={reduction!r} must be 'sum' or 'mean'")
+        check_project_side(project)
         self.params, candidates = _collect_params(model_or_params)
         self.rank, self.accumulation_steps, self.seed = rank, accumulation_steps, int(seed)
-        self.reduction, self.orthogonal = reduction, orthogonal
+        self.reduction, self.orthogonal, self.project = reduction, orthogonal, project
         self.plans: list[CompressionPlan | None] = [
-            compression_plan(p.shape, rank, force_compress) if id(p) in candidates else None for p in self.params
+            compression_plan(p.shape, rank, force_compress, project) if id(p) in candidates else None
+            for p in self.params
         ]
+        # float32 sums (float64 for float64 parameters: no precision is lost to the buffer)
         self.buffers: list[torch.Tensor | None] = [
-            None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=torch.float32, device=p.device)
+            None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=_buffer_dtype(p), device=p.device)
             for p, plan in zip(self.params, self.plans)
         ]  # (k, r) each
         self.counts = torch.zeros(len(self.params), dtype=torch.int64)  # micro-batches in the open cycle
@@ -98,7 +109,8 @@ class CompressedGradAccumulator:
             shape = tuple(self.params[param_index].shape)
             raise ValueError(f"parameter {param_index} of shape {shape} is not compressed; it has no projection")
         return random_projection(self.seed_for(param_index, int(self.cycles[param_index])), plan.projected_dim,
-                                 plan.rank, self.params[param_index].device, torch.float32, self.orthogonal)
+                                 plan.rank, self.params[param_index].device, _buffer_dtype(self.params[param_index]),
+                                 self.orthogonal)
 
     @property
     def cycle_complete(self) -> bool:
@@ -136,6 +148,7 @@ class CompressedGradAccumulator:
             "rank": self.rank,
             "accumulation_steps": self.accumulation_steps,
             "seed": self.seed,
+            "project": self.project,
             "counts": self.counts.clone(),
             "cycles": self.cycles.clone(),
             "buffers": {i: b.clone() for i, b in enumerate(self.buffers) if b is not None},
@@ -147,6 +160,10 @@ class CompressedGradAccumulator:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved_project = state.get("project", "larger")  # states written before the option projected the larger side
+        if saved_project != self.project:
+            raise ValueError(f"state_dict was built with project={saved_project!r} but this accumulator has "
+                             f"project={self.project!r}; build it with project={saved_project!r} or start fresh")
         for key in ("rank", "accumulation_steps", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]} but this accumulator has "
@@ -202,7 +219,7 @@ class CompressedGradAccumulator:
                 self.counts[index] = 0
                 self.cycles[index] += 1
             return
-        grad = param.grad.float()
+        grad = param.grad.to(self.buffers[index].dtype)
         oriented = grad.T if plan.transposed else grad  # (k, p)
         self.buffers[index].add_(oriented @ self.projection(index).T)  # (k, r)
         if not boundary:
@@ -213,6 +230,10 @@ class CompressedGradAccumulator:
         self.buffers[index].zero_()
         self.counts[index] = 0
         self.cycles[index] += 1
+
+
+def _buffer_dtype(param: torch.Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:

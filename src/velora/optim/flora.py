@@ -1,8 +1,11 @@
 """FLoRA momentum (Hao et al. 2024, Alg. 2) on an Adafactor or AdamW base.
 
-For a 2-D parameter W (rows, cols) we work on the orientation G (k, p) with k = min(rows, cols) and
-p = max(rows, cols) (the transpose when rows > cols). The first moment lives in a seeded random
-projection A (r, p), regenerated from an int64 seed kept in the state:
+For a 2-D parameter W (rows, cols) we work on the orientation G (k, p), p the projected side: by
+default the smaller one (``project="smaller"``: p = min(rows, cols), k = max(rows, cols), as the FLoRA
+reference code does; the decompressed momentum's noise grows like sqrt(p / r)), or the larger one
+(``project="larger"``: k = min(rows, cols), a smaller state, more noise). G is the transpose when that
+puts the projected side last. The first moment lives in a seeded random projection A (r, p),
+regenerated from an int64 seed kept in the state:
 
     every step t:   M <- beta1 * M + (1 - beta1) * G @ A.T          # (k, r)
                     direction = M @ A                                # (k, p), decompressed momentum
@@ -17,9 +20,12 @@ same update rule as ``torch.optim.AdamW``).
 Which parameters keep full state: pass the model itself (``Flora(model, ...)``) and only the
 attention/MLP matrices are candidates (``projections.projectable_parameters``: ``nn.Linear``/Conv1D
 weights minus embeddings and the output head, which project across the vocabulary). A candidate is
-compressed iff it is 2-D and ``rank < max(rows, cols)`` (``projections.compression_plan``); the rest
-(biases, norms, embeddings, head, matrices too small for the rank to save memory) keep a full first
-moment. With a plain parameter list every 2-D tensor is a candidate; a group may set ``compress=False``.
+compressed iff it is 2-D and ``rank < p`` (the (k, r) state is smaller than the (k, p) one;
+``projections.compression_plan``); the rest (biases, norms, embeddings, head, matrices too small for
+the rank to save memory) keep a full first moment. With a plain parameter list every 2-D tensor is a
+candidate; a group may set ``compress=False``. (The reference code instead leaves matrices with
+max/min side > 4 uncompressed to rule out embeddings; we exclude embeddings and the head by module
+type, which also covers square-ish vocabularies, and compress every attention/MLP matrix.)
 """
 
 from __future__ import annotations
@@ -41,7 +47,13 @@ from velora.optim._common import (
     working_grad,
     write_moment,
 )
-from velora.optim.projections import compression_plan, derive_seed, random_projection, split_param_groups
+from velora.optim.projections import (
+    check_project_side,
+    compression_plan,
+    derive_seed,
+    random_projection,
+    split_param_groups,
+)
 
 __all__ = ["Flora"]
 
@@ -49,7 +61,7 @@ _BASES = ("adafactor", "adamw")
 
 
 class Flora(TensorStateOptimizer):
-    """FLoRA: first moment kept in a resampled random projection (n x r instead of n x m).
+    """FLoRA: first moment kept in a resampled random projection (k x r instead of n x m).
 
     Args:
         params: a model (recommended: compresses attention/MLP matrices only), parameters, or param
@@ -63,6 +75,8 @@ class Flora(TensorStateOptimizer):
         seed: base seed; the projection of parameter i in cycle c is seeded by derive_seed(seed, i, c).
         eight_bit: keep the first moment block-wise 8-bit (``velora.optim.quant``).
         orthogonal: orthonormalise the projection rows (exact round trip when rank == projected dim).
+        project: which side of each matrix is projected: "smaller" (default, as the FLoRA reference code, less
+            noise; state max(n, m) x r) or "larger" (state min(n, m) x r: less memory, more noise).
         force_compress: compress every 2-D parameter even when it saves no memory (for testing).
     """
 
@@ -85,12 +99,13 @@ class Flora(TensorStateOptimizer):
         weight_decay: float = 0.0,
         eight_bit: bool = False,
         orthogonal: bool = False,
+        project: str = "smaller",
         force_compress: bool = False,
     ):
         defaults = dict(
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, base=base, seed=seed, beta2=beta2, eps=eps,
             beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
-            weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal,
+            weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal, project=project,
             force_compress=force_compress, compress=True,
         )
         if isinstance(params, nn.Module):
@@ -116,8 +131,22 @@ class Flora(TensorStateOptimizer):
         check_unit_interval("beta2", group["beta2"])
         if group["base"] not in _BASES:
             raise ValueError(f"base={group['base']!r} is not one of {_BASES}")
+        check_project_side(group["project"])
         if group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch would silently replace each group's options by the saved ones; a compressed momentum
+        # only makes sense with the side it was built on, so a different side is an error
+        saved_groups = []
+        for current, saved in zip(self.param_groups, state_dict["param_groups"]):
+            saved_project = saved.get("project", "larger")  # saved before the option existed: the larger side
+            if saved_project != current["project"]:
+                raise ValueError(f"Flora state was built with project={saved_project!r} but this optimizer has "
+                                 f"project={current['project']!r}; build it with project={saved_project!r} or "
+                                 "start a fresh state")
+            saved_groups.append({**saved, "project": saved_project})
+        super().load_state_dict({**state_dict, "param_groups": saved_groups})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -184,7 +213,8 @@ class Flora(TensorStateOptimizer):
 
     def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
         state = self.state[param]
-        plan = compression_plan(param.shape, group["rank"], group["force_compress"]) if group["compress"] else None
+        plan = (compression_plan(param.shape, group["rank"], group["force_compress"], group["project"])
+                if group["compress"] else None)
         if not state:
             self._init_state(state, param, group, plan, param_index)
         elif group["beta1"] > 0 and (plan is not None) != ("seed" in state):

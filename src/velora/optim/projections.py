@@ -17,6 +17,8 @@ import torch
 __all__ = [
     "random_projection",
     "derive_seed",
+    "PROJECT_SIDES",
+    "check_project_side",
     "CompressionPlan",
     "compression_plan",
     "svd_projector",
@@ -76,34 +78,58 @@ def random_projection(
     return projection.to(device=device, dtype=dtype)
 
 
+PROJECT_SIDES = ("smaller", "larger")
+
+
+def check_project_side(project: str) -> None:
+    """One-line ValueError for a projection side other than "smaller" / "larger"."""
+    if project not in PROJECT_SIDES:
+        raise ValueError(f"project={project!r} is not a projection side; use 'smaller' (project the smaller side "
+                         "of each matrix, as the FLoRA reference code: less noise) or 'larger' (less memory)")
+
+
 @dataclass(frozen=True)
 class CompressionPlan:
-    """How a 2-D tensor (rows, cols) is compressed: the larger side is projected to ``rank``.
+    """How a 2-D tensor (rows, cols) is compressed: one side is projected to ``rank``, the other kept.
 
-    ``transposed`` is True when rows > cols: we then work on the (cols, rows) transpose so the kept
-    state is always (kept_dim, rank) with kept_dim = min(rows, cols).
+    We always work on the orientation (kept_dim, projected_dim): the tensor itself, or its transpose
+    when ``transposed`` is True. The kept state is (kept_dim, rank). ``project="smaller"`` (default)
+    projects min(rows, cols), keeping (max, rank): the decompression noise grows like
+    sqrt(projected_dim / rank), so this is the accurate choice at a given rank, and the one of the
+    FLoRA reference code (the paper's Alg. 1 writes the column side). ``project="larger"`` projects
+    max(rows, cols), keeping (min, rank): less memory, more noise (at equal memory both sides have the
+    same error). Square matrices are identical under both.
     """
 
     kept_dim: int
     projected_dim: int
     rank: int
     transposed: bool
+    project: str = "smaller"
 
 
-def compression_plan(shape: torch.Size | tuple[int, ...], rank: int, force: bool = False) -> CompressionPlan | None:
+def compression_plan(shape: torch.Size | tuple[int, ...], rank: int, force: bool = False,
+                     project: str = "smaller") -> CompressionPlan | None:
     """The rule for which tensors get a projected state (``None`` = keep full state).
 
-    A tensor is compressed iff it is 2-D and ``rank < max(rows, cols)`` (otherwise the projected
-    state min(rows, cols) x rank is no smaller than the full one). ``force=True`` compresses every 2-D
-    tensor with the effective rank min(rank, max(rows, cols)) (used to test the projection path).
+    A tensor is compressed iff it is 2-D and its kept state (kept_dim, rank) is smaller than the full
+    tensor, i.e. ``rank < projected_dim`` (``min(rows, cols)`` for ``project="smaller"``, ``max`` for
+    ``"larger"``). ``force=True`` compresses every 2-D tensor with the effective rank
+    min(rank, projected_dim) (used to test the projection path).
     """
+    check_project_side(project)
     if len(shape) != 2:
         return None
     rows, cols = int(shape[0]), int(shape[1])
-    kept_dim, projected_dim = min(rows, cols), max(rows, cols)
+    if project == "smaller":
+        kept_dim, projected_dim = max(rows, cols), min(rows, cols)
+        transposed = rows < cols  # work on (cols, rows): the rows are the smaller side
+    else:
+        kept_dim, projected_dim = min(rows, cols), max(rows, cols)
+        transposed = rows > cols  # work on (cols, rows): the rows are the larger side
     if rank >= projected_dim and not force:
         return None
-    return CompressionPlan(kept_dim, projected_dim, min(rank, projected_dim), transposed=rows > cols)
+    return CompressionPlan(kept_dim, projected_dim, min(rank, projected_dim), transposed, project)
 
 
 def _svd_attempts(matrix: torch.Tensor):
