@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +110,15 @@ def describe(method: str, rank: int, sub_token_size: int, update_gap: int) -> st
     return text
 
 
+# step time of one method relative to full (measured at 1000 x 4 x 64): the parallel queue starts the slowest
+# methods first so that the workers finish together instead of one waiting on a late LoRA run
+RELATIVE_COST = {"lora": 1.61, "dora": 1.8, "gradnormlorp": 1.56, "flora": 1.39, "galore": 1.13, "full": 1.0}
+
+
+def default_jobs() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
@@ -121,9 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=SETTING["data"], help="corpus (default: the offline stdlib corpus)")
     parser.add_argument("--seed", type=int, default=SETTING["seed"])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    # one thread by default: at d=128 the matmuls are too small to gain from intra-op threads, and on a
-    # shared machine two spinning OpenMP threads ran 5-10x slower than one (measured)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    # methods run in parallel worker processes with one thread each: at d=128 the matmuls are too small to
+    # gain from intra-op threads, and on a shared machine two spinning OpenMP threads ran 5-10x slower than one
+    parser.add_argument("--jobs", type=int, default=None,
+                        help=f"methods trained at once, each in its own process (default min(2, CPUs) = "
+                             f"{default_jobs()}); the numbers do not depend on it")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -141,15 +158,123 @@ def _parse_lrs(items: list[str]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class Job:
+    """One method's training run, everything a worker process needs (picklable)."""
+
+    method: str
+    config: Any  # velora.train.TrainConfig
+    run_dir: Path
+    threads: int
+    progress: bool
+
+
+def train_job(job: Job) -> dict[str, Any]:
+    """Train one method and return its result without the model (runs in the caller or in a worker)."""
+    from velora.train import train
+
+    torch.set_num_threads(job.threads)
+    began = time.perf_counter()
+    result = train(job.config, job.run_dir, progress=job.progress, tensorboard=False)
+    result.pop("_model")
+    result["wall_s"] = time.perf_counter() - began
+    return result
+
+
+def _worker(conn) -> None:
+    """Worker process body: train the jobs it is sent until it receives None. Each job is answered with
+    ("ok", result) or ("error", exception or None, text, traceback); after an error the worker stops."""
+    while (job := conn.recv()) is not None:
+        try:
+            conn.send(("ok", train_job(job)))
+        except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent, which re-raises it
+            trace = traceback.format_exc()
+            try:
+                conn.send(("error", err, f"{type(err).__name__}: {err}", trace))
+            except Exception:  # the exception itself does not pickle: send its text
+                conn.send(("error", None, f"{type(err).__name__}: {err}", trace))
+            break
+    conn.close()
+
+
+def _failure(method: str, err: BaseException | None, text: str, trace: str) -> BaseException:
+    """The worker's exception (same type when possible), its message prefixed with the method."""
+    failure: BaseException = RuntimeError(f"method {method} failed: {text}")
+    if err is not None:
+        try:
+            failure = type(err)(f"method {method}: {err}")
+        except Exception:  # an exception type with a custom constructor: keep the original object
+            failure = err
+    failure.add_note(f"traceback in the worker process of {method}:\n{trace}")
+    return failure
+
+
+def run_parallel(jobs: list[Job], n_jobs: int, say) -> dict[str, dict[str, Any]]:
+    """Run ``jobs`` in order on ``n_jobs`` spawned worker processes; an idle worker takes the next job.
+
+    A failing job stops the others (their processes are terminated) and is re-raised here.
+    """
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenMP state
+    workers = {}  # parent end of each worker's pipe -> its process
+    for i in range(n_jobs):
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_worker, args=(child_end,), name=f"velora-compare-{i}")
+        process.start()
+        child_end.close()  # the child holds the only copy: its exit closes the pipe
+        workers[parent_end] = process
+    queue = list(jobs)
+    idle = list(workers)
+    busy: dict[Any, tuple[Job, float]] = {}  # parent end -> (the job it trains, start time)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        while queue or busy:
+            while queue and idle:
+                conn, job = idle.pop(0), queue.pop(0)
+                conn.send(job)
+                busy[conn] = (job, time.perf_counter())
+                say(f"started {job.method} (lr {job.config.lr:g}), {len(busy)} of {n_jobs} jobs running")
+            for conn in wait(list(busy)):
+                job, began = busy.pop(conn)
+                try:
+                    message = conn.recv()
+                except EOFError:  # the process died without a word (killed, out of memory, crashed)
+                    workers[conn].join()
+                    raise RuntimeError(f"method {job.method}: its worker process exited with code "
+                                       f"{workers[conn].exitcode} before reporting a result") from None
+                if message[0] == "error":
+                    raise _failure(job.method, *message[1:])
+                results[job.method] = message[1]
+                idle.append(conn)
+                say(f"finished {job.method}: val ppl {message[1]['val_ppl']:.2f} in "
+                    f"{time.perf_counter() - began:.0f} s")
+    finally:
+        for conn, process in workers.items():
+            if conn in busy:  # only after a failure: its result is no longer wanted
+                process.terminate()
+            elif process.is_alive():
+                try:
+                    conn.send(None)  # done: the worker leaves its loop
+                except (BrokenPipeError, OSError):
+                    process.terminate()
+            process.join()
+            conn.close()
+    return results
+
+
 def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
-    from velora.train import TrainConfig, train
+    from velora.train import TrainConfig, load_data
 
     say = log or (lambda message: print(message, file=sys.stderr))
     methods = [parse_method(m.strip()).name for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods is empty; pass e.g. full,velora")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    n_jobs = default_jobs() if getattr(args, "jobs", None) is None else args.jobs
+    if n_jobs < 1:
+        raise ValueError(f"--jobs {n_jobs} must be >= 1 (the number of methods trained at once)")
+    n_jobs = min(n_jobs, len(methods))
+    threads = args.threads if args.threads is not None else 1
+    if threads < 1:
+        raise ValueError(f"--threads {threads} must be >= 1")
     lr_overrides = _parse_lrs(args.lr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,20 +282,30 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
                "seq_len": args.seq_len, "data": args.data, "seed": args.seed,
                "warmup_steps": max(1, args.steps // 10)}
     started = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
+    jobs = []
     for method in methods:
         base = parse_method(method).base
         lr = lr_overrides.get(method, TUNED_LR.get(method, TUNED_LR.get(base, 1e-3)))
         config = TrainConfig(method=method, lr=lr, **setting,
                              **method_overrides(method, args.rank, args.sub_token_size, args.update_gap))
-        run_dir = fresh_dir(out / "runs" / method.replace("+", "-"))
-        what = describe(method, args.rank, args.sub_token_size, args.update_gap)
-        say(f"[{len(results) + 1}/{len(methods)}] {method}: {what}, lr {lr:g}")
-        result = train(config, run_dir, progress=not args.no_progress, tensorboard=False)
-        result.pop("_model")
-        result["lr_source"] = "override" if method in lr_overrides else "tuned once"
-        results[method] = result
+        jobs.append(Job(method, config, fresh_dir(out / "runs" / method.replace("+", "-")), threads,
+                        progress=not args.no_progress and n_jobs == 1))
+        say(f"{method}: {describe(method, args.rank, args.sub_token_size, args.update_gap)}, lr {lr:g}")
+    if n_jobs == 1:
+        torch.set_num_threads(threads)
+        finished = {}
+        for i, job in enumerate(jobs):
+            say(f"[{i + 1}/{len(jobs)}] {job.method}")
+            finished[job.method] = train_job(job)
+    else:
+        # build the tokenizer and token caches once here, so the workers only read them
+        load_data(jobs[0].config)
+        # slowest first (stable: equal costs keep the --methods order) so the workers finish together
+        queue = sorted(jobs, key=lambda job: -RELATIVE_COST.get(parse_method(job.method).base, 1.0))
+        finished = run_parallel(queue, n_jobs, say)
     runtime = time.perf_counter() - started
+    results = {method: {**finished[method], "lr_source": "override" if method in lr_overrides else "tuned once"}
+               for method in methods}  # the table keeps the --methods order whatever finished first
 
     reference = results.get("full")
     rows = []
@@ -187,6 +322,7 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
             "peak_breakdown": result["peak_breakdown"],
             "step_time_s": result["step_time_median_s"],
             "step_time_ratio": (result["step_time_median_s"] / reference["step_time_median_s"]) if reference else None,
+            "wall_s": result["wall_s"],
             "trainable_parameters": result["trainable_parameters"],
             "initial_loss": result["initial_loss"],
             "final_loss": result["final_loss"],
@@ -210,6 +346,11 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
         "memory_source": first["memory_source"],
         "paper": {k: {m: list(v) for m, v in table.items()} for k, table in PAPER.items()},
         "runtime_s": runtime,
+        "jobs": n_jobs,
+        "threads_per_job": threads,
+        "timing_note": f"step times are medians over steps 2..{setting['steps']} measured inside each method's own "
+                       f"process while {n_jobs} job{'s' if n_jobs > 1 else ''} of {threads} thread"
+                       f"{'s' if threads > 1 else ''} ran at once",
         "environment": environment(),
     }
     write_json(out / "results.json", summary)
@@ -247,8 +388,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"Pre-training {s['model']} ({s['parameters'] / 1e6:.2f}M parameters) from scratch on the offline stdlib "
         f"corpus: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens = {s['tokens_per_method']:,} tokens "
         "per method, same seed, same batch order. Peak = measured peak of one training step, split by category "
-        f"({summary['memory_source']}). Runtime {summary['runtime_s']:.0f} s on {summary['environment']['threads']} "
-        "threads.",
+        f"({summary['memory_source']}). Runtime {summary['runtime_s']:.0f} s wall with {summary['jobs']} parallel "
+        f"job(s) of {summary['threads_per_job']} thread(s) on {summary['environment']['cpu_count']} CPUs; "
+        f"{summary['timing_note']}.",
         "",
         markdown_table(HEADERS, table_rows(summary)),
         "",
@@ -305,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
                     f"(memory in MiB)")
     print("learning rates (tuned once, see results.md for the grid): "
           + ", ".join(f"{m} {lr:g}" for m, lr in summary["learning_rates"].items()))
+    print(summary["timing_note"])
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}"
           + (f", {summary['plot']}" if summary["plot"] else "") + f" in {summary['runtime_s']:.0f} s")
     return 0
