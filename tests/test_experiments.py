@@ -31,7 +31,7 @@ def test_compare_writes_table_json_and_png(tmp_path, text_file, capsys, monkeypa
     assert summary["learning_rates"]["velora"] == summary["learning_rates"]["full"]
     assert (out / "results.json").exists() and (out / "compare.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()
-    assert "| full |" in md and "VeLoRA Tab. 4" in md and "tuned once" in md
+    assert "| full |" in md and "VeLoRA Tab. 4" in md and "tuned at 1000 x 5 x 128" in md
     # a second run overwrites its own run folders instead of refusing
     assert main(["compare", "--model", "llama-tiny", "--steps", "2", "--methods", "full", "--data", str(text_file),
                  "--seq-len", "32", "--out", str(out), "--no-progress"]) == 0
