@@ -184,7 +184,7 @@ def train_job(job: Job) -> dict[str, Any]:
     result = train(job.config, job.run_dir, progress=job.progress, tensorboard=False)
     result.pop("_model")
     result["wall_s"] = time.perf_counter() - began
-    result["cpu_s"] = time.process_time() - cpu_began  # what the run costs on an idle core, whatever the load
+    result["cpu_s"] = time.process_time() - cpu_began  # this process only: less sensitive to other load than wall
     return result
 
 
