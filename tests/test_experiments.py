@@ -16,8 +16,8 @@ def test_compare_writes_table_json_and_png(tmp_path, text_file, capsys, monkeypa
     monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"
     code = main(["compare", "--model", "llama-tiny", "--steps", "3", "--methods", "full,velora,galore",
-                 "--rank", "16", "--data", str(text_file), "--seq-len", "32", "--out", str(out), "--json",
-                 "--no-progress"])
+                 "--rank", "16", "--data", str(text_file), "--seq-len", "32", "--out", str(out), "--jobs", "1",
+                 "--json", "--no-progress"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in summary["rows"]] == ["full", "velora", "galore"]
@@ -31,11 +31,55 @@ def test_compare_writes_table_json_and_png(tmp_path, text_file, capsys, monkeypa
     assert summary["learning_rates"]["velora"] == summary["learning_rates"]["full"]
     assert (out / "results.json").exists() and (out / "compare.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()
-    assert "| full |" in md and "VeLoRA Tab. 4" in md and "tuned once" in md
+    assert "| full |" in md and "VeLoRA Tab. 4" in md and "tuned at 1000 x 5 x 128" in md
     # a second run overwrites its own run folders instead of refusing
     assert main(["compare", "--model", "llama-tiny", "--steps", "2", "--methods", "full", "--data", str(text_file),
                  "--seq-len", "32", "--out", str(out), "--no-progress"]) == 0
     assert "velora compare" in capsys.readouterr().out
+
+
+def test_compare_numbers_do_not_depend_on_jobs(tmp_path, text_file, capsys, monkeypatch):
+    """Two worker processes give bitwise the same curves as one process running the methods in turn; the
+    slowest method (lora) is started first, and the table keeps the --methods order."""
+    from velora.cli import main
+
+    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
+    summaries = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["compare", "--model", "llama-tiny", "--steps", "4", "--methods", "full,velora,lora", "--rank", "8",
+                     "--data", str(text_file), "--seq-len", "32", "--out", str(out), "--jobs", str(jobs),
+                     "--no-progress", "--json"]) == 0
+        log = capsys.readouterr().err
+        summaries[jobs] = json.loads((out / "results.json").read_text())
+    assert log.index("started lora") < log.index("started full") < log.index("started velora")
+    serial, parallel = summaries[1]["rows"], summaries[2]["rows"]
+    assert [r["method"] for r in parallel] == [r["method"] for r in serial] == ["full", "velora", "lora"]
+    for one, two in zip(serial, parallel, strict=True):
+        assert one["loss_curve"] == two["loss_curve"] and len(one["loss_curve"]) == 4
+        assert one["val_ppl"] == two["val_ppl"] and one["activation_bytes"] == two["activation_bytes"]
+    assert serial[0]["val_ppl"] != serial[1]["val_ppl"]  # the methods really differ (the check can fail)
+    assert (summaries[1]["jobs"], summaries[2]["jobs"]) == (1, 2)
+    assert "while 2 jobs of 1 thread ran at once" in summaries[2]["timing_note"]
+
+
+def test_compare_worker_failure_fails_the_command(tmp_path, text_file, monkeypatch):
+    from velora.cli import main
+    from velora.train import TrainingDiverged
+
+    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TrainingDiverged, match="method velora: training stopped: loss is nan"):
+        main(["compare", "--model", "llama-tiny", "--steps", "3", "--methods", "full,velora", "--lr", "velora=1e30",
+              "--data", str(text_file), "--seq-len", "32", "--out", str(tmp_path / "out"), "--jobs", "2",
+              "--no-progress"])
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_compare_rejects_bad_jobs(tmp_path, capsys):
+    from velora.cli import main
+
+    assert main(["compare", "--jobs", "0", "--out", str(tmp_path)]) == 2
+    assert "--jobs 0 must be >= 1" in capsys.readouterr().err
 
 
 def test_compare_rejects_bad_lr_override(tmp_path, capsys):
