@@ -41,9 +41,9 @@ DEFAULT_OUT = "velora-runs/compare"
 
 # the CPU-sized setting (llama-small: d=128, 4 layers, MLP 352, vocab 2048 BPE, 1.3M parameters)
 # 1000 steps x 5 x 128 tokens = 640k tokens per method. The step count is what carries full AdamW off its early
-# loss plateau (250 steps x 8 x 128 left full behind every compressed method); 5 x 128-token batches are about
-# the most tokens the six methods fit into ~7 min with two parallel jobs on 2 cores (1000 x 8 x 128 would need
-# ~11 min). Linear warmup over the first 10% of steps, cosine to 0.1 x lr.
+# loss plateau (250 steps x 8 x 128 left full behind every compressed method); with 5 x 128-token batches the six
+# methods take ~5.5 min with two parallel jobs on 2 cores (1000 x 8 x 128 would need ~8.5 min, too close to the
+# 10-min budget). Linear warmup over the first 10% of steps, cosine to 0.1 x lr.
 SETTING = dict(model="llama-small", data="stdlib", tokenizer="bpe", vocab_size=2048, bpe_train_chars=1_000_000,
                max_train_chars=1_500_000, max_val_chars=200_000, seq_len=128, batch_size=5, steps=1000,
                warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0, eval_batches=8, seed=0)
