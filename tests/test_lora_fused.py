@@ -140,6 +140,36 @@ def test_fused_fp32_training_matches_unfused():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("base_dtype,adapter_dtype,tolerance", [
+    (torch.bfloat16, torch.float32, dict(rtol=2e-2, atol=1e-2)),  # peft's default for a bf16 model
+    (torch.float32, torch.float64, dict(rtol=1e-6, atol=1e-6)),
+], ids=["bf16-base-fp32-adapter", "fp32-base-fp64-adapter"])
+def test_fused_with_a_wider_adapter_matches_peft(base_dtype, adapter_dtype, tolerance):
+    def build(fuse_lora):
+        model = lora(base_dtype)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(adapter_dtype)
+        return with_velora(model, fuse_lora=fuse_lora)
+
+    x = batch(base_dtype)
+    fused, unfused = build(True), build(False)
+    assert fused_ran(fused, x)
+    for _ in range(2):
+        out_f, gx_f, grads_f = run(fused, x)
+        out_u, gx_u, grads_u = run(unfused, x)
+        assert out_f.dtype == out_u.dtype == base_dtype and gx_f.dtype == base_dtype
+        torch.testing.assert_close(out_f, out_u, **tolerance)
+        torch.testing.assert_close(gx_f, gx_u, **tolerance)
+        for name in grads_u:
+            assert grads_f[name].dtype == grads_u[name].dtype
+            torch.testing.assert_close(grads_f[name], grads_u[name], **tolerance)
+    x32 = batch(torch.float32).requires_grad_(True) if base_dtype == torch.float32 else None
+    if x32 is not None:  # same saved bytes as peft's path with the cast (z and h in the adapter dtype)
+        assert saved_activation_bytes(fused, lambda: fused(x32).sum()) == \
+            saved_activation_bytes(unfused, lambda: unfused(x32).sum())
+
+
 # ---- memory ----------------------------------------------------------------------------------------------
 
 
@@ -177,6 +207,12 @@ def test_falls_back_to_peft_outside_the_plain_case():
     assert fused_ran(single, x.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_ran(single, x.float())
+
+    narrow = lora()  # fp64 base, fp32 adapters: peft adds in fp64 after its own casts; not fused
+    for name, param in narrow.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    assert not fused_ran(with_velora(narrow), x)
 
     with pytest.warns(UserWarning, match="lora_dropout=0.1"):
         dropout = with_velora(lora(lora_dropout=0.1))

@@ -19,8 +19,9 @@ and the backward, with G = ∂L/∂out (T, O):
 It saves exactly what the unfused path saves (z and h; parameters and v are not activations) and gives
 the same numbers up to float rounding. The fused class takes this path only when it is the plain case
 — training with grad enabled, one active unmerged adapter, vanilla LoRA (no DoRA or other variant),
-no dropout, no lora_B bias, a frozen ``nn.Linear`` base, one dtype for x and all weights, autocast
-off, no user hooks on the parts it skips — and otherwise runs peft's own forward unchanged.
+no dropout, no lora_B bias, a frozen ``nn.Linear`` base, x in the base weight's dtype and an adapter in that
+dtype or a wider one (peft's fp32 adapters on a bf16 base), autocast off, no user hooks on the parts it skips —
+and otherwise runs peft's own forward unchanged.
 ``VeLoRAConfig(fuse_lora=False)`` turns the fused class off.
 """
 
@@ -30,41 +31,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velora.subtoken import compress, factored_weight_grad
+from velora.subtoken import _as, compress, factored_weight_grad
 
 _FUSED_CLASSES: dict[type, type] = {}
 
 
 class LoRAVeLoRAFunction(torch.autograd.Function):
+    """x and the base weight share one dtype; the adapter (A, B) may be wider, as peft keeps fp32 adapters on a
+    bf16 base: then, like peft, the LoRA branch runs in the adapter dtype on x cast to it, the sum is formed in
+    the adapter dtype and the output is cast back to x's dtype."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale):
         # x: (..., D); weight: (O, D) frozen; bias: (O,) or None; lora_a: (r, D); lora_b: (O, r); directions: (M, k)
         tokens = x.reshape(-1, x.shape[-1])  # (T, D)
-        hidden = tokens.mm(lora_a.t())  # (T, r)
-        out = F.linear(tokens, weight, bias)  # (T, O)
-        out.addmm_(hidden, lora_b.t(), alpha=scaling)  # (T, O) += s · (T, r) @ (r, O)
+        adapter_tokens = _as(tokens, lora_a.dtype)  # (T, D), what peft's lora_A receives
+        hidden = adapter_tokens.mm(lora_a.t())  # (T, r)
+        out = _as(F.linear(tokens, weight, bias), lora_a.dtype)  # (T, O)
+        out = out.addmm_(hidden, lora_b.t(), alpha=scaling)  # (T, O) += s · (T, r) @ (r, O)
         needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        z = compress(tokens, directions) if needs_a else None  # (T, G, k)
+        z = compress(adapter_tokens, directions) if needs_a else None  # (T, G, k)
         ctx.save_for_backward(z, hidden if needs_b else None, weight if needs_x else None,
                               lora_a if needs_x else None, lora_b if (needs_x or needs_a) else None,
                               directions if needs_a else None)
         ctx.x_shape, ctx.scaling, ctx.velora_scale = x.shape, float(scaling), float(velora_scale)
         ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])  # (..., O)
+        return _as(out, x.dtype).view(*x.shape[:-1], out.shape[-1])  # (..., O)
 
     @staticmethod
     def backward(ctx, grad_out):
         z, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
         needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
-        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
+        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O), x's dtype
+        adapter_grad = _as(grad, lora_b.dtype) if lora_b is not None else None  # (T, O)
         grad_x = grad_bias = grad_a = grad_b = None
-        grad_hidden = grad.mm(lora_b).mul_(ctx.scaling) if (needs_x or needs_a) else None  # (T, r)
+        grad_hidden = adapter_grad.mm(lora_b).mul_(ctx.scaling) if (needs_x or needs_a) else None  # (T, r)
         if needs_b:
-            grad_b = grad.t().mm(hidden).mul_(ctx.scaling)  # (O, r)
+            grad_b = _as(grad, hidden.dtype).t().mm(hidden).mul_(ctx.scaling)  # (O, r)
         if needs_a:
             grad_a = factored_weight_grad(grad_hidden, z, directions, ctx.x_shape[-1], ctx.velora_scale)  # (r, D)
         if needs_x:
-            grad_x = grad.mm(weight).addmm_(grad_hidden, lora_a).view(ctx.x_shape)  # (..., D)
+            grad_x = grad.mm(weight)  # (T, D)
+            if lora_a.dtype == grad_x.dtype:
+                grad_x.addmm_(grad_hidden, lora_a)  # += (T, r) @ (r, D)
+            else:  # the adapter's input gradient arrives in its own dtype and is cast, as in peft's graph
+                grad_x.add_(grad_hidden.mm(lora_a).to(grad_x.dtype))
+            grad_x = grad_x.view(ctx.x_shape)  # (..., D)
         if ctx.has_bias and needs_bias:
             grad_bias = grad.sum(0)  # (O,)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
@@ -117,11 +129,14 @@ class FusedLoRAMixin:
             return None
         if not (isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and dropout.p == 0)):
             return None
-        dtype = x.dtype
-        if not x.is_floating_point() or any(t.dtype != dtype for t in (base.weight, lora_a.weight, lora_b.weight)):
+        dtype, adapter_dtype = x.dtype, lora_a.weight.dtype
+        if not x.is_floating_point() or base.weight.dtype != dtype or lora_b.weight.dtype != adapter_dtype:
             return None
         if base.bias is not None and base.bias.dtype != dtype:
             return None
+        if adapter_dtype != dtype and (torch.promote_types(dtype, adapter_dtype) != adapter_dtype
+                                       or not getattr(self, "cast_input_dtype_enabled", True)):
+            return None  # a narrower adapter, or peft told not to cast x: peft's own forward
         if torch.is_autocast_enabled(x.device.type):
             return None
         if any(_hooked(m) for m in (base, lora_a, lora_b, dropout)) or _global_hooks():
