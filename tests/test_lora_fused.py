@@ -116,6 +116,16 @@ def test_fused_equals_plain_lora_autograd_when_subtokens_lie_on_v():
         torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-12, atol=1e-12)
 
 
+def test_fused_trains_the_base_bias_when_peft_unfreezes_it():
+    x = batch()
+    fused, unfused = with_velora(lora(bias="all")), with_velora(lora(bias="all"), fuse_lora=False)
+    assert fused_ran(fused, x)
+    grads_f, grads_u = run(fused, x)[2], run(unfused, x)[2]
+    assert any(name.endswith("base_layer.bias") for name in grads_f) and grads_f.keys() == grads_u.keys()
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("rank,pad", [(2, False), (1, True)], ids=["rank2", "pad"])
 def test_fused_handles_rank_and_padding(rank, pad):
     size = 12 if pad else M  # 12 does not divide 32 or 24: zero-padded last group
