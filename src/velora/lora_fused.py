@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_mod
 
 from velora.subtoken import _as, compress, factored_weight_grad
 
@@ -55,7 +56,7 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
                               lora_a if needs_x else None, lora_b if (needs_x or needs_a) else None,
                               directions if needs_a else None)
         ctx.x_shape, ctx.scaling, ctx.velora_scale = x.shape, float(scaling), float(velora_scale)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.adapter_dtype = bias is not None, lora_a.dtype
         return _as(out, x.dtype).view(*x.shape[:-1], out.shape[-1])  # (..., O)
 
     @staticmethod
@@ -63,11 +64,11 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
         z, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
         needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O), x's dtype
-        adapter_grad = _as(grad, lora_b.dtype) if lora_b is not None else None  # (T, O)
+        adapter_grad = _as(grad, ctx.adapter_dtype)  # (T, O), cast once (a no-op when the dtypes agree)
         grad_x = grad_bias = grad_a = grad_b = None
         grad_hidden = adapter_grad.mm(lora_b).mul_(ctx.scaling) if (needs_x or needs_a) else None  # (T, r)
         if needs_b:
-            grad_b = _as(grad, hidden.dtype).t().mm(hidden).mul_(ctx.scaling)  # (O, r)
+            grad_b = adapter_grad.t().mm(hidden).mul_(ctx.scaling)  # (O, r)
         if needs_a:
             grad_a = factored_weight_grad(grad_hidden, z, directions, ctx.x_shape[-1], ctx.velora_scale)  # (r, D)
         if needs_x:
@@ -82,8 +83,14 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
+def mark_observer(hook):
+    """Mark a forward hook that only watches (the library's memory meter): the fused path may skip it on the
+    children it does not call. Returns the hook, so it works as a decorator."""
+    hook._velora_observer = True
+    return hook
+
+
 def _observer(hook) -> bool:
-    """Hooks that only watch (the library's memory meter) may be skipped without changing anything."""
     return getattr(getattr(hook, "__func__", hook), "_velora_observer", False)
 
 
@@ -95,8 +102,6 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_mod
-
     hooks = list(module_mod._global_forward_hooks.values()) + list(module_mod._global_forward_pre_hooks.values())
     return not all(_observer(hook) for hook in hooks)
 

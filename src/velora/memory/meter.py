@@ -18,14 +18,10 @@ import weakref
 import torch
 from torch import nn
 
+from velora.lora_fused import mark_observer
+
 OUTSIDE = "(outside modules)"
 ROOT = "(model)"
-
-
-def _observer(hook):
-    # marks a hook that only watches, so fused layers (velora.lora_fused) may skip their children's hooks
-    hook._velora_observer = True
-    return hook
 
 
 class SavedActivationMeter:
@@ -116,7 +112,7 @@ class SavedActivationMeter:
             register_pre = nn.modules.module.register_module_forward_pre_hook
             register_post = nn.modules.module.register_module_forward_hook
 
-            @_observer
+            @mark_observer
             def pre(module, args):
                 self._seen_modules.add(module)
                 self._stack.append(type(module).__name__)
@@ -125,13 +121,13 @@ class SavedActivationMeter:
             self._handles.append(register_post(self._exit_module, always_call=True))
 
     def _enter_module(self, label: str):
-        @_observer
+        @mark_observer
         def pre(module, args):
             self._stack.append(label)
 
         return pre
 
-    @_observer
+    @mark_observer
     def _exit_module(self, module, args, output) -> None:
         if self._stack:
             self._stack.pop()
