@@ -153,10 +153,7 @@ class VeLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VeLoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VeLoRAConfig keys {unknown}; known keys are {sorted(known)}")
+        reject_unknown_keys(cls, data)
         data = dict(data)
         if isinstance(data.get("init"), dict) and "tensor" in data["init"]:
             data["init"] = torch.tensor(data["init"]["tensor"], dtype=torch.float32)
@@ -170,6 +167,14 @@ class VeLoRAConfig:
         if not isinstance(other, VeLoRAConfig):
             return NotImplemented
         return self.to_dict() == other.to_dict()
+
+
+def reject_unknown_keys(cls: type, data: dict[str, Any]) -> None:
+    """One-line ValueError if ``data`` (a saved dataclass) has keys that ``cls`` does not know."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
 
 
 def _normalise_targets(targets: Any) -> tuple[str, ...]:

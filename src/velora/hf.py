@@ -31,7 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from velora.config import VeLoRAConfig
-from velora.registry import MethodOptions, build_optimizer, parse_method, prepare_model
+from velora.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
 
 __all__ = ["VeLoRACallback", "VeLoRATrainer", "method_options_from_args", "trainer_optimizer",
            "ACCUMULATOR_NAME", "COMM_HOOK_NAME"]
@@ -158,7 +158,7 @@ class VeLoRATrainer(Trainer):
         matrices = projectable_parameters(self.model)
         if not matrices:
             raise ValueError("flora_accumulation found no projectable matrices (attention/MLP linears) to compress")
-        rank = self.velora_options.flora_rank or max(1, min(min(p.shape) for p in matrices) // 4)
+        rank = flora_rank(self.velora_options, matrices)
         return CompressedGradAccumulator(self.model, rank=rank, accumulation_steps=steps,
                                          seed=self.velora_options.seed, orthogonal=self.velora_options.flora_orthogonal,
                                          project=self.velora_options.flora_project)

@@ -250,11 +250,15 @@ def _galore_optimizer(model: nn.Module, options: MethodOptions):
                        eight_bit=options.optimizer == "adamw8bit")
 
 
+def flora_rank(options: MethodOptions, params) -> int:
+    """FLoRA's rank: ``options.flora_rank``, or a quarter of the smallest side among the 2-D ``params``."""
+    return options.flora_rank or max(1, min(min(p.shape) for p in params if p.dim() == 2) // 4)
+
+
 def _flora_optimizer(model: nn.Module, options: MethodOptions):
     from velora.optim import Flora
 
-    params = trainable_parameters(model)
-    rank = options.flora_rank or max(1, min(min(p.shape) for p in params if p.dim() == 2) // 4)
+    rank = flora_rank(options, trainable_parameters(model))
     base = "adamw" if options.optimizer in ("adamw", "adamw8bit") else "adafactor"
     # pass the model, not a parameter list: Flora then compresses only attention/MLP matrices and keeps
     # embeddings and the head uncompressed (a vocabulary-wide random projection stalls training)

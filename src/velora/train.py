@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora.config import VeLoRAConfig
+from velora.config import VeLoRAConfig, reject_unknown_keys
 from velora.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
 from velora.distributed import (
     init_from_env,
@@ -45,7 +45,7 @@ from velora.distributed import (
     world_size,
     wrap_ddp,
 )
-from velora.registry import MethodOptions, build_optimizer, parse_method, prepare_model
+from velora.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
 
 CHECKPOINT_VERSION = 1
 LOG_COLUMNS = ("step", "loss", "ppl", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
@@ -128,10 +128,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}")
+        reject_unknown_keys(cls, data)
         return cls(**data)
 
 
@@ -532,7 +529,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         if not params:
             raise ValueError(f"flora_accumulation: {config.model!r} has no trainable attention/MLP matrices to "
                              "compress; drop --flora-accumulation")
-        rank = options.flora_rank or max(1, min(min(p.shape) for p in params) // 4)
+        rank = flora_rank(options, params)
         accumulator = CompressedGradAccumulator(params, rank=rank, accumulation_steps=config.accumulation_steps,
                                                 seed=config.seed, orthogonal=options.flora_orthogonal,
                                                 project=options.flora_project)

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from velora.memory.peak import CATEGORIES
+from velora.optim.projections import PROJECT_SIDES
 
 GIB = 2**30
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=None, help="LoRA/DoRA/QLoRA rank (default 8)")
     parser.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default min side / 4)")
     parser.add_argument("--flora-rank", type=int, default=None, help="FLoRA rank (default min side / 4)")
-    parser.add_argument("--flora-project", default=None, choices=("smaller", "larger"),
+    parser.add_argument("--flora-project", default=None, choices=PROJECT_SIDES,
                         help="side of each matrix FLoRA projects (default smaller: state max side x rank)")
     parser.add_argument("--sub-token-size", type=int, default=None, help="VeLoRA sub-token size M (default 32)")
     parser.add_argument("--velora-targets", default=None,
