@@ -37,6 +37,7 @@ from velora.optim.projections import (
     derive_seed,
     projectable_parameters,
     random_projection,
+    saved_project_side,
 )
 
 __all__ = ["CompressedGradAccumulator"]
@@ -160,10 +161,7 @@ class CompressedGradAccumulator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved_project = state.get("project", "larger")  # states written before the option projected the larger side
-        if saved_project != self.project:
-            raise ValueError(f"state_dict was built with project={saved_project!r} but this accumulator has "
-                             f"project={self.project!r}; build it with project={saved_project!r} or start fresh")
+        saved_project_side(state.get("project"), self.project, "CompressedGradAccumulator")
         for key in ("rank", "accumulation_steps", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]} but this accumulator has "

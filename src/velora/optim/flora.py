@@ -52,6 +52,7 @@ from velora.optim.projections import (
     compression_plan,
     derive_seed,
     random_projection,
+    saved_project_side,
     split_param_groups,
 )
 
@@ -140,11 +141,7 @@ class Flora(TensorStateOptimizer):
         # only makes sense with the side it was built on, so a different side is an error
         saved_groups = []
         for current, saved in zip(self.param_groups, state_dict["param_groups"]):
-            saved_project = saved.get("project", "larger")  # saved before the option existed: the larger side
-            if saved_project != current["project"]:
-                raise ValueError(f"Flora state was built with project={saved_project!r} but this optimizer has "
-                                 f"project={current['project']!r}; build it with project={saved_project!r} or "
-                                 "start a fresh state")
+            saved_project = saved_project_side(saved.get("project"), current["project"], "Flora")
             saved_groups.append({**saved, "project": saved_project})
         super().load_state_dict({**state_dict, "param_groups": saved_groups})
 

@@ -19,6 +19,7 @@ __all__ = [
     "derive_seed",
     "PROJECT_SIDES",
     "check_project_side",
+    "saved_project_side",
     "CompressionPlan",
     "compression_plan",
     "svd_projector",
@@ -86,6 +87,16 @@ def check_project_side(project: str) -> None:
     if project not in PROJECT_SIDES:
         raise ValueError(f"project={project!r} is not a projection side; use 'smaller' (project the smaller side "
                          "of each matrix, as the FLoRA reference code: less noise) or 'larger' (less memory)")
+
+
+def saved_project_side(saved: str | None, current: str, owner: str) -> str:
+    """The side a saved state was built with (None: saved before the option existed, i.e. "larger"); a one-line
+    ValueError if it is not ``current``, since the kept buffers then have the other side's shape."""
+    saved = saved or "larger"
+    if saved != current:
+        raise ValueError(f"{owner} state was built with project={saved!r} but this one has project={current!r}; "
+                         f"build it with project={saved!r} or start from a fresh state")
+    return saved
 
 
 @dataclass(frozen=True)
