@@ -128,9 +128,27 @@ def test_bench_flora_rank_buffers_shrink_with_rank(tmp_path, tiny_ablation, caps
     out = tmp_path / "bench" / "flora-rank"
     assert main(["bench", "flora-rank", "--steps", "2", "--base-steps", "2", "--out", str(out), "--json",
                  "--no-progress"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    summary = json.loads(capsys.readouterr().out)
+    rows = summary["rows"]
     buffers = [r["accumulation_buffer_bytes"] for r in rows[1:]]
     assert rows[0]["accumulation_buffer_bytes"] is None
+    # the paper's protocol: the lr is swept on plain accumulation and its best goes to every FLoRA row
+    sweep = summary["setting"]["sweep"]
+    for optimizer in ("adafactor", "adamw"):
+        tried = [s for s in sweep if s["label"].startswith(optimizer)]
+        best = min(tried, key=lambda s: s["val_ppl"])
+        assert len(tried) == 3
+        chosen = [r for r in rows if r["optimizer"] == optimizer]
+        assert chosen[0]["rank"] == "–" and chosen[0]["val_ppl"] == best["val_ppl"]
+        assert {r["lr"] for r in chosen} == {best["lr"]}
+    assert [(r["rank"], r["orthogonal"]) for r in rows if r["optimizer"] == "adamw"] == [
+        ("–", False), (32, False), (64, False), (32, True), (64, True)]
+    # the key rows ran with three seeds, each against the plain run of its own seed; the others with seed 0 only
+    for r in rows[1:]:
+        key_row = r["rank"] in (32, 64) and r["side"] == "smaller"
+        assert (len(r["gap_by_seed"]) == 3) == key_row, r["label"]
+        if key_row:
+            assert r["mean_gap"] == sum(r["gap_by_seed"].values()) / 3
     assert buffers[:3] == sorted(buffers[:3])  # r = 8, 16, 32 < d = 64: every 2-D weight compressed
     # r = 64 = d with the smaller side projected: no weight would save memory, so none is compressed
     assert rows[4]["rank"] == 64 and rows[4]["side"] == "smaller" and rows[4]["naive_accumulation_bytes"] == 0

@@ -36,19 +36,21 @@ class Variant:
     columns: dict[str, Any] = field(default_factory=dict)
 
 
-def ensure_base(root: Path, steps: int, progress: bool, say) -> Path:
-    """The pre-trained base model (llama-small on stdlib code), trained once and reused while its
-    configuration is unchanged. Returns the run folder (holding tokenizer.json and checkpoints/)."""
+def ensure_base(root: Path, steps: int, progress: bool, say, model: str | None = None) -> Path:
+    """The pre-trained base model (``model``, by default ``BASE["model"]``, on stdlib code), trained once and
+    reused while its configuration is unchanged. Returns the run folder (holding tokenizer.json and
+    checkpoints/)."""
     from velora.train import TrainConfig, latest_checkpoint, train
 
-    config = TrainConfig(steps=steps, **BASE)
-    folder = root / "base"
+    model = model or BASE["model"]
+    config = TrainConfig(steps=steps, **{**BASE, "model": model})
+    folder = root / ("base" if model == BASE["model"] else f"base-{model}")
     saved = folder / "config.json"
     if saved.exists() and json.loads(saved.read_text()) == config.to_dict() and (folder / "result.json").exists():
         if latest_checkpoint(folder) is not None:
             say(f"reusing the pre-trained base model in {folder}")
             return folder
-    say(f"pre-training the base model (llama-small, stdlib code, {steps} steps) into {folder}")
+    say(f"pre-training the base model ({model}, stdlib code, {steps} steps) into {folder}")
     fresh_dir(folder)
     train(config, folder, progress=progress, measure=False, tensorboard=False)
     return folder

@@ -1,0 +1,157 @@
+"""Why FLoRA's compressed gradient accumulation trails plain accumulation at r = 1/4 of the smaller side,
+measured in two settings beyond `velora bench flora-rank` (which keeps one fixed, cheap protocol).
+
+Part ``protocol`` follows FLoRA's own accumulation protocol (paper §3.1-3.2) on our base model
+(llama-small, d = 128, pre-trained on stdlib code, fine-tuned on stdlib docstrings):
+16 accumulation steps of physical batch 1 (x 128 tokens), constant learning rate (no schedule, no
+warm-up), no weight decay, no gradient clipping, about one epoch of the fine-tuning text. The learning
+rate is swept on plain accumulation and the best one is applied to FLoRA, as the paper does; FLoRA also
+gets its own best of the same grid. Base optimizers: Adafactor (the paper's) and AdamW (ours).
+
+Part ``scale`` repeats the flora-rank bench's protocol (100 steps x 4 micro-batches x 2 x 128 tokens,
+AdamW, lr 1e-3 with warm-up and cosine decay, clipping at 1.0) on a 4x wider model, llama-20m
+(d = 256, MLP 704), pre-trained the same way, at r = 64 (1/4 of 256) and r = 128.
+
+    python benchmarks/flora_accumulation_study.py --part protocol   # ~10 min on 2 cores
+    python benchmarks/flora_accumulation_study.py --part scale      # ~15 min (pre-trains llama-20m once)
+
+Writes ``results.md`` and ``results.json`` into ``--out`` (default velora-runs/bench/flora-study/<part>).
+The base models are shared with `velora bench` (``velora-runs/bench/shared``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from velora.experiments import ablation
+from velora.experiments.ablation import Variant, mib
+from velora.experiments.common import markdown_table, write_json
+
+PROTOCOL_GRIDS = {"adafactor": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2)}
+PROTOCOL_RANKS = (32, 64)
+SEED_LRS = {"adafactor": 3e-2, "adamw": 3e-3}  # the best plain lr of each on seed 0 (`velora bench flora-rank`)
+SEEDS = (1, 2)
+
+
+def _flora(rank: int, orthogonal: bool = False) -> dict:
+    return {"flora_accumulation": True, "flora_rank": rank, "flora_project": "smaller", "flora_orthogonal": orthogonal}
+
+
+def _row(variant: Variant, result: dict) -> dict:
+    return {"label": variant.label, **variant.columns, "val_ppl": result["val_ppl"], "lr": result["lr"],
+            "accumulation_buffer_bytes": result.get("accumulation_buffer_bytes"),
+            "naive_accumulation_bytes": result.get("naive_accumulation_bytes"),
+            "step_time_s": result["step_time_s"]}
+
+
+def _run(variants: list[Variant], out: Path, progress: bool) -> list[dict]:
+    results = ablation.run_variants(variants, out, progress, _say)
+    return [_row(v, r) for v, r in zip(variants, results)]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def protocol(out: Path, base_steps: int, steps: int, progress: bool, optimizers: list[str]
+             ) -> tuple[list[str], list[list], list[dict]]:
+    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say)
+    common = dict(steps=steps, batch_size=1, accumulation_steps=16, warmup_steps=0, min_lr_ratio=1.0,
+                  weight_decay=0.0, grad_clip=0.0)
+    table, rows = [], []
+    for optimizer in optimizers:
+        grid = PROTOCOL_GRIDS[optimizer]
+        def config(lr: float, options: dict | None = None, optimizer=optimizer):
+            return ablation.finetune_config(base, "full", lr=lr, options={"optimizer": optimizer, **(options or {})},
+                                            **common)
+
+        plain = _run([Variant(f"{optimizer} plain lr={lr:g}", config(lr), {"optimizer": optimizer, "kind": "plain"})
+                      for lr in grid], out / optimizer, progress)
+        best = min(plain, key=lambda r: r["val_ppl"])
+        flora = _run([Variant(f"{optimizer} FLoRA r={rank} lr={lr:g}", config(lr, _flora(rank)),
+                              {"optimizer": optimizer, "kind": f"flora r={rank}", "rank": rank})
+                      for rank in PROTOCOL_RANKS for lr in grid], out / optimizer, progress)
+        rows += plain + flora
+        for r in plain + flora:
+            same_lr = next(p for p in plain if p["lr"] == r["lr"])
+            table.append([optimizer, r["kind"], f"{r['lr']:g}", round(r["val_ppl"], 2),
+                          "–" if r["kind"] == "plain" else f"{100 * (r['val_ppl'] / same_lr['val_ppl'] - 1):+.2f}%",
+                          f"{100 * (r['val_ppl'] / best['val_ppl'] - 1):+.2f}%"])
+    headers = ["optimizer", "accumulation", "lr", "val ppl", "Δ vs plain at this lr", "Δ vs best plain"]
+    return headers, table, rows
+
+
+def seeds(out: Path, base_steps: int, steps: int, progress: bool) -> tuple[list[str], list[list], list[dict]]:
+    """The bench's protocol at its tuned lrs, with other seeds (data order and projections)."""
+    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say)
+    common = dict(steps=steps, batch_size=1, accumulation_steps=16, warmup_steps=0, min_lr_ratio=1.0,
+                  weight_decay=0.0, grad_clip=0.0)
+    table, rows = [], []
+    for optimizer, lr in SEED_LRS.items():
+        for seed in SEEDS:
+            variants = [Variant(f"{optimizer} seed={seed} " + (f"FLoRA r={rank}" if rank else "plain"),
+                                ablation.finetune_config(base, "full", lr=lr, seed=seed, options={
+                                    "optimizer": optimizer, **(_flora(rank) if rank else {})}, **common),
+                                {"optimizer": optimizer, "seed": seed, "rank": rank}) for rank in (None, 32, 64)]
+            found = _run(variants, out, progress)
+            rows += found
+            for r in found:
+                table.append([optimizer, seed, r["rank"] or "plain", f"{lr:g}", round(r["val_ppl"], 2),
+                              "–" if r is found[0] else f"{100 * (r['val_ppl'] / found[0]['val_ppl'] - 1):+.2f}%"])
+    return ["optimizer", "seed", "accumulation", "lr", "val ppl", "Δ vs plain"], table, rows
+
+
+def scale(out: Path, base_steps: int, steps: int, progress: bool) -> tuple[list[str], list[list], list[dict]]:
+    model = "llama-20m"
+    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say, model=model)
+    common = dict(model=model, steps=steps, batch_size=2, accumulation_steps=4, lr=1e-3, warmup_steps=10)
+    variants = [Variant("plain accumulation", ablation.finetune_config(base, "full", **common), {"rank": None})]
+    variants += [Variant(f"FLoRA r={rank}", ablation.finetune_config(base, "full", options=_flora(rank), **common),
+                         {"rank": rank}) for rank in (64, 128)]
+    rows = _run(variants, out, progress)
+    plain = rows[0]
+    table = [[r["label"], "–" if r["rank"] is None else r["rank"],
+              round(mib(r["naive_accumulation_bytes"] if r["rank"] is None else r["accumulation_buffer_bytes"])
+                    or 0, 2) if (r["accumulation_buffer_bytes"] or r["naive_accumulation_bytes"]) else "–",
+              round(r["val_ppl"], 2), "–" if r is plain else f"{100 * (r['val_ppl'] / plain['val_ppl'] - 1):+.2f}%"]
+             for r in rows]
+    return ["setting", "rank", "accum. buffer MiB", "val ppl", "Δ vs plain"], table, rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("protocol", "seeds", "scale"), required=True)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run (protocol, seeds: 68, one epoch; scale: 100)")
+    parser.add_argument("--base-steps", type=int, default=ablation.BASE_STEPS)
+    parser.add_argument("--optimizer", choices=sorted(PROTOCOL_GRIDS), action="append",
+                        help="protocol part: base optimizer(s) to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or f"velora-runs/bench/flora-study-{args.part}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.part == "protocol":
+        headers, table, rows = protocol(out, args.base_steps, args.steps or 68, not args.no_progress,
+                                        args.optimizer or list(PROTOCOL_GRIDS))
+    elif args.part == "seeds":
+        headers, table, rows = seeds(out, args.base_steps, args.steps or 68, not args.no_progress)
+    else:
+        headers, table, rows = scale(out, args.base_steps, args.steps or 100, not args.no_progress)
+    markdown = markdown_table(headers, table)
+    (out / "results.md").write_text(f"# FLoRA accumulation study: {args.part}\n\n{markdown}\n")
+    write_json(out / "results.json", {"part": args.part, "rows": rows, "table": {"headers": headers, "rows": table}})
+    print(markdown)
+    print(json.dumps({"wrote": str(out / "results.md")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
