@@ -1,21 +1,20 @@
-"""Why FLoRA's compressed gradient accumulation trails plain accumulation at r = 1/4 of the smaller side,
-measured in two settings beyond `velora bench flora-rank` (which keeps one fixed, cheap protocol).
+"""FLoRA's compressed gradient accumulation against plain accumulation, in two settings beyond
+`velora bench flora-rank` (which runs FLoRA's protocol at the plain-tuned lr, with three seeds).
 
-Part ``protocol`` follows FLoRA's own accumulation protocol (paper §3.1-3.2) on our base model
-(llama-small, d = 128, pre-trained on stdlib code, fine-tuned on stdlib docstrings):
-16 accumulation steps of physical batch 1 (x 128 tokens), constant learning rate (no schedule, no
-warm-up), no weight decay, no gradient clipping, about one epoch of the fine-tuning text. The learning
-rate is swept on plain accumulation and the best one is applied to FLoRA, as the paper does; FLoRA also
-gets its own best of the same grid. Base optimizers: Adafactor (the paper's) and AdamW (ours).
+Part ``protocol`` runs the bench's protocol (FLoRA paper §3.1-3.2 on our base model: llama-small,
+d = 128, pre-trained on stdlib code, fine-tuned on stdlib docstrings; 16 accumulation steps of physical
+batch 1 x 128 tokens, constant learning rate, no warm-up, no weight decay, no gradient clipping, one
+epoch) at seed 0 with every FLoRA rank at every learning rate of a wider grid, to show how the gap
+depends on the learning rate. Base optimizers: Adafactor (the paper's) and AdamW (ours).
 
-Part ``scale`` repeats the flora-rank bench's protocol (100 steps x 4 micro-batches x 2 x 128 tokens,
+Part ``scale`` repeats the flora-rank bench's earlier protocol (100 steps x 4 micro-batches x 2 x 128 tokens,
 AdamW, lr 1e-3 with warm-up and cosine decay, clipping at 1.0) on a 4x wider model, llama-20m
 (d = 256, MLP 704), pre-trained the same way, at r = 64 (1/4 of 256) and r = 128.
 
-    python benchmarks/flora_accumulation_study.py --part protocol   # ~10 min on 2 cores
-    python benchmarks/flora_accumulation_study.py --part scale      # ~15 min (pre-trains llama-20m once)
+    python benchmarks/flora_accumulation_study.py --part protocol   # ~15 min at 1 thread
+    python benchmarks/flora_accumulation_study.py --part scale      # ~8 min (pre-trains llama-20m once)
 
-Writes ``results.md`` and ``results.json`` into ``--out`` (default velora-runs/bench/flora-study/<part>).
+Writes ``results.md`` and ``results.json`` into ``--out`` (default velora-runs/bench/flora-study-<part>).
 The base models are shared with `velora bench` (``velora-runs/bench/shared``).
 """
 
@@ -34,8 +33,6 @@ from velora.experiments.common import markdown_table, write_json
 
 PROTOCOL_GRIDS = {"adafactor": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2)}
 PROTOCOL_RANKS = (32, 64)
-SEED_LRS = {"adafactor": 3e-2, "adamw": 3e-3}  # the best plain lr of each on seed 0 (`velora bench flora-rank`)
-SEEDS = (1, 2)
 
 
 def _flora(rank: int, orthogonal: bool = False) -> dict:
@@ -86,26 +83,6 @@ def protocol(out: Path, base_steps: int, steps: int, progress: bool, optimizers:
     return headers, table, rows
 
 
-def seeds(out: Path, base_steps: int, steps: int, progress: bool) -> tuple[list[str], list[list], list[dict]]:
-    """The bench's protocol at its tuned lrs, with other seeds (data order and projections)."""
-    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say)
-    common = dict(steps=steps, batch_size=1, accumulation_steps=16, warmup_steps=0, min_lr_ratio=1.0,
-                  weight_decay=0.0, grad_clip=0.0)
-    table, rows = [], []
-    for optimizer, lr in SEED_LRS.items():
-        for seed in SEEDS:
-            variants = [Variant(f"{optimizer} seed={seed} " + (f"FLoRA r={rank}" if rank else "plain"),
-                                ablation.finetune_config(base, "full", lr=lr, seed=seed, options={
-                                    "optimizer": optimizer, **(_flora(rank) if rank else {})}, **common),
-                                {"optimizer": optimizer, "seed": seed, "rank": rank}) for rank in (None, 32, 64)]
-            found = _run(variants, out, progress)
-            rows += found
-            for r in found:
-                table.append([optimizer, seed, r["rank"] or "plain", f"{lr:g}", round(r["val_ppl"], 2),
-                              "–" if r is found[0] else f"{100 * (r['val_ppl'] / found[0]['val_ppl'] - 1):+.2f}%"])
-    return ["optimizer", "seed", "accumulation", "lr", "val ppl", "Δ vs plain"], table, rows
-
-
 def scale(out: Path, base_steps: int, steps: int, progress: bool) -> tuple[list[str], list[list], list[dict]]:
     model = "llama-20m"
     base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say, model=model)
@@ -115,20 +92,19 @@ def scale(out: Path, base_steps: int, steps: int, progress: bool) -> tuple[list[
                          {"rank": rank}) for rank in (64, 128)]
     rows = _run(variants, out, progress)
     plain = rows[0]
-    table = [[r["label"], "–" if r["rank"] is None else r["rank"],
-              round(mib(r["naive_accumulation_bytes"] if r["rank"] is None else r["accumulation_buffer_bytes"])
-                    or 0, 2) if (r["accumulation_buffer_bytes"] or r["naive_accumulation_bytes"]) else "–",
-              round(r["val_ppl"], 2), "–" if r is plain else f"{100 * (r['val_ppl'] / plain['val_ppl'] - 1):+.2f}%"]
-             for r in rows]
+    naive = rows[1]["naive_accumulation_bytes"]  # what plain accumulation holds for the compressed weights
+    table = [[r["label"], "–" if r is plain else r["rank"],
+              round(mib(naive if r is plain else r["accumulation_buffer_bytes"]), 2), round(r["val_ppl"], 2),
+              "–" if r is plain else f"{100 * (r['val_ppl'] / plain['val_ppl'] - 1):+.2f}%"] for r in rows]
     return ["setting", "rank", "accum. buffer MiB", "val ppl", "Δ vs plain"], table, rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("protocol", "seeds", "scale"), required=True)
+    parser.add_argument("--part", choices=("protocol", "scale"), required=True)
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run (protocol, seeds: 68, one epoch; scale: 100)")
+                        help="optimizer steps per run (protocol: 68, one epoch; scale: 100)")
     parser.add_argument("--base-steps", type=int, default=ablation.BASE_STEPS)
     parser.add_argument("--optimizer", choices=sorted(PROTOCOL_GRIDS), action="append",
                         help="protocol part: base optimizer(s) to run (default: all)")
@@ -141,8 +117,6 @@ def main() -> int:
     if args.part == "protocol":
         headers, table, rows = protocol(out, args.base_steps, args.steps or 68, not args.no_progress,
                                         args.optimizer or list(PROTOCOL_GRIDS))
-    elif args.part == "seeds":
-        headers, table, rows = seeds(out, args.base_steps, args.steps or 68, not args.no_progress)
     else:
         headers, table, rows = scale(out, args.base_steps, args.steps or 100, not args.no_progress)
     markdown = markdown_table(headers, table)
