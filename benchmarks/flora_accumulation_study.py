@@ -22,57 +22,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from velora.experiments import ablation
-from velora.experiments.ablation import Variant, mib
+from velora.experiments.ablation import Variant, mib, stderr_say
 from velora.experiments.common import markdown_table, write_json
+from velora.experiments.flora_rank import flora_options, protocol_config
 
 PROTOCOL_GRIDS = {"adafactor": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2)}
 PROTOCOL_RANKS = (32, 64)
 
 
-def _flora(rank: int, orthogonal: bool = False) -> dict:
-    return {"flora_accumulation": True, "flora_rank": rank, "flora_project": "smaller", "flora_orthogonal": orthogonal}
-
-
-def _row(variant: Variant, result: dict) -> dict:
-    return {"label": variant.label, **variant.columns, "val_ppl": result["val_ppl"], "lr": result["lr"],
-            "accumulation_buffer_bytes": result.get("accumulation_buffer_bytes"),
-            "naive_accumulation_bytes": result.get("naive_accumulation_bytes"),
-            "step_time_s": result["step_time_s"]}
-
-
-def _run(variants: list[Variant], out: Path, progress: bool) -> list[dict]:
-    results = ablation.run_variants(variants, out, progress, _say)
-    return [_row(v, r) for v, r in zip(variants, results)]
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def protocol(out: Path, base_steps: int, steps: int, progress: bool, optimizers: list[str]
              ) -> tuple[list[str], list[list], list[dict]]:
-    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say)
-    common = dict(steps=steps, batch_size=1, accumulation_steps=16, warmup_steps=0, min_lr_ratio=1.0,
-                  weight_decay=0.0, grad_clip=0.0)
+    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, stderr_say)
     table, rows = [], []
     for optimizer in optimizers:
         grid = PROTOCOL_GRIDS[optimizer]
-        def config(lr: float, options: dict | None = None, optimizer=optimizer):
-            return ablation.finetune_config(base, "full", lr=lr, options={"optimizer": optimizer, **(options or {})},
-                                            **common)
-
-        plain = _run([Variant(f"{optimizer} plain lr={lr:g}", config(lr), {"optimizer": optimizer, "kind": "plain"})
-                      for lr in grid], out / optimizer, progress)
+        plain = [Variant(f"{optimizer} plain lr={lr:g}", protocol_config(base, steps, optimizer, lr),
+                         {"optimizer": optimizer, "kind": "plain"}) for lr in grid]
+        flora = [Variant(f"{optimizer} FLoRA r={rank} lr={lr:g}",
+                         protocol_config(base, steps, optimizer, lr, setting=(rank, "smaller", False)),
+                         {"optimizer": optimizer, "kind": f"flora r={rank}", "rank": rank})
+                 for rank in PROTOCOL_RANKS for lr in grid]
+        plain, flora = (ablation.run_variants(v, out / optimizer, progress, stderr_say) for v in (plain, flora))
         best = min(plain, key=lambda r: r["val_ppl"])
-        flora = _run([Variant(f"{optimizer} FLoRA r={rank} lr={lr:g}", config(lr, _flora(rank)),
-                              {"optimizer": optimizer, "kind": f"flora r={rank}", "rank": rank})
-                      for rank in PROTOCOL_RANKS for lr in grid], out / optimizer, progress)
         rows += plain + flora
         for r in plain + flora:
             same_lr = next(p for p in plain if p["lr"] == r["lr"])
@@ -85,12 +61,12 @@ def protocol(out: Path, base_steps: int, steps: int, progress: bool, optimizers:
 
 def scale(out: Path, base_steps: int, steps: int, progress: bool) -> tuple[list[str], list[list], list[dict]]:
     model = "llama-20m"
-    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, _say, model=model)
+    base = ablation.ensure_base(out.parent / "shared", base_steps, progress, stderr_say, model=model)
     common = dict(model=model, steps=steps, batch_size=2, accumulation_steps=4, lr=1e-3, warmup_steps=10)
     variants = [Variant("plain accumulation", ablation.finetune_config(base, "full", **common), {"rank": None})]
-    variants += [Variant(f"FLoRA r={rank}", ablation.finetune_config(base, "full", options=_flora(rank), **common),
-                         {"rank": rank}) for rank in (64, 128)]
-    rows = _run(variants, out, progress)
+    variants += [Variant(f"FLoRA r={rank}", ablation.finetune_config(
+        base, "full", options=flora_options((rank, "smaller", False)), **common), {"rank": rank}) for rank in (64, 128)]
+    rows = ablation.run_variants(variants, out, progress, stderr_say)
     plain = rows[0]
     naive = rows[1]["naive_accumulation_bytes"]  # what plain accumulation holds for the compressed weights
     table = [[r["label"], "–" if r is plain else r["rank"],

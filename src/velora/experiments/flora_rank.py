@@ -22,7 +22,6 @@ from velora.experiments import ablation
 from velora.experiments.ablation import Variant, mib
 
 RANKS = (8, 16, 32, 64)
-ORTHOGONAL_RANKS = (32, 64)
 LARGER_SIDE_RANKS = (32, 64)
 SEEDS = (0, 1, 2)  # data order and projections; seeds 1 and 2 repeat the key rows at seed 0's tuned lr
 KEY = ((32, "smaller", False), (64, "smaller", False), (32, "smaller", True), (64, "smaller", True))
@@ -51,27 +50,39 @@ PAPER_ROWS = [
 ]
 
 
+# the paper's protocol: physical batch 1, constant lr, no warm-up, no weight decay, no clipping
+PROTOCOL = dict(batch_size=1, accumulation_steps=ACCUMULATION, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                grad_clip=0.0)
+
+
+def flora_options(setting: tuple[int, str, bool]) -> dict:
+    """Method options of compressed accumulation for ``setting`` = (rank, side, orthogonal)."""
+    rank, side, orthogonal = setting
+    return {"flora_accumulation": True, "flora_rank": rank, "flora_project": side, "flora_orthogonal": orthogonal}
+
+
+def protocol_config(base: Path, steps: int, optimizer: str, lr: float, seed: int = 0,
+                    setting: tuple[int, str, bool] | None = None):
+    """A fine-tuning TrainConfig of FLoRA's accumulation protocol: plain accumulation when ``setting`` is None."""
+    options = {"optimizer": optimizer, **(flora_options(setting) if setting else {})}
+    return ablation.finetune_config(base, "full", lr=lr, seed=seed, steps=steps, options=options, **PROTOCOL)
+
+
 def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
     base = ablation.ensure_base(out.parent / "shared", args.base_steps, not args.no_progress, say)
     steps = args.steps or STEPS
-    # the paper's protocol: constant lr, no warm-up, no weight decay, no clipping, physical batch 1
-    common = dict(steps=steps, batch_size=1, accumulation_steps=ACCUMULATION, warmup_steps=0, min_lr_ratio=1.0,
-                  weight_decay=0.0, grad_clip=0.0)
     progress = not args.no_progress
 
     def variant(optimizer: str, lr: float, seed: int, setting: tuple | None) -> Variant:
-        options = {"optimizer": optimizer}
         columns = {"optimizer": optimizer, "seed": seed, "rank": "–", "side": "–", "orthogonal": False}
         label = f"{optimizer} plain lr={lr:g}"
         if setting is not None:
             rank, side, orthogonal = setting
-            options.update(flora_accumulation=True, flora_rank=rank, flora_project=side, flora_orthogonal=orthogonal)
             columns.update(rank=rank, side=side, orthogonal=orthogonal)
             label = (f"{optimizer} FLoRA r={rank}" + (" orthogonal" if orthogonal else "")
                      + (" larger side" if side == "larger" else ""))
         label += f" seed={seed}" if seed else ""
-        return Variant(label, ablation.finetune_config(base, "full", lr=lr, seed=seed, options=options, **common),
-                       columns)
+        return Variant(label, protocol_config(base, steps, optimizer, lr, seed, setting), columns)
 
     sweeps, runs = [], []
     for optimizer, grid in LR_GRIDS.items():
