@@ -20,8 +20,6 @@ from velora.models import build_config
 BATCH, SEQ = 2, 32
 
 
-
-
 def _real(model: str, method: str, optimizer: str = "adamw", **options):
     setup = training_setup(load_config(model), method, optimizer, batch=BATCH, seq=SEQ, **options)
     return measure_step_peak(setup.model, setup.optimizer, setup.step, steps=2)
