@@ -4,14 +4,15 @@
 Part ``protocol`` runs the bench's protocol (FLoRA paper §3.1-3.2 on our base model: llama-small,
 d = 128, pre-trained on stdlib code, fine-tuned on stdlib docstrings; 16 accumulation steps of physical
 batch 1 x 128 tokens, constant learning rate, no warm-up, no weight decay, no gradient clipping, one
-epoch) at seed 0 with every FLoRA rank at every learning rate of a wider grid, to show how the gap
-depends on the learning rate. Base optimizers: Adafactor (the paper's) and AdamW (ours).
+epoch, each run scored on the whole validation split by its checkpoint of lowest validation loss) at
+seed 0 with every FLoRA rank at every learning rate of a wider grid, to show how the gap depends on the
+learning rate. Base optimizers: Adafactor (the paper's) and AdamW (ours).
 
 Part ``scale`` repeats the flora-rank bench's earlier protocol (100 steps x 4 micro-batches x 2 x 128 tokens,
 AdamW, lr 1e-3 with warm-up and cosine decay, clipping at 1.0) on a 4x wider model, llama-20m
 (d = 256, MLP 704), pre-trained the same way, at r = 64 (1/4 of 256) and r = 128.
 
-    python benchmarks/flora_accumulation_study.py --part protocol   # ~15 min at 1 thread
+    python benchmarks/flora_accumulation_study.py --part protocol   # ~25 min at 1 thread
     python benchmarks/flora_accumulation_study.py --part scale      # ~8 min (pre-trains llama-20m once)
 
 Writes ``results.md`` and ``results.json`` into ``--out`` (default velora-runs/bench/flora-study-<part>).
@@ -29,7 +30,7 @@ import torch
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, mib, stderr_say
 from velora.experiments.common import markdown_table, write_json
-from velora.experiments.flora_rank import flora_options, protocol_config
+from velora.experiments.flora_rank import best_checkpoint, flora_options, protocol_config
 
 PROTOCOL_GRIDS = {"adafactor": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "adamw": (3e-4, 1e-3, 3e-3, 1e-2)}
 PROTOCOL_RANKS = (32, 64)
@@ -47,7 +48,8 @@ def protocol(out: Path, base_steps: int, steps: int, progress: bool, optimizers:
                          protocol_config(base, steps, optimizer, lr, setting=(rank, "smaller", False)),
                          {"optimizer": optimizer, "kind": f"flora r={rank}", "rank": rank})
                  for rank in PROTOCOL_RANKS for lr in grid]
-        plain, flora = (ablation.run_variants(v, out / optimizer, progress, stderr_say) for v in (plain, flora))
+        plain, flora = (best_checkpoint(ablation.run_variants(v, out / optimizer, progress, stderr_say))
+                        for v in (plain, flora))
         best = min(plain, key=lambda r: r["val_ppl"])
         rows += plain + flora
         for r in plain + flora:

@@ -141,6 +141,16 @@ def test_bench_flora_rank_buffers_shrink_with_rank(tmp_path, tiny_ablation, caps
         chosen = [r for r in rows if r["optimizer"] == optimizer]
         assert chosen[0]["rank"] == "–" and chosen[0]["val_ppl"] == best["val_ppl"]
         assert {r["lr"] for r in chosen} == {best["lr"]}
+    # every run is scored on the whole validation split, by its checkpoint of lowest validation loss (FLoRA §3.2)
+    for r in rows + sweep:
+        run = out / "runs" / "".join(c if c.isalnum() else "-" for c in r["label"].lower()).strip("-")
+        config = json.loads((run / "config.json").read_text())
+        assert config["eval_batches"] == 0 and config["eval_every"] == 1
+    for r in rows:
+        assert [h["step"] for h in r["val_history"]] == [1, 2]
+        assert r["val_ppl"] == min(h["val_ppl"] for h in r["val_history"])
+        assert r["final_val_ppl"] == r["val_history"][-1]["val_ppl"]
+        assert r["best_step"] == min(r["val_history"], key=lambda h: h["val_loss"])["step"]
     assert [(r["rank"], r["orthogonal"]) for r in rows if r["optimizer"] == "adamw"] == [
         ("–", False), (32, False), (64, False), (32, True), (64, True)]
     # the key rows ran with three seeds, each against the plain run of its own seed; the others with seed 0 only

@@ -193,3 +193,24 @@ def test_cli_flora_project_reaches_the_accumulator_and_bad_side_is_one_line_erro
     assert results["smaller"]["accumulation_buffer_bytes"] == 2 * 4 * (attention + 3 * 192 * 8)
     assert results["larger"]["accumulation_buffer_bytes"] == 2 * 4 * (attention + 3 * 64 * 8)
     assert results["smaller"]["naive_accumulation_bytes"] == results["larger"]["naive_accumulation_bytes"]
+
+
+def test_eval_batches_zero_scores_the_whole_validation_split(text_file):
+    """eval_batches=0 is the token-weighted cross-entropy over every validation block, recomputed here by hand;
+    a negative count is a one-line error."""
+    config = tiny(text_file, steps=2, eval_batches=0)
+    result = train(config, None, progress=False, measure=False, tensorboard=False)
+    model, validation = result["_model"], train_module.load_data(config).validation
+    assert len(validation) > 2 * config.batch_size  # more than one batch, so "all" differs from the first
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, (len(validation) // config.batch_size) * config.batch_size, config.batch_size):
+            batch = validation.blocks[start:start + config.batch_size]
+            total += float(model(input_ids=batch, labels=batch).loss) * batch.shape[0] * (batch.shape[1] - 1)
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    assert result["val_loss"] == pytest.approx(total / count, rel=1e-6)
+    first = train_module.evaluate(model, validation, config.batch_size, 1)
+    assert first != pytest.approx(result["val_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="eval_batches=-1"):
+        tiny(text_file, eval_batches=-1)

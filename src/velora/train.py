@@ -78,7 +78,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
-    eval_batches: int = 8
+    eval_batches: int = 8  # validation batches per evaluation; 0: the whole validation split
     eval_every: int = 0  # 0: evaluate at the end only
     save_every: int = 0  # 0: checkpoint at the end only
     init_from: str | None = None  # a velora checkpoint folder / run folder to start from (fine-tuning)
@@ -92,10 +92,13 @@ class TrainConfig:
         # JSON-normalise (tuples -> lists) so a config read back from config.json compares equal
         self.options = json.loads(json.dumps(self.options))
         self.velora = json.loads(json.dumps(self.velora))
-        for name in ("seq_len", "batch_size", "accumulation_steps", "steps", "eval_batches"):
+        for name in ("seq_len", "batch_size", "accumulation_steps", "steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.eval_batches, int) or self.eval_batches < 0:
+            raise ValueError(f"eval_batches={self.eval_batches!r} must be a positive integer, or 0 for the whole "
+                             "validation split")
         for name in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -360,11 +363,11 @@ def _fallback_memory(model, optimizer, batch, step_fn) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, validation: TokenBlocks, batch_size: int, max_batches: int) -> float:
-    """Mean next-token cross-entropy over the first ``max_batches`` validation batches."""
+    """Mean next-token cross-entropy over the first ``max_batches`` validation batches (0: all of them)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in validation.sequential_batches(batch_size, max_batches):
+    for batch in validation.sequential_batches(batch_size, max_batches or None):
         loss = model(input_ids=batch, labels=batch).loss
         tokens = batch.shape[0] * (batch.shape[1] - 1)
         total += float(loss) * tokens

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-train-chars", type=int, default=3_000_000, help="cap on training text (characters)")
-    run.add_argument("--eval-batches", type=int, default=8, help="validation batches for the final ppl")
+    run.add_argument("--eval-batches", type=int, default=8,
+                     help="validation batches per evaluation (0: the whole validation split)")
     run.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: end only)")
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)")
     run.add_argument("--init-from", default=None, help="start from the weights of a velora run/checkpoint folder")
