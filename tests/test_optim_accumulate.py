@@ -94,27 +94,58 @@ def _feed(params, micro_grads) -> None:
         sum((param * grad).sum() for param, grad in zip(params, grads)).backward()
 
 
+@pytest.mark.parametrize("orthogonal", [True, False])
 @pytest.mark.parametrize("project", ["smaller", "larger"])
-def test_decompressed_sum_is_the_chosen_side_projection_in_fp64(project):
+def test_decompressed_sum_is_the_chosen_side_projection_in_fp64(project, orthogonal):
     params = _wide_and_tall()
     generator = torch.Generator().manual_seed(1)
     micro_grads = [[torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
                    for _ in range(3)]
     rank = 3
-    acc = CompressedGradAccumulator(params, rank=rank, accumulation_steps=3, seed=11, project=project)
+    acc = CompressedGradAccumulator(params, rank=rank, accumulation_steps=3, seed=11, project=project,
+                                    orthogonal=orthogonal)
     assert all(b.dtype == torch.float64 for b in acc.buffers)
     _feed(params, micro_grads)
     assert acc.cycle_complete
     for index, param in enumerate(params):
         grad_sum = sum(grads[index] for grads in micro_grads)  # (rows, cols)
-        expected = _reference_round_trip(grad_sum, acc.seed_for(index, 0), rank, project, orthogonal=False)
+        expected = _reference_round_trip(grad_sum, acc.seed_for(index, 0), rank, project, orthogonal)
         torch.testing.assert_close(param.grad, expected, rtol=1e-12, atol=1e-12)
         assert not torch.allclose(param.grad, grad_sum, atol=1e-3)  # r=3 < 6: really compressed
+        # the two kinds of rows are different estimators of the same sum
+        assert not torch.allclose(param.grad, _reference_round_trip(grad_sum, acc.seed_for(index, 0), rank, project,
+                                                                    not orthogonal), atol=1e-3)
     # the two sides are different estimators of the same wide/tall sum
     other = "larger" if project == "smaller" else "smaller"
     grad_sum = sum(grads[0] for grads in micro_grads)
     assert not torch.allclose(params[0].grad, _reference_round_trip(grad_sum, acc.seed_for(0, 0), rank, other,
-                                                                    orthogonal=False), atol=1e-3)
+                                                                    orthogonal), atol=1e-3)
+
+
+def test_default_rows_are_orthonormal_with_the_smaller_reconstruction_error_the_theory_gives():
+    """The default accumulator draws orthonormal rows; over many cycles its decompressed sum misses a fixed G by
+    (p / r - 1) ||G||^2 on average, against (p + 1) / r ||G||^2 for the paper's Gaussian rows (p = 32, r = 8:
+    3.0 vs 4.125), both unbiased."""
+    p, k, r, cycles = 32, 48, 8, 600
+    grad = torch.randn(k, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    energy = float(grad.pow(2).sum())
+    measured = {}
+    for orthogonal in (None, False):  # None: the default
+        param = torch.nn.Parameter(torch.zeros(k, p, dtype=torch.float64))
+        kind = {} if orthogonal is None else {"orthogonal": orthogonal}
+        acc = CompressedGradAccumulator([param], rank=r, accumulation_steps=1, seed=5, **kind)
+        assert acc.orthogonal is (orthogonal is None)  # the default draws orthonormal rows
+        errors, total = [], torch.zeros_like(grad)
+        for _ in range(cycles):
+            param.grad = None
+            _feed([param], [[grad]])  # one micro-batch = one cycle; the hook leaves the decompressed G in .grad
+            errors.append(float((param.grad - grad).pow(2).sum()) / energy)
+            total += param.grad
+        measured[orthogonal] = (sum(errors) / cycles, total / cycles)
+    assert measured[None][0] == pytest.approx(p / r - 1, rel=0.03)  # orthonormal rows: a small spread per draw
+    assert measured[False][0] == pytest.approx((p + 1) / r, rel=0.1)
+    for orthogonal, (_, mean) in measured.items():  # unbiased: the mean over cycles tends to G
+        assert float((mean - grad).pow(2).sum()) / energy < 3 * (measured[orthogonal][0] / cycles)
 
 
 @pytest.mark.parametrize("project, rank", [("smaller", 6), ("larger", 20)])
@@ -153,6 +184,34 @@ def test_side_choice_is_saved_and_a_mismatching_resume_fails():
     smaller.remove()
     again = CompressedGradAccumulator(params, rank=3, accumulation_steps=2, project="larger")
     again.load_state_dict(legacy)
+
+
+def test_projection_kind_is_saved_and_a_mismatching_resume_fails():
+    params = _wide_and_tall(torch.float64)
+    gaussian = CompressedGradAccumulator(params, rank=3, accumulation_steps=2, orthogonal=False)
+    _feed(params, [[torch.ones(p.shape, dtype=torch.float64) for p in params]])  # one of two micro-batches: open
+    buffer = io.BytesIO()
+    torch.save(gaussian.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["orthogonal"] is False and bool((saved["counts"] != 0).any())
+    gaussian.remove()
+    default = CompressedGradAccumulator(params, rank=3, accumulation_steps=2)  # orthonormal
+    with pytest.raises(ValueError) as info:
+        default.load_state_dict(saved)
+    message = str(info.value)
+    assert "orthogonal=False" in message and "orthogonal=True" in message and "\n" not in message
+    # a state from before the kind was recorded: refused inside an open cycle, accepted between cycles
+    legacy = {k: v for k, v in saved.items() if k != "orthogonal"}
+    with pytest.raises(ValueError, match="open accumulation cycle"):
+        default.load_state_dict(legacy)
+    default.load_state_dict({**legacy, "counts": torch.zeros_like(legacy["counts"]),
+                             "buffers": {i: torch.zeros_like(b) for i, b in legacy["buffers"].items()},
+                             "plain_grads": {}})
+    default.remove()
+    again = CompressedGradAccumulator(params, rank=3, accumulation_steps=2, orthogonal=False)
+    again.load_state_dict(saved)
+    assert torch.equal(again.counts, saved["counts"])
 
 
 def test_boundary_gated_and_new_projection_per_cycle():

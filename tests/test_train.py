@@ -195,6 +195,23 @@ def test_cli_flora_project_reaches_the_accumulator_and_bad_side_is_one_line_erro
     assert results["smaller"]["naive_accumulation_bytes"] == results["larger"]["naive_accumulation_bytes"]
 
 
+def test_cli_flora_projection_reaches_the_accumulator_and_bad_kind_is_one_line_error(tmp_path, capsys, text_file):
+    from velora.cli import main
+
+    common = ["train", "--method", "full", "--data", str(text_file), "--tokenizer", "byte", "--steps", "1",
+              "--seq-len", "16", "--batch-size", "2", "--accumulation-steps", "2", "--flora-accumulation",
+              "--flora-rank", "8", "--eval-batches", "1", "--no-progress", "--no-memory"]
+    assert main([*common, "--flora-projection", "uniform", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--flora-projection='uniform'" in err and len(err.strip().splitlines()) == 1
+    for flags, orthogonal in (([], True), (["--flora-projection", "gaussian"], False),
+                              (["--flora-projection", "orthonormal"], True)):
+        out = tmp_path / ("-".join(flags) or "default")
+        assert main([*common, *flags, "--out", str(out)]) == 0
+        state = load_training_state(latest_checkpoint(out))
+        assert state["accumulator"]["orthogonal"] is orthogonal, flags
+
+
 def test_eval_batches_zero_scores_the_whole_validation_split(text_file):
     """eval_batches=0 is the token-weighted cross-entropy over every validation block, recomputed here by hand;
     a negative count is a one-line error."""

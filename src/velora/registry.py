@@ -47,7 +47,8 @@ class MethodOptions:
     flora_rank: int | None = None
     flora_kappa: int = 1000
     flora_accumulation: bool = False
-    flora_orthogonal: bool = False  # compressed accumulation with orthonormal projection rows
+    # compressed accumulation: orthonormal projection rows (default, less noise) or the paper's Gaussian (False)
+    flora_orthogonal: bool = True
     # side of each matrix FLoRA projects (momentum and accumulation): "smaller" (FLoRA code, less noise) or "larger"
     flora_project: str = "smaller"
     accumulation_steps: int = 1

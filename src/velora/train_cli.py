@@ -24,6 +24,8 @@ METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
     "--flora-kappa": ("flora_kappa", int, "FLoRA momentum resampling interval kappa (default 1000)"),
     "--flora-project": ("flora_project", str, "side of each matrix FLoRA projects: smaller (default, as the FLoRA "
                         "reference code: less noise) or larger (less memory, more noise)"),
+    "--flora-projection": ("flora_orthogonal", str, "rows of FLoRA's accumulation projection: "
+                           "orthonormal (default: less noise at the same memory) or gaussian (the paper's)"),
     "--gradnorm-rank": ("gradnorm_rank", int, "GradNormLoRP LoRA rank (default 8)"),
     "--gradnorm-proj-rank": ("gradnorm_proj_rank", int, "GradNormLoRP gradient projection rank (default 4)"),
     "--gradnorm-update-proj-gap": ("gradnorm_update_proj_gap", int, "GradNormLoRP SVD refresh interval"),
@@ -89,6 +91,12 @@ def config_from_args(args: argparse.Namespace):
 
     options = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _h) in METHOD_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
+    if "flora_orthogonal" in options:  # --flora-projection orthonormal | gaussian
+        kinds = {"orthonormal": True, "gaussian": False}
+        if options["flora_orthogonal"] not in kinds:
+            raise ValueError(f"--flora-projection={options['flora_orthogonal']!r} is not a projection kind; use "
+                             "orthonormal (default, less noise) or gaussian (the FLoRA paper's)")
+        options["flora_orthogonal"] = kinds[options["flora_orthogonal"]]
     if args.flora_accumulation:
         options["flora_accumulation"] = True
     tokenizer = args.tokenizer or ("model" if _is_pretrained_dir(args.model) else "bpe")

@@ -22,7 +22,12 @@ Which parameters are compressed: given a model, its attention/MLP matrices
 parameter list, every 2-D tensor; in both cases only if ``rank`` is below the projected side
 (``projections.compression_plan``: the buffer (k, r) must be smaller than the gradient). The others
 accumulate in ``.grad`` as usual.
-The projection of parameter i in cycle c is ``random_projection(seed_for(i, c), ...)``.
+The projection of parameter i in cycle c is ``random_projection(seed_for(i, c), ...)``, regenerated from its
+seed at every micro-batch (nothing of size p x r is kept). Its rows are orthonormal, scaled by sqrt(p / r)
+(``orthogonal=True``, our default), or Gaussian with entries N(0, 1/r) as in the paper (``orthogonal=False``).
+Both give an unbiased sum, E[A.T @ A] = I; the orthonormal one misses it by (p / r - 1) ||G||^2 in
+expectation instead of (p + 1) / r ||G||^2, for every G, with the same buffer (docs/optim.md), at the cost of
+a p x r QR each time the projection is regenerated.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class CompressedGradAccumulator:
         accumulation_steps: micro-batches per optimizer step (tau).
         seed: base seed of the projections.
         reduction: "sum" (default: exactly what plain accumulation leaves in ``.grad``) or "mean".
-        orthogonal: orthonormalised projections (exact when rank >= the projected dimension).
+        orthogonal: orthonormal projection rows (default: less reconstruction error than the paper's Gaussian
+            at every rank, exact when rank == the projected dimension); False draws the paper's Gaussian rows.
         project: which side of each matrix is projected, "smaller" (default, as the FLoRA reference code: less
             noise) or "larger" (a min(n, m) x rank buffer: less memory, more noise).
         force_compress: compress every 2-D parameter, even when it saves nothing (for tests).
@@ -69,7 +75,7 @@ class CompressedGradAccumulator:
         seed: int = 0,
         *,
         reduction: str = "sum",
-        orthogonal: bool = False,
+        orthogonal: bool = True,
         project: str = "smaller",
         force_compress: bool = False,
     ):
@@ -150,6 +156,7 @@ class CompressedGradAccumulator:
             "accumulation_steps": self.accumulation_steps,
             "seed": self.seed,
             "project": self.project,
+            "orthogonal": self.orthogonal,
             "counts": self.counts.clone(),
             "cycles": self.cycles.clone(),
             "buffers": {i: b.clone() for i, b in enumerate(self.buffers) if b is not None},
@@ -169,6 +176,15 @@ class CompressedGradAccumulator:
         if state["counts"].numel() != len(self.params):
             raise ValueError(f"state_dict tracks {state['counts'].numel()} parameters, this accumulator "
                              f"{len(self.params)}; pass the same model/parameters")
+        # the open sums can only be decompressed with the projection kind that compressed them; a state saved
+        # before the kind was recorded is accepted only between cycles, where the sums are empty
+        saved = state.get("orthogonal")
+        if saved is None and bool((state["counts"] != 0).any()):
+            raise ValueError("state_dict holds an open accumulation cycle but does not record its projection kind "
+                             "(saved by an older version); resume from a checkpoint taken at a cycle boundary")
+        if saved is not None and saved != self.orthogonal:
+            raise ValueError(f"state_dict was built with orthogonal={saved} but this accumulator has "
+                             f"orthogonal={self.orthogonal}; build it with orthogonal={saved}")
         self.counts.copy_(state["counts"])
         self.cycles.copy_(state["cycles"])
         for index, buffer in state["buffers"].items():
@@ -191,9 +207,11 @@ class CompressedGradAccumulator:
 
     # --- internals ------------------------------------------------------------------------------------
 
-    def _decompress(self, index: int, count: int) -> torch.Tensor:
+    def _decompress(self, index: int, count: int, projection: torch.Tensor | None = None) -> torch.Tensor:
         plan = self.plans[index]
-        full = self.buffers[index] @ self.projection(index)  # (k, r) @ (r, p) -> (k, p)
+        if projection is None:
+            projection = self.projection(index)  # (r, p)
+        full = self.buffers[index] @ projection  # (k, r) @ (r, p) -> (k, p)
         if self.reduction == "mean":
             full.div_(count)
         return full.T if plan.transposed else full
@@ -219,11 +237,12 @@ class CompressedGradAccumulator:
             return
         grad = param.grad.to(self.buffers[index].dtype)
         oriented = grad.T if plan.transposed else grad  # (k, p)
-        self.buffers[index].add_(oriented @ self.projection(index).T)  # (k, r)
+        projection = self.projection(index)  # (r, p)
+        self.buffers[index].add_(oriented @ projection.T)  # (k, r)
         if not boundary:
             param.grad = None  # free the full gradient until the boundary
             return
-        full = self._decompress(index, count)  # (n, m)
+        full = self._decompress(index, count, projection)  # (n, m), the same projection: one regeneration less
         param.grad.copy_(full)  # reuse the gradient's memory for the decompressed sum
         self.buffers[index].zero_()
         self.counts[index] = 0
