@@ -3,15 +3,15 @@
 Full fine-tuning of the base model on stdlib docstrings with the paper's accumulation protocol
 (FLoRA §3.1-3.2): 16 micro-batches of one sequence per optimizer step, one epoch, a constant learning
 rate (no schedule, no warm-up), no weight decay, no gradient clipping, the learning rate swept on plain
-(uncompressed) accumulation and the best one applied to FLoRA. Gradients are accumulated plainly (one
-full buffer per weight) or with FLoRA's compressed accumulation (each 2-D gradient projected to rank r as
-soon as it is produced, decompressed at the boundary). The paper's base optimizer is Adafactor; the
-same protocol is repeated on AdamW (the base optimizer of the rest of this library), where the
-projection noise costs more. The default projects the smaller side of each matrix (the FLoRA reference
-code's choice); a few rows project the larger side (smaller buffers, more noise) or use orthonormal
-projection rows: our default, not in the paper, which draws Gaussian rows (the rank sweep and the larger-side
-rows use the paper's Gaussian). One run's gap moves by a few percent with the seed, so the key rows (plain,
-r = 32 and 64, orthonormal and Gaussian) run with three seeds and the verdict uses their mean.
+(uncompressed) accumulation and the best one applied to FLoRA, each run scored on the whole validation split
+at its checkpoint of lowest validation loss. Gradients are accumulated plainly (one full buffer per weight)
+or with FLoRA's compressed accumulation (each 2-D gradient projected to rank r as soon as it is produced,
+decompressed at the boundary). The paper's base optimizer is Adafactor; the same protocol is repeated on
+AdamW, the base optimizer of the rest of this library. Every row projects the smaller side of each matrix
+(the FLoRA reference code's choice) except two that project the larger side (smaller buffers, more noise).
+The key rows (plain, r = 32 and 64) run with our default orthonormal projection rows and with the paper's
+Gaussian rows, over three seeds (one run's gap moves by a few percent with the seed), and the verdict uses
+their mean; the rank sweep and the larger-side rows use the paper's Gaussian rows at seed 0.
 """
 
 from __future__ import annotations
