@@ -310,8 +310,7 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
         jobs.append(Job(method, config, fresh_dir(out / "runs" / method.replace("+", "-")), threads,
                         progress=not args.no_progress and n_jobs == 1))
         say(f"{method}: {describe(method, args.rank, args.sub_token_size, args.update_gap)}, lr {lr:g}")
-    if n_jobs == 1:
-        torch.set_num_threads(threads)
+    if n_jobs == 1:  # train_job sets the thread count
         finished = {}
         for i, job in enumerate(jobs):
             say(f"[{i + 1}/{len(jobs)}] {job.method}")

@@ -140,11 +140,10 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
                       "–" if is_plain else " / ".join(f"{g:+.2f}%" for g in found.values()),
                       "–" if is_plain else f"{r['mean_gap']:+.2f}%"])
 
-    def mean_gap(optimizer: str, rank: int, orthogonal: bool = False) -> float:
-        return next(r["mean_gap"] for r in rows if key(r) == (optimizer, rank, "smaller", orthogonal))
-
     def judged(optimizer: str, orthogonal: bool) -> str:
-        gaps = [mean_gap(optimizer, rank, orthogonal) for rank in (32, 64)]
+        """The acceptance verdict of one optimizer and projection kind: the mean gaps at r = 32 and 64."""
+        gaps = [next(r["mean_gap"] for r in rows if key(r) == (optimizer, rank, "smaller", orthogonal))
+                for rank in (32, 64)]
         return (f"r=32 {gaps[0]:+.2f}%, r=64 {gaps[1]:+.2f}% → {'met' if max(gaps) <= 2.0 else 'NOT met'}")
 
     verdicts = [f"{optimizer}{' (the paper’s base optimizer)' if optimizer == 'adafactor' else ' (our default)'}, lr "
