@@ -19,17 +19,25 @@ CONFIG_VERSION = 1
 INIT_STRATEGIES = ("batch_average_once", "ema", "random", "svd")
 MODES = ("auto", "full", "adapter")
 
-# Regexes matched (re.fullmatch) against a module's qualified name. "Value + MLP down projection".
+# Regexes matched (re.fullmatch) against a module's qualified name. "Value + MLP down projection", per family,
+# checked against the module trees of the installed transformers (tests/test_presets.py).
 PAPER_TARGETS: dict[str, tuple[str, ...]] = {
-    # LLaMA, Mistral, Qwen, OPT-style naming
+    # LLaMA, Mistral, Qwen2, Gemma, OPT: self_attn.v_proj; LLaMA-style MLP down_proj (also Phi-3's)
     "llama": (r"(.*\.)?self_attn\.v_proj", r"(.*\.)?mlp\.down_proj"),
-    # GPT-2: q, k and v are one fused Conv1D (attn.c_attn); compressing it would also change the q/k
-    # weight gradients, so the preset takes the MLP down projection only (documented choice).
+    # Phi-3 and GPT-NeoX fuse q, k and v into one linear (qkv_proj / query_key_value), GPT-2 into one Conv1D
+    # (attn.c_attn): compressing it would also change the q/k weight gradients, so these take the MLP down
+    # projection only (documented choice). Phi-3's down_proj is matched by the "llama" entry.
     "gpt2": (r"(.*\.)?mlp\.c_proj",),
+    "gpt_neox": (r"(.*\.)?mlp\.dense_4h_to_h",),
+    # OPT: the MLP down projection is fc2, directly under the decoder layer
+    "opt": (r"(.*\.)?layers\.\d+\.fc2",),
     # RoBERTa / BERT: attention.self.value and the FFN output dense (not attention.output.dense)
     "bert": (r"(.*\.)?attention\.self\.value", r"(.*\.)?layer\.\d+\.output\.dense"),
-    # Hugging Face ViT: attention.attention.value and layer.N.output.dense; timm ViT: fused qkv, so fc2 only
-    "vit": (r"(.*\.)?attention\.attention\.value", r"(.*\.)?layer\.\d+\.output\.dense", r"(.*\.)?mlp\.fc2"),
+    # ViT: transformers 5 names them attention.v_proj and mlp.fc2; transformers 4 attention.attention.value and
+    # layer.N.output.dense (kept for models built with it); timm's fused qkv leaves mlp.fc2
+    "vit": (r"(.*\.)?attention\.v_proj", r"(.*\.)?mlp\.fc2", r"(.*\.)?attention\.attention\.value"),
+    # T5: the value projections of self- and cross-attention and the feed-forward output wo
+    "t5": (r"(.*\.)?(SelfAttention|EncDecAttention)\.v", r"(.*\.)?DenseReluDense\.wo"),
 }
 
 
