@@ -20,6 +20,8 @@ _LAZY = {
     "apply_gradnorm_lorp": "velora.gradnorm_lorp",
     "GradNormLoRPConfig": "velora.gradnorm_lorp",
     "merge_gradnorm_lorp": "velora.gradnorm_lorp",
+    "load_velora_state": "velora.persistence",
+    "require_velora_state": "velora.persistence",
 }
 
 __all__ = [

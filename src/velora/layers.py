@@ -64,6 +64,10 @@ class VeLoRAMixin:
     def _velora_prepare(self, x: torch.Tensor) -> None:
         """Before a training forward: build v from the first batch, or take one EMA step."""
         if not self._velora_ready:
+            if "_velora_expected_state" in self.__dict__:  # its saved v was expected (velora.persistence)
+                from velora.persistence import refuse_fresh_init
+
+                refuse_fresh_init(self)
             self._velora_initialise(x)
         elif self.velora_config.init == "ema":
             self._velora_ema_update(x)
@@ -318,6 +322,9 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
         for layer in lora_layers:
             fuse(layer)  # peft's forward still runs whenever the fused path does not apply
     _mark_dora_probes(model)
+    from velora.persistence import flag_saved_state
+
+    flag_saved_state(model)  # loaded from a folder that holds v: warn before a batch starts a new one
     return model
 
 
@@ -372,22 +379,9 @@ def remove_velora(model: nn.Module) -> nn.Module:
 def load_peft_velora_state(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
     """Load the VeLoRA buffers saved by peft's ``save_pretrained`` into an adapter that has VeLoRA applied.
 
-    peft keeps every state-dict key containing ``lora_``, so ``lora_A.<adapter>.velora_v`` and
-    ``velora_initialised`` are written to the adapter file; ``PeftModel.from_pretrained`` drops them, because
-    the fresh model has no VeLoRA yet. Call this after ``apply_velora`` so v is restored, not re-initialised.
-    Returns ``model``.
+    Kept for existing code: ``velora.load_velora_state(model, path, adapter_name=...)`` does the same for
+    every save format (and peft models with ``modules_to_save``). Returns ``model``.
     """
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from velora.persistence import load_velora_state
 
-    wrapped = {name: m for name, m in velora_modules(model).items() if name.endswith(f".lora_A.{adapter_name}")}
-    if not wrapped:
-        raise ValueError(f"adapter {adapter_name!r} has no VeLoRA layers; call apply_velora(model, config) "
-                         "before load_peft_velora_state")
-    saved = {key: value for key, value in load_peft_weights(path).items() if ".velora_" in key}
-    # peft writes keys without the adapter name: '...q_proj.lora_A.velora_v'
-    missing = [name for name in wrapped if name[: -len(adapter_name) - 1] + ".velora_v" not in saved]
-    if missing:
-        raise ValueError(f"{path!r} holds no VeLoRA buffers for {missing[:3]} (+{max(len(missing) - 3, 0)} more); "
-                         "it was saved without VeLoRA or with other target_modules")
-    set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
-    return model
+    return load_velora_state(model, path, adapter_name=adapter_name)
