@@ -81,7 +81,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per evaluation; 0: the whole validation split
     eval_every: int = 0  # 0: evaluate at the end only
     save_every: int = 0  # 0: checkpoint at the end only
-    init_from: str | None = None  # a velora checkpoint folder / run folder to start from (fine-tuning)
+    init_from: str | None = None  # a run / checkpoint folder of any method to start from (fine-tuning)
     dtype: str = "float32"
     # method hyper-parameters (registry.MethodOptions fields) and the VeLoRA config, as plain JSON
     options: dict[str, Any] = field(default_factory=dict)
@@ -511,13 +511,18 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     model = build_base_model(config, data.tokenizer.vocab_size)
     if is_distributed():
         model = model.to(device)
-    if config.init_from:
-        source = Path(config.init_from)
-        source = latest_checkpoint(source) or source if (source / "checkpoints").exists() else source
-        load_model_weights(model, source)
+    init_source = None
+    if config.init_from:  # a run of any method: its base weights, adapters merged (velora.init_from)
+        from velora.init_from import load_init_weights
+
+        init_source = load_init_weights(model, config.init_from)
     options = config.method_options()
     method = parse_method(config.method)
     model = prepare_model(model, method, options)
+    if init_source is not None:
+        from velora.init_from import restore_init_velora
+
+        say(restore_init_velora(model, init_source))  # v where the target wraps the same layers; one line
     optimizer = build_optimizer(model, method, options)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="validation batches per evaluation (0: the whole validation split)")
     run.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: end only)")
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)")
-    run.add_argument("--init-from", default=None, help="start from the weights of a velora run/checkpoint folder")
+    run.add_argument("--init-from", default=None,
+                     help="start from the weights of a run/checkpoint folder of any method (adapters merged, v kept)")
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     velora = parser.add_argument_group("VeLoRA (+velora methods)")
     velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size (default 32)")
