@@ -122,3 +122,19 @@ def test_init_from_errors_are_one_line(sources, text_file, tmp_path):
         train(tiny(text_file, init_from=str(tmp_path / "nowhere")), None, measure=False, tensorboard=False)
     with pytest.raises(ValueError, match=r"has shape .* in this model; use the --model the source run trained"):
         train(tiny(text_file, model="llama-small", init_from=str(folder)), None, measure=False, tensorboard=False)
+
+
+@pytest.mark.parametrize("source", ["dora", "flora"])
+def test_other_trained_methods_as_sources(tmp_path, text_file, source):
+    """DoRA is merged as peft merges it (m · V / ||V||_row); FLoRA (like GaLore) trains plain weights."""
+    options = {"lora_rank": 4, "optimizer": "adamw"} if source == "flora" else {"lora_rank": 4}
+    trained = train(tiny(text_file, method=source, options=options), tmp_path / source, measure=False,
+                    tensorboard=False, log=lambda message: None)["_model"]
+    expected = (copy.deepcopy(trained).merge_and_unload() if source == "dora" else trained).state_dict()
+    seen, messages = {}, []
+    train(tiny(text_file, method="full", init_from=str(tmp_path / source)), None, measure=False, tensorboard=False,
+          log=messages.append, on_model_ready=lambda model: seen.update(copy.deepcopy(model.state_dict())))
+    assert seen.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(seen[key], value, rtol=0, atol=1e-6, msg=key)
+    assert any(m.startswith(f"--init-from {tmp_path / source} ({source} run, step 2)") for m in messages)

@@ -265,3 +265,35 @@ def test_a_plain_reload_of_a_model_saved_without_velora_does_not_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train_steps(model, batch, 1)
+
+
+# ---- HF Trainer: resume_from_checkpoint restores v of a peft model too ------------------------------------------
+
+
+def test_trainer_resume_restores_v_of_lora_velora(tmp_path):
+    """Plain models: tests/test_hf_trainer.py. Here peft: the Trainer reloads the adapter with load_adapter, which
+    keeps the lora_A.velora_* keys because VeLoRATrainer applied VeLoRA before the checkpoint is read."""
+    from safetensors.torch import load_file
+
+    from velora.hf import VeLoRATrainer
+
+    ids = torch.randint(1, VOCAB, (16, SEQ), generator=torch.Generator().manual_seed(0))  # (N, T)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+
+    def trainer(out, steps):
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2, save_steps=2,
+            save_strategy="steps", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1)
+        return VeLoRATrainer(model=causal_lm(), args=args, train_dataset=dataset, method="lora+velora",
+                             method_options={"lora_rank": 4, "velora": velora_config()})
+
+    first = trainer(tmp_path / "a", steps=2)
+    first.train()
+    saved = load_file(str(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors"))
+    resumed = trainer(tmp_path / "b", steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    layers = velora_modules(resumed.model)
+    assert len(layers) == 4
+    for name, layer in layers.items():
+        assert torch.equal(layer.velora_v, saved[name.replace(".lora_A.default", ".lora_A") + ".velora_v"]), name
+    assert_same_v(resumed.model, first.model)

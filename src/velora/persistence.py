@@ -251,10 +251,13 @@ def flag_saved_state(model: nn.Module) -> None:
     folder = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not folder or not isinstance(folder, str) or not Path(folder).is_dir():
         return
+    weights = _weights_file(Path(folder))
+    if weights is None or not weights.name.startswith("model.safetensors"):
+        return  # only safetensors: its header lists the keys without reading the weights (a .bin is one pickle)
     try:
-        tensors, _ = read_tensors(folder, lambda key: key.endswith(".velora_v"))
+        tensors, _ = read_tensors(weights, lambda key: key.endswith(".velora_v"))
     except (ValueError, OSError):
-        return  # not a folder we can read weights from: nothing to compare with
+        return  # unreadable: nothing to compare with, and apply_velora must not fail over a warning
     saved = _saved_layers(tensors)
     for name, layer in velora_modules(model).items():
         if not layer._velora_ready and _find_saved(name, saved, adapter_free=True) is not None:
