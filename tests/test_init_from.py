@@ -138,3 +138,18 @@ def test_other_trained_methods_as_sources(tmp_path, text_file, source):
     for key, value in expected.items():
         torch.testing.assert_close(seen[key], value, rtol=0, atol=1e-6, msg=key)
     assert any(m.startswith(f"--init-from {tmp_path / source} ({source} run, step 2)") for m in messages)
+
+
+def test_a_quantised_source_is_refused_in_one_line(tmp_path, text_file):
+    from safetensors.torch import save_file
+
+    from velora.init_from import read_init_source
+
+    checkpoint = tmp_path / "checkpoints" / "step-0000001"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text(checkpoint.name)
+    save_file({"model.layers.0.mlp.down_proj.base_layer.weight": torch.zeros(8, 1, dtype=torch.uint8),
+               "model.layers.0.mlp.down_proj.base_layer.weight.absmax": torch.ones(1)},
+              str(checkpoint / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"holds 4-bit quantised weights \(a qlora run\)"):
+        read_init_source(tmp_path)
