@@ -153,3 +153,21 @@ def test_a_quantised_source_is_refused_in_one_line(tmp_path, text_file):
               str(checkpoint / "model.safetensors"))
     with pytest.raises(ValueError, match=r"holds 4-bit quantised weights \(a qlora run\)"):
         read_init_source(tmp_path)
+
+
+def test_gpt2_conv1d_lora_is_merged_in_its_transposed_layout(tmp_path, text_file):
+    """GPT-2 stores Conv1D weights as (in, out) and peft adapts them with fan_in_fan_out: the merge must match."""
+    import transformers
+
+    config_file = tmp_path / "gpt2-tiny.json"
+    transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=256).to_json_file(config_file)
+    source = train(tiny(text_file, model=str(config_file), method="lora"), tmp_path / "lora", measure=False,
+                   tensorboard=False, log=lambda message: None)["_model"]
+    expected = copy.deepcopy(source).merge_and_unload().state_dict()
+    seen = {}
+    train(tiny(text_file, model=str(config_file), method="full", init_from=str(tmp_path / "lora")), None,
+          measure=False, tensorboard=False, log=lambda message: None,
+          on_model_ready=lambda model: seen.update(copy.deepcopy(model.state_dict())))
+    assert seen.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(seen[key], value, rtol=0, atol=1e-6, msg=key)

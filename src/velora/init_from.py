@@ -35,7 +35,7 @@ class InitSource:
     """A source run's weights as the bare model's state dict, plus its VeLoRA buffers by layer."""
 
     path: str
-    method: str
+    method: str  # "lora run", or "saved model" for a folder that is not a velora run
     step: int | None
     base: dict[str, torch.Tensor]
     velora: dict[str, dict[str, torch.Tensor]]
@@ -102,14 +102,16 @@ def _merge_gradnorm(weight, parts, alpha: float) -> torch.Tensor:
     return direction * (magnitude / _row_norm(direction))[:, None]  # (out, in)
 
 
-def read_init_source(source) -> InitSource:
-    """Read a run folder (its latest checkpoint), a checkpoint folder or a model folder into an ``InitSource``."""
+def read_init_source(source, transposed: frozenset[str] = frozenset()) -> InitSource:
+    """Read a run folder (its latest checkpoint), a checkpoint folder or a model folder into an ``InitSource``.
+    ``transposed``: layers storing their weight as (in, out) (GPT-2 ``Conv1D``; peft's ``fan_in_fan_out``)."""
     path = Path(source)
     if not path.exists():
         raise ValueError(f"--init-from {str(path)!r} does not exist; pass a run folder or a checkpoint folder")
     tensors, where = read_tensors(path)
-    options = _run_config(path).get("options", {})
-    method = _run_config(path).get("method", "unknown")
+    run_config = _run_config(path)
+    options = run_config.get("options", {})
+    method = f"{run_config['method']} run" if run_config else "saved model"
     plain: dict[str, torch.Tensor] = {}
     velora: dict[str, dict[str, torch.Tensor]] = {}
     lora: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -131,7 +133,10 @@ def read_init_source(source) -> InitSource:
     merged: dict[str, int] = {}
     for layer, factors in lora.items():
         alpha = float(options.get("lora_alpha", _DEFAULT_ALPHA))
-        plain[f"{layer}.weight"], kind = _merge_lora(plain[f"{layer}.weight"], factors, alpha)
+        weight = plain[f"{layer}.weight"]
+        flip = layer in transposed  # merge in (out, in), store back as (in, out)
+        merged_weight, kind = _merge_lora(weight.t() if flip else weight, factors, alpha)
+        plain[f"{layer}.weight"] = merged_weight.t().contiguous() if flip else merged_weight
         merged[kind] = merged.get(kind, 0) + 1
     for layer, parts in list(gradnorm.items()):
         if "lora_I" not in parts:  # a parameter that happens to be named 'magnitude': a plain weight
@@ -155,7 +160,8 @@ def _tied(model: nn.Module, missing: list[str], loaded: set[str]) -> list[str]:
 
 def load_init_weights(model: nn.Module, source) -> InitSource:
     """Load the source run's (merged) base weights into the bare ``model`` (before the method prepares it)."""
-    init = read_init_source(source)
+    transposed = frozenset(name for name, module in model.named_modules() if type(module).__name__ == "Conv1D")
+    init = read_init_source(source, transposed)
     state = model.state_dict()
     shared = [key for key in state if key in init.base]
     for key in shared:
@@ -201,4 +207,4 @@ def restore_init_velora(model: nn.Module, init: InitSource) -> str:
     if init.unused:
         left.append(f"{len(init.unused)} tensors this model does not have ({', '.join(init.unused[:2])}...)")
     step = f", step {init.step}" if init.step is not None else ""
-    return f"--init-from {init.path} ({init.method} run{step}): took {took}; left {', '.join(left)}"
+    return f"--init-from {init.path} ({init.method}{step}): took {took}; left {', '.join(left)}"
