@@ -192,8 +192,9 @@ def restore_init_velora(model: nn.Module, init: InitSource) -> str:
     targets = velora_modules(model)
     restored = 0
     for name, layer in targets.items():
-        buffers = init.velora.get(_base_layer_name(name))
-        if buffers and buffers["velora_v"].shape == layer.velora_v.shape and \
+        buffers = init.velora.get(_base_layer_name(name), {})
+        saved_v = buffers.get("velora_v")
+        if saved_v is not None and saved_v.shape == layer.velora_v.shape and \
                 ("velora_running_mean" in buffers or "velora_running_mean" not in layer._buffers):
             _restore_layer(name, layer, buffers, init.path)
             restored += 1

@@ -123,12 +123,12 @@ def _saved_layers(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     return layers
 
 
-def _find_saved(name: str, saved: dict[str, dict], adapter_free: bool) -> str | None:
+def _find_saved(name: str, saved: dict[str, dict]) -> str | None:
     """The saved layer holding ``name``'s buffers: same name, the name without its adapter (peft adapter
     files drop it), or the one saved name that ends with it (or it with the saved name) on a dot boundary."""
     plain = _strip_wrappers(name)
     candidates = [plain]
-    if adapter_free and _adapter_of(plain) is not None:
+    if _adapter_of(plain) is not None:
         candidates.append(plain.rpartition(".")[0])
     for candidate in candidates:
         if candidate in saved:
@@ -206,7 +206,7 @@ def load_velora_state(model: nn.Module, source, adapter_name: str | None = None,
                          "applied or after remove_velora, so there is no v to restore")
     saved = _saved_layers(tensors)
     _check_adapter_free_is_unambiguous(layers, saved, adapter_name, where)
-    matches = {name: _find_saved(name, saved, adapter_free=True) for name in layers}
+    matches = {name: _find_saved(name, saved) for name in layers}
     missing = [name for name, key in matches.items() if key is None]
     unused = sorted(set(saved) - set(matches.values())) if adapter_name is None else []
     if strict and missing:
@@ -260,7 +260,7 @@ def flag_saved_state(model: nn.Module) -> None:
         return  # unreadable: nothing to compare with, and apply_velora must not fail over a warning
     saved = _saved_layers(tensors)
     for name, layer in velora_modules(model).items():
-        if not layer._velora_ready and _find_saved(name, saved, adapter_free=True) is not None:
+        if not layer._velora_ready and _find_saved(name, saved) is not None:
             layer.__dict__.setdefault("_velora_expected_state", {"source": folder, "error": False})
 
 
