@@ -29,6 +29,7 @@ class VeLoRAMixin:
     velora_config: VeLoRAConfig
     velora_sub_token_size: int
     _velora_ready: bool
+    _velora_checked: bool = False  # False: validate v once at the next training forward
     _velora_base_class: type
 
     # ---- layout of the wrapped layer ------------------------------------------------------------
@@ -53,16 +54,19 @@ class VeLoRAMixin:
         weight, bias = self._velora_weight(), self.bias
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            # cast like autocast would for a linear, outside the Function, so grads flow to fp32 params
+            # cast as autocast casts a linear's arguments, outside the Function, so grads flow to fp32 params
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+            x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
             with torch.autocast(device_type, enabled=False):
                 return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
         return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
 
     def _velora_prepare(self, x: torch.Tensor) -> None:
         """Before a training forward: build v from the first batch, or take one EMA step."""
+        if not self._velora_checked:
+            self._velora_check_state()
+        if self._velora_ready and _in_checkpoint_recompute():
+            return  # the original forward already took this step's EMA step (and its all-reduce)
         if not self._velora_ready:
             self._velora_initialise(x)
         elif self.velora_config.init == "ema":
@@ -70,6 +74,9 @@ class VeLoRAMixin:
 
     # ---- v -------------------------------------------------------------------------------------
     def _velora_set_directions(self, directions: torch.Tensor) -> None:
+        if directions.shape != self.velora_v.shape:  # v's shape is part of the checkpoint format
+            raise ValueError(f"VeLoRA directions of shape {tuple(directions.shape)} for {self._velora_name!r} "
+                             f"must be {tuple(self.velora_v.shape)}")
         # out of place: a pending backward keeps the tensor it saved
         self.velora_v = directions.to(device=self.velora_v.device, dtype=self.velora_v.dtype).contiguous()
         self.velora_initialised = torch.ones((), dtype=torch.bool, device=self.velora_initialised.device)
@@ -79,13 +86,18 @@ class VeLoRAMixin:
     def _velora_initialise(self, x: torch.Tensor) -> None:
         cfg, size, x = self.velora_config, self.velora_sub_token_size, x.detach()
         sync = cfg.sync_across_ranks
+        has_tokens = x.numel() > 0
         try:
             directions = _fixed_directions(cfg, size, x.device, self._velora_name)
             if directions is None and cfg.init == "svd":
+                if not _any_rank(has_tokens, x.device, sync):
+                    return  # no sub-token anywhere yet: v is built from the first batch that has one
                 directions = _broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
                                         sync)
             elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
-                mean = _all_reduce_mean(mean_sub_token(x, size), sync)  # (M,)
+                mean = _mean_over_ranks(_local_mean(x, size, has_tokens), has_tokens, sync)  # (M,) or None
+                if mean is None:
+                    return  # no sub-token anywhere yet (zero-token batch): the output needs no v
                 directions = initial_directions(x, size, cfg.rank, "batch_average_once",
                                                 max_samples=cfg.svd_max_samples, mean=mean)
                 directions = _broadcast(directions, sync)  # rank>1 residual SVD is per-rank
@@ -97,9 +109,11 @@ class VeLoRAMixin:
 
     @torch.no_grad()
     def _velora_ema_update(self, x: torch.Tensor) -> None:
-        decay = self.velora_config.ema_decay
-        mean = _all_reduce_mean(mean_sub_token(x.detach(), self.velora_sub_token_size),
+        decay, size, has_tokens = self.velora_config.ema_decay, self.velora_sub_token_size, x.numel() > 0
+        mean = _mean_over_ranks(_local_mean(x.detach(), size, has_tokens), has_tokens,
                                 self.velora_config.sync_across_ranks)
+        if mean is None:
+            return  # a zero-token batch carries no statistics: the running mean does not decay
         if not torch.isfinite(mean).all():
             raise ValueError(f"VeLoRA ema update of {self._velora_name!r}: the batch holds NaN/Inf")
         running = decay * self.velora_running_mean + (1 - decay) * mean.to(self.velora_running_mean)
@@ -108,13 +122,92 @@ class VeLoRAMixin:
             self.velora_v = (running / running.norm()).unsqueeze(1).to(self.velora_v)
 
     # ---- state ---------------------------------------------------------------------------------
+    def reset_velora_state(self) -> None:
+        """Back to the state right after ``apply_velora``: v from the next training batch (or the seeded /
+        given directions), running mean zero. Runs by itself after ``to_empty`` from the meta device."""
+        device, dtype = self.velora_v.device, self.velora_v.dtype
+        self.velora_v = torch.zeros(self.velora_v.shape, device=device, dtype=dtype)
+        self.velora_initialised = torch.zeros((), dtype=torch.bool, device=device)
+        if "velora_running_mean" in self._buffers:
+            self.velora_running_mean = torch.zeros(self.velora_running_mean.shape, device=device, dtype=dtype)
+        self._velora_ready = False
+        fixed = _fixed_directions(self.velora_config, self.velora_sub_token_size, device, self._velora_name)
+        if fixed is not None:
+            self._velora_set_directions(fixed)
+        self._velora_checked = not self.velora_v.is_meta
+
+    def reset_parameters(self) -> None:
+        """The wrapped layer's own ``reset_parameters`` (if it has one), then ``reset_velora_state``."""
+        base_reset = getattr(super(), "reset_parameters", None)
+        if base_reset is not None:
+            base_reset()
+        self.reset_velora_state()
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() from the meta device hands every buffer uninitialised memory: v and the flag are garbage
+        was_meta = self.velora_v.is_meta
+        module = super()._apply(fn, recurse)
+        if was_meta and not self.velora_v.is_meta:
+            self.reset_velora_state()
+        return module
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._velora_ready = bool(self.velora_initialised)
+        if prefix + "velora_initialised" in state_dict:  # a plain checkpoint (strict=False) leaves v as it was
+            self._velora_ready = bool(self.velora_initialised)
+            self._velora_checked = False  # v is validated once, at the next training forward
+
+    def _velora_check_state(self) -> None:
+        """Once after wrap / load / reset, not per step (a host sync): refuse a v that cannot be a projection."""
+        name, v = self._velora_name, self.velora_v
+        if v.is_meta:
+            raise ValueError(f"VeLoRA layer {name!r} still has velora_v on the meta device; call "
+                             "model.to_empty(device=...) (which resets VeLoRA state) before training")
+        if self._velora_ready:
+            problem = _projection_problem(v)
+            if problem is None and "velora_running_mean" in self._buffers \
+                    and not torch.isfinite(self.velora_running_mean).all():
+                problem = "a non-finite velora_running_mean"
+            if problem is not None:
+                raise ValueError(f"VeLoRA layer {name!r} is marked initialised but holds {problem}; load a "
+                                 "checkpoint saved with VeLoRA, or call reset_velora_state() to rebuild v from data")
+        self._velora_checked = True
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, velora(sub_token_size={self.velora_sub_token_size}, "
                 f"rank={self.velora_config.rank}, init={self.velora_config.init!r})")
+
+
+def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """What autocast does to a linear's argument: floating tensors go to its dtype, except float64."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
+def _in_checkpoint_recompute() -> bool:
+    """True while torch.utils.checkpoint (non-reentrant) re-runs a forward inside backward.
+
+    Reentrant checkpointing runs the original forward without grad, so its recompute is the only training
+    forward and is not skipped: it runs outside these saved-tensor hooks.
+    """
+    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    pack = getattr(hooks[0], "__qualname__", "") if hooks else ""
+    return pack.startswith(("_recomputation_hook.", "_checkpoint_hook."))
+
+
+def _projection_problem(v: torch.Tensor) -> str | None:
+    """Why (M, r) v is not a set of orthonormal columns, or None. One host sync."""
+    work = v.detach().to(torch.float64)
+    if not torch.isfinite(work).all():
+        return f"a non-finite velora_v (max |v| = {work.abs().max().item():.3g})"
+    tolerance = max(1e-4, 8 * torch.finfo(v.dtype).eps)
+    gram_error = (work.t() @ work - torch.eye(v.shape[1], dtype=torch.float64, device=v.device)).abs().max()
+    if gram_error > tolerance:
+        return f"a velora_v whose columns are not orthonormal (|VᵀV - I| = {gram_error.item():.3g})"
+    return None
 
 
 def _is_identity(x: torch.Tensor) -> bool:
@@ -202,12 +295,35 @@ def _distributed(enabled: bool) -> bool:
     return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_mean(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
+def _local_mean(x: torch.Tensor, sub_token_size: int, has_tokens: bool) -> torch.Tensor:
+    """Mean sub-token of x (M,); zeros for a zero-token batch, which contributes no weight below."""
+    if has_tokens:
+        return mean_sub_token(x, sub_token_size)
+    return torch.zeros(sub_token_size, device=x.device, dtype=compute_dtype(x.dtype))
+
+
+def _mean_over_ranks(mean: torch.Tensor, has_tokens: bool, enabled: bool) -> torch.Tensor | None:
+    """The mean of the per-rank means over the ranks whose batch had tokens; None when none had.
+
+    One all-reduce of [mean·w, w] (w = 1 for a rank with tokens): every rank takes part even with zero tokens,
+    so an expert that got no tokens on one rank cannot hang the others.
+    """
     if not _distributed(enabled):
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor / dist.get_world_size()
+        return mean if has_tokens else None
+    weight = 1.0 if has_tokens else 0.0
+    packed = torch.cat([mean * weight, mean.new_full((1,), weight)])  # (M+1,)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    if packed[-1] == 0:
+        return None
+    return packed[:-1] / packed[-1]  # (M,)
+
+
+def _any_rank(flag: bool, device, enabled: bool) -> bool:
+    if not _distributed(enabled):
+        return flag
+    count = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return bool(count > 0)
 
 
 def _broadcast(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -259,6 +375,7 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     module._velora_base_class = base_class
     module._velora_name = name
     module._velora_ready = False
+    module._velora_checked = False  # the first training forward validates v once
     module.register_buffer("velora_v", torch.zeros(size, config.rank, device=weight.device, dtype=dtype))
     module.register_buffer("velora_initialised", torch.zeros((), dtype=torch.bool, device=weight.device))
     if config.init == "ema":
@@ -275,9 +392,10 @@ def _fixed_directions(config: VeLoRAConfig, size: int, device, name: str) -> tor
         if init.shape[0] != size or (init.dim() == 2 and init.shape[1] != config.rank):
             raise ValueError(f"init tensor of shape {tuple(init.shape)} does not fit {name!r} "
                              f"(expects ({size},) or ({size}, {config.rank}))")
-        return orthonormalise(init.to(device=device))
+        directions = orthonormalise(init.to(device="cpu" if torch.device(device).type == "meta" else device))
+        return directions.to(device=device)  # built off the meta device, which cannot check the norm
     if config.init == "random":
-        return initial_directions(torch.zeros(1, size, device=device), size, config.rank, "random", seed=config.seed)
+        return initial_directions(torch.zeros(1, size), size, config.rank, "random", seed=config.seed).to(device)
     return None
 
 
@@ -360,7 +478,7 @@ def remove_velora(model: nn.Module) -> nn.Module:
                 del module._buffers[key]
         base_class = module._velora_base_class
         for attr in ("velora_config", "velora_sub_token_size", "_velora_base_class", "_velora_name",
-                     "_velora_ready", "_velora_dora_probe"):
+                     "_velora_ready", "_velora_checked", "_velora_dora_probe"):
             module.__dict__.pop(attr, None)
         module.__class__ = base_class
     return model
