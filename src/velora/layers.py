@@ -394,8 +394,9 @@ def _fixed_directions(config: VeLoRAConfig, size: int, device, name: str) -> tor
                              f"(expects ({size},) or ({size}, {config.rank}))")
         directions = orthonormalise(init.to(device="cpu" if torch.device(device).type == "meta" else device))
         return directions.to(device=device)  # built off the meta device, which cannot check the norm
-    if config.init == "random":
-        return initial_directions(torch.zeros(1, size), size, config.rank, "random", seed=config.seed).to(device)
+    if config.init == "random":  # on the CPU explicitly: a `with torch.device("meta")` block would catch it
+        seed_input = torch.zeros(1, size, device="cpu")
+        return initial_directions(seed_input, size, config.rank, "random", seed=config.seed).to(device)
     return None
 
 

@@ -204,7 +204,7 @@ def initial_directions(
     work = compute_dtype(x.dtype)
     if strategy == "random":
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        raw = torch.randn(sub_token_size, rank, generator=generator, dtype=torch.float64)
+        raw = torch.randn(sub_token_size, rank, generator=generator, dtype=torch.float64, device="cpu")
         return orthonormalise(raw).to(device=x.device, dtype=work)
 
     if mean is None:
