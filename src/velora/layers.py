@@ -65,12 +65,10 @@ class VeLoRAMixin:
         """Before a training forward: build v from the first batch, or take one EMA step."""
         if not self._velora_checked:
             self._velora_check_state()
-        if self._velora_ready and _in_checkpoint_recompute():
-            return  # the original forward already took this step's EMA step (and its all-reduce)
         if not self._velora_ready:
             self._velora_initialise(x)
-        elif self.velora_config.init == "ema":
-            self._velora_ema_update(x)
+        elif self.velora_config.init == "ema" and not _in_checkpoint_recompute():
+            self._velora_ema_update(x)  # a recompute skips it: the original forward took this step's step
 
     # ---- v -------------------------------------------------------------------------------------
     def _velora_set_directions(self, directions: torch.Tensor) -> None:
@@ -191,7 +189,7 @@ def _in_checkpoint_recompute() -> bool:
     Reentrant checkpointing runs the original forward without grad, so its recompute is the only training
     forward and is not skipped: it runs outside these saved-tensor hooks.
     """
-    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:  # traced, or not in backward
         return False
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     pack = getattr(hooks[0], "__qualname__", "") if hooks else ""
