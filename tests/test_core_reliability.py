@@ -35,7 +35,7 @@ def step(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """One forward/backward with a fixed upstream gradient; the parameter grads (and zeroes them)."""
     out = model(x)
     out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -266,9 +266,9 @@ def test_autocast_follows_autocast_rules(model_dtype):
 # ---- 12. fp16 z cannot overflow ----------------------------------------------------------------------------
 
 
-def _large_same_sign_fp16(tokens: int, in_features: int, size: int) -> torch.Tensor:
-    """Sub-tokens c·(1, ..., 1) with c up to 30000: on span of the uniform v, |z| = 4c > 65504 for M=16."""
-    levels = torch.linspace(20000, 30000, tokens * (in_features // size)).view(tokens, -1, 1)
+def _large_same_sign_fp16(tokens: int, in_features: int, size: int, low=20000.0, high=30000.0) -> torch.Tensor:
+    """Sub-tokens c·(1, ..., 1), c in [low, high]: on span of the uniform v, |z| = 4c > 65504 for M=16 and c > 16376."""
+    levels = torch.linspace(low, high, tokens * (in_features // size)).view(tokens, -1, 1)
     return levels.expand(tokens, in_features // size, size).reshape(tokens, in_features).half()
 
 
@@ -297,3 +297,76 @@ def test_fp16_z_keeps_its_bytes_and_round_trips():
     z = compress(x, v)
     assert z.dtype == torch.float16 and z.shape == (4, 4, 1) and torch.isfinite(z).all()
     torch.testing.assert_close(reconstruct(z, v, 64).double(), x.double(), rtol=1e-3, atol=0)
+
+
+# ---- the same cases through peft adapters and the fused LoRA node ------------------------------------------
+
+
+def _peft_lora(dtype: torch.dtype, fuse: bool, seed=0, **velora_overrides) -> nn.Module:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=0.0)
+    model = peft.get_peft_model(mlp(seed=seed), config).to(dtype)
+    options = dict(sub_token_size=16, target_modules=["0", "2"], mode="adapter", fuse_lora=fuse)
+    options.update(velora_overrides)
+    return velora.apply_velora(model, velora.VeLoRAConfig(**options))
+
+
+def _ran_fused(model: nn.Module, x: torch.Tensor) -> bool:
+    return type(model.base_model.model[0](x).grad_fn).__name__ == "LoRAVeLoRAFunctionBackward"
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_peft_adapter_zero_tokens_then_first_batch_equals_fresh(fuse):
+    model, fresh = _peft_lora(torch.float32, fuse), _peft_lora(torch.float32, fuse)
+    empty = torch.zeros(0, 64, requires_grad=True)
+    assert _ran_fused(model, empty) == fuse
+    out = model(empty)
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(5, 64) + 1
+    assert_equal_dicts(step(model, x), step(fresh, x))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_peft_adapter_double_backward_through_lora_weights_is_refused(fuse):
+    model = _peft_lora(torch.float64, fuse)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    assert _ran_fused(model, x) == fuse
+    lora_a = model.base_model.model[0].lora_A["default"].weight
+    (grad_a,) = torch.autograd.grad(model(x).pow(2).sum(), lora_a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through a VeLoRA layer's weight gradient"):
+        torch.autograd.grad(grad_a.pow(2).sum(), x)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_peft_adapter_input_gradient_penalty_equals_unfused_path(fuse):
+    """d/dθ |dL/dx|^2 through the adapter: the fused node's exact input gradient differentiates like peft's graph."""
+    reference, model = _peft_lora(torch.float64, False), _peft_lora(torch.float64, fuse)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    results = []
+    for net in (reference, model):
+        inputs = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(torch.tanh(net(inputs)).pow(3).sum(), inputs, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        results.append({n: p.grad for n, p in net.named_parameters() if p.requires_grad})
+    for name, expected in results[0].items():
+        torch.testing.assert_close(results[1][name], expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_peft_adapter_fp16_large_inputs_give_finite_adapter_grads(fuse):
+    size = 16
+    model = _peft_lora(torch.float16, fuse, init=torch.full((size,), 0.25))
+    plain = _peft_lora(torch.float16, fuse, init=torch.full((size,), 0.25))
+    velora.remove_velora(plain)
+    x = _large_same_sign_fp16(6, 64, size, 17000, 20000)  # |z| = 4c > 65504 while the outputs stay finite
+    assert _ran_fused(model, x) == fuse
+    assert torch.isfinite(plain(x)).all()
+    got = step(model, x)
+    expected = step(plain, x)
+    name = "base_model.model.0.lora_A.default.weight"
+    assert torch.isfinite(got[name]).all() and torch.isfinite(expected[name]).all()
+    torch.testing.assert_close(got[name], expected[name], rtol=5e-3, atol=1e-3)
