@@ -370,3 +370,59 @@ def test_peft_adapter_fp16_large_inputs_give_finite_adapter_grads(fuse):
     name = "base_model.model.0.lora_A.default.weight"
     assert torch.isfinite(got[name]).all() and torch.isfinite(expected[name]).all()
     torch.testing.assert_close(got[name], expected[name], rtol=5e-3, atol=1e-3)
+
+
+# ---- zero-token batches on some ranks (MoE experts under DDP): no hang, v from the ranks that had tokens ----
+
+
+_DDP_CASES = {"mean": dict(init="batch_average_once"), "mean_rank2": dict(init="batch_average_once", rank=2),
+              "svd_rank2": dict(init="svd", rank=2), "ema": dict(init="ema", ema_decay=0.5)}
+
+
+def _ddp_batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randn(3, 32, dtype=torch.float64, generator=generator) + shift for shift in (1.0, -2.0)]
+
+
+def _local_batch(step: int, rank: int) -> torch.Tensor:
+    """Step 0: all empty; step 1: only rank 1 has tokens; step 2: only rank 0 has tokens."""
+    batches = _ddp_batches()
+    if (step, rank) == (1, 1):
+        return batches[0]
+    if (step, rank) == (2, 0):
+        return batches[1]
+    return torch.zeros(0, 32, dtype=torch.float64)
+
+
+def _zero_token_ranks_worker(rank: int, world: int, out_dir: str) -> None:
+    results = {}
+    for case, options in _DDP_CASES.items():
+        torch.manual_seed(0)
+        model = velora.apply_velora(nn.Sequential(nn.Linear(32, 8, dtype=torch.float64)),
+                                    velora.VeLoRAConfig(sub_token_size=16, target_modules="0", **options))
+        for step_index in range(3):
+            model(_local_batch(step_index, rank)).sum().backward()
+            results[f"{case}.{step_index}.v"] = model[0].velora_v.clone()
+            results[f"{case}.{step_index}.initialised"] = model[0].velora_initialised.clone()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def test_zero_token_batches_on_some_ranks_neither_hang_nor_skew_v(tmp_path):
+    from velora.distributed import run_local
+
+    run_local(_zero_token_ranks_worker, 2, args=(str(tmp_path),), timeout_s=120)
+    seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    first, second = _ddp_batches()
+    for case, options in _DDP_CASES.items():
+        torch.manual_seed(0)
+        alone = velora.apply_velora(nn.Sequential(nn.Linear(32, 8, dtype=torch.float64)),
+                                    velora.VeLoRAConfig(sub_token_size=16, target_modules="0", **options))
+        expected = [alone[0].velora_v.clone()]  # step 0: nobody had tokens, v untouched
+        for batch in (first, second):  # one process that saw only the non-empty batches
+            alone(batch)
+            expected.append(alone[0].velora_v.clone())
+        for step_index in range(3):
+            for rank in range(2):
+                assert bool(seen[rank][f"{case}.{step_index}.initialised"]) == (step_index > 0), (case, step_index)
+                torch.testing.assert_close(seen[rank][f"{case}.{step_index}.v"], expected[step_index],
+                                           rtol=1e-12, atol=1e-12, msg=f"{case} step {step_index} rank {rank}")

@@ -87,18 +87,17 @@ class VeLoRAMixin:
         has_tokens = x.numel() > 0
         try:
             directions = _fixed_directions(cfg, size, x.device, self._velora_name)
+            source = None if directions is not None else _first_rank_with_tokens(has_tokens, x.device, sync)
+            if directions is None and source is None:
+                return  # no sub-token on any rank yet (zero-token batch): the output needs no v, the next batch sets it
             if directions is None and cfg.init == "svd":
-                if not _any_rank(has_tokens, x.device, sync):
-                    return  # no sub-token anywhere yet: v is built from the first batch that has one
                 directions = _broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
-                                        sync)
+                                        sync, source)
             elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
-                mean = _mean_over_ranks(_local_mean(x, size, has_tokens), has_tokens, sync)  # (M,) or None
-                if mean is None:
-                    return  # no sub-token anywhere yet (zero-token batch): the output needs no v
+                mean = _mean_over_ranks(_local_mean(x, size, has_tokens), has_tokens, sync)  # (M,)
                 directions = initial_directions(x, size, cfg.rank, "batch_average_once",
                                                 max_samples=cfg.svd_max_samples, mean=mean)
-                directions = _broadcast(directions, sync)  # rank>1 residual SVD is per-rank
+                directions = _broadcast(directions, sync, source)  # rank>1 residual SVD is per-rank
                 if cfg.init == "ema":
                     self.velora_running_mean = mean.to(self.velora_running_mean)
         except ValueError as err:  # e.g. NaN/Inf in the first batch: say which layer
@@ -316,19 +315,21 @@ def _mean_over_ranks(mean: torch.Tensor, has_tokens: bool, enabled: bool) -> tor
     return packed[:-1] / packed[-1]  # (M,)
 
 
-def _any_rank(flag: bool, device, enabled: bool) -> bool:
+def _first_rank_with_tokens(has_tokens: bool, device, enabled: bool) -> int | None:
+    """The lowest rank whose batch has tokens (the source of broadcast directions); None when no rank's has."""
     if not _distributed(enabled):
-        return flag
-    count = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    return bool(count > 0)
+        return 0 if has_tokens else None
+    world = dist.get_world_size()
+    candidate = torch.tensor([dist.get_rank() if has_tokens else world], device=device)
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN)
+    return None if int(candidate) == world else int(candidate)
 
 
-def _broadcast(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
+def _broadcast(tensor: torch.Tensor, enabled: bool, src: int = 0) -> torch.Tensor:
     if not _distributed(enabled):
         return tensor
     tensor = tensor.contiguous().clone()
-    dist.broadcast(tensor, src=0)
+    dist.broadcast(tensor, src=src)
     return tensor
 
 

@@ -207,8 +207,8 @@ def initial_directions(
         raw = torch.randn(sub_token_size, rank, generator=generator, dtype=torch.float64, device="cpu")
         return orthonormalise(raw).to(device=x.device, dtype=work)
 
-    if mean is None:
-        mean = mean_sub_token(x, sub_token_size)  # (M,)
+    if mean is None:  # (M,); a zero-token x (a rank with no tokens under DDP) has none: zeros, the svd gives uniform
+        mean = mean_sub_token(x, sub_token_size) if x.numel() else torch.zeros(sub_token_size, device=x.device)
     if not torch.isfinite(mean).all():
         raise ValueError("the initialisation batch contains NaN/Inf; VeLoRA cannot build its projection "
                          "from it — check the inputs or the preceding layers")
