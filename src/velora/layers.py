@@ -14,13 +14,21 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from velora.config import VeLoRAConfig
 from velora.functional import VeLoRALinearFunction
+from velora.layer_support import (
+    autocast_cast,
+    broadcast,
+    first_rank_with_tokens,
+    in_checkpoint_recompute,
+    local_mean,
+    mean_over_ranks,
+    projection_problem,
+)
 from velora.lora_fused import fuse, unfuse
-from velora.subtoken import compute_dtype, initial_directions, mean_sub_token, orthonormalise
+from velora.subtoken import compute_dtype, initial_directions, orthonormalise
 
 
 class VeLoRAMixin:
@@ -56,7 +64,7 @@ class VeLoRAMixin:
         if torch.is_autocast_enabled(device_type):
             # cast as autocast casts a linear's arguments, outside the Function, so grads flow to fp32 params
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
+            x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
             with torch.autocast(device_type, enabled=False):
                 return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
         return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
@@ -67,7 +75,7 @@ class VeLoRAMixin:
             self._velora_check_state()
         if not self._velora_ready:
             self._velora_initialise(x)
-        elif self.velora_config.init == "ema" and not _in_checkpoint_recompute():
+        elif self.velora_config.init == "ema" and not in_checkpoint_recompute():
             self._velora_ema_update(x)  # a recompute skips it: the original forward took this step's step
 
     # ---- v -------------------------------------------------------------------------------------
@@ -87,17 +95,17 @@ class VeLoRAMixin:
         has_tokens = x.numel() > 0
         try:
             directions = _fixed_directions(cfg, size, x.device, self._velora_name)
-            source = None if directions is not None else _first_rank_with_tokens(has_tokens, x.device, sync)
+            source = None if directions is not None else first_rank_with_tokens(has_tokens, x.device, sync)
             if directions is None and source is None:
                 return  # no sub-token on any rank yet (zero-token batch): the output needs no v, the next batch sets it
             if directions is None and cfg.init == "svd":
-                directions = _broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
+                directions = broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
                                         sync, source)
             elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
-                mean = _mean_over_ranks(_local_mean(x, size, has_tokens), has_tokens, sync)  # (M,)
+                mean = mean_over_ranks(local_mean(x, size, has_tokens), has_tokens, sync)  # (M,)
                 directions = initial_directions(x, size, cfg.rank, "batch_average_once",
                                                 max_samples=cfg.svd_max_samples, mean=mean)
-                directions = _broadcast(directions, sync, source)  # rank>1 residual SVD is per-rank
+                directions = broadcast(directions, sync, source)  # rank>1 residual SVD is per-rank
                 if cfg.init == "ema":
                     self.velora_running_mean = mean.to(self.velora_running_mean)
         except ValueError as err:  # e.g. NaN/Inf in the first batch: say which layer
@@ -107,7 +115,7 @@ class VeLoRAMixin:
     @torch.no_grad()
     def _velora_ema_update(self, x: torch.Tensor) -> None:
         decay, size, has_tokens = self.velora_config.ema_decay, self.velora_sub_token_size, x.numel() > 0
-        mean = _mean_over_ranks(_local_mean(x.detach(), size, has_tokens), has_tokens,
+        mean = mean_over_ranks(local_mean(x.detach(), size, has_tokens), has_tokens,
                                 self.velora_config.sync_across_ranks)
         if mean is None:
             return  # a zero-token batch carries no statistics: the running mean does not decay
@@ -161,7 +169,7 @@ class VeLoRAMixin:
             raise ValueError(f"VeLoRA layer {name!r} still has velora_v on the meta device; call "
                              "model.to_empty(device=...) (which resets VeLoRA state) before training")
         if self._velora_ready:
-            problem = _projection_problem(v)
+            problem = projection_problem(v)
             if problem is None and "velora_running_mean" in self._buffers \
                     and not torch.isfinite(self.velora_running_mean).all():
                 problem = "a non-finite velora_running_mean"
@@ -173,38 +181,6 @@ class VeLoRAMixin:
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, velora(sub_token_size={self.velora_sub_token_size}, "
                 f"rank={self.velora_config.rank}, init={self.velora_config.init!r})")
-
-
-def _autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """What autocast does to a linear's argument: floating tensors go to its dtype, except float64."""
-    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
-        return tensor
-    return tensor.to(dtype)
-
-
-def _in_checkpoint_recompute() -> bool:
-    """True while torch.utils.checkpoint (non-reentrant) re-runs a forward inside backward.
-
-    Reentrant checkpointing runs the original forward without grad, so its recompute is the only training
-    forward and is not skipped: it runs outside these saved-tensor hooks.
-    """
-    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:  # traced, or not in backward
-        return False
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    pack = getattr(hooks[0], "__qualname__", "") if hooks else ""
-    return pack.startswith(("_recomputation_hook.", "_checkpoint_hook."))
-
-
-def _projection_problem(v: torch.Tensor) -> str | None:
-    """Why (M, r) v is not a set of orthonormal columns, or None. One host sync."""
-    work = v.detach().to(torch.float64)
-    if not torch.isfinite(work).all():
-        return f"a non-finite velora_v (max |v| = {work.abs().max().item():.3g})"
-    tolerance = max(1e-4, 8 * torch.finfo(v.dtype).eps)
-    gram_error = (work.t() @ work - torch.eye(v.shape[1], dtype=torch.float64, device=v.device)).abs().max()
-    if gram_error > tolerance:
-        return f"a velora_v whose columns are not orthonormal (|VᵀV - I| = {gram_error.item():.3g})"
-    return None
 
 
 def _is_identity(x: torch.Tensor) -> bool:
@@ -283,54 +259,6 @@ def _wrapper_class_for(cls: type) -> type | None:
             _WRAPPED_CLASSES[conv1d] = wrapped
         return _WRAPPED_CLASSES[conv1d]
     return None
-
-
-# ---- rank synchronisation (DDP: v identical on every rank from the first backward) ------------------
-
-
-def _distributed(enabled: bool) -> bool:
-    return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _local_mean(x: torch.Tensor, sub_token_size: int, has_tokens: bool) -> torch.Tensor:
-    """Mean sub-token of x (M,); zeros for a zero-token batch, which contributes no weight below."""
-    if has_tokens:
-        return mean_sub_token(x, sub_token_size)
-    return torch.zeros(sub_token_size, device=x.device, dtype=compute_dtype(x.dtype))
-
-
-def _mean_over_ranks(mean: torch.Tensor, has_tokens: bool, enabled: bool) -> torch.Tensor | None:
-    """The mean of the per-rank means over the ranks whose batch had tokens; None when none had.
-
-    One all-reduce of [mean·w, w] (w = 1 for a rank with tokens): every rank takes part even with zero tokens,
-    so an expert that got no tokens on one rank cannot hang the others.
-    """
-    if not _distributed(enabled):
-        return mean if has_tokens else None
-    weight = 1.0 if has_tokens else 0.0
-    packed = torch.cat([mean * weight, mean.new_full((1,), weight)])  # (M+1,)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    if packed[-1] == 0:
-        return None
-    return packed[:-1] / packed[-1]  # (M,)
-
-
-def _first_rank_with_tokens(has_tokens: bool, device, enabled: bool) -> int | None:
-    """The lowest rank whose batch has tokens (the source of broadcast directions); None when no rank's has."""
-    if not _distributed(enabled):
-        return 0 if has_tokens else None
-    world = dist.get_world_size()
-    candidate = torch.tensor([dist.get_rank() if has_tokens else world], device=device)
-    dist.all_reduce(candidate, op=dist.ReduceOp.MIN)
-    return None if int(candidate) == world else int(candidate)
-
-
-def _broadcast(tensor: torch.Tensor, enabled: bool, src: int = 0) -> torch.Tensor:
-    if not _distributed(enabled):
-        return tensor
-    tensor = tensor.contiguous().clone()
-    dist.broadcast(tensor, src=src)
-    return tensor
 
 
 # ---- surgery -------------------------------------------------------------------------------------

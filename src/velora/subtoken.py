@@ -66,7 +66,8 @@ def compress(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct(z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0) -> torch.Tensor:
-    """x̂ = scale · z Vᵀ, ungrouped: (T, G, r) -> (T, D). Only tests and diagnostics materialise this."""
+    """x̂ = scale · z Vᵀ, ungrouped: (T, G, r) -> (T, D), for z as ``compress`` stores it (fp16 z is shifted).
+    Only tests and diagnostics materialise this."""
     scale = scale * 2.0 ** z_storage_shift(z.dtype, directions.shape[0])  # undo compress's fp16 shift
     x_hat = torch.matmul(z.to(directions.dtype), directions.t())  # (T, G, M)
     x_hat = x_hat.reshape(z.shape[0], -1)[:, :in_features]  # (T, D)
