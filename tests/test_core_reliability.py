@@ -77,6 +77,28 @@ def test_meta_init_then_plain_checkpoint_equals_a_model_built_on_cpu(init):
             assert torch.equal(model.state_dict()[name], value), name
 
 
+def test_meta_init_then_a_velora_checkpoint_restores_v_without_reinitialising():
+    config = velora.VeLoRAConfig(sub_token_size=16, target_modules=["0", "2"])
+    trained = velora.apply_velora(mlp(seed=3), config)
+    trained(torch.randn(8, 64) + 1)
+    with torch.device("meta"):
+        model = velora.apply_velora(mlp(), config)
+    _dirty_the_allocator()
+    model.to_empty(device="cpu")
+    model.load_state_dict(trained.state_dict())
+    x = torch.randn(8, 64) - 3  # a very different batch must not re-initialise v
+    assert_equal_dicts(step(model, x), step(trained, x))
+    assert torch.equal(model[0].velora_v, trained[0].velora_v)
+
+
+def test_meta_buffers_left_by_an_assign_load_are_refused_in_one_line():
+    with torch.device("meta"):
+        model = velora.apply_velora(mlp(), velora.VeLoRAConfig(sub_token_size=16, target_modules="0"))
+    model.load_state_dict(mlp(seed=3).state_dict(), strict=False, assign=True)  # parameters real, VeLoRA state meta
+    with pytest.raises(ValueError, match="'0' still has velora_v on the meta device; call model.to_empty"):
+        model(torch.randn(2, 64))
+
+
 def test_reset_parameters_gives_fresh_weights_and_fresh_v():
     model = velora.apply_velora(mlp(), velora.VeLoRAConfig(sub_token_size=16, target_modules="0"))
     model(torch.randn(4, 64) + 1)
@@ -120,25 +142,28 @@ def test_a_valid_loaded_v_is_accepted_and_checked_once():
 class Checkpointed(nn.Module):
     """mlp() whose first two layers run under torch.utils.checkpoint (``reentrant`` None: no checkpointing)."""
 
-    def __init__(self, reentrant: bool | None):
+    def __init__(self, reentrant: bool | str | None):
         super().__init__()
         self.net, self.reentrant = mlp(dtype=torch.float64), reentrant
 
     def forward(self, x):
         if self.reentrant is None:
             return self.net(x)
+        if self.reentrant == "nested":  # a non-reentrant checkpoint inside another one
+            inner = lambda t: checkpoint(lambda u: self.net[1](self.net[0](u)), t, use_reentrant=False)  # noqa: E731
+            return self.net[2](checkpoint(inner, x, use_reentrant=False))
         hidden = checkpoint(lambda t: self.net[1](self.net[0](t)), x, use_reentrant=self.reentrant)
         return self.net[2](hidden)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True, "nested"])
 def test_ema_under_checkpointing_equals_the_run_without(reentrant):
     config = velora.VeLoRAConfig(sub_token_size=16, target_modules="net.0", init="ema", ema_decay=0.5)
     plain = velora.apply_velora(Checkpointed(None), config)
     ckpt = velora.apply_velora(Checkpointed(reentrant), config)
     for seed in range(4):
         x = torch.randn(6, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + seed - 1.5
-        x.requires_grad_(reentrant)  # reentrant checkpointing needs an input that requires grad
+        x.requires_grad_(reentrant is True)  # reentrant checkpointing needs an input that requires grad
         assert_equal_dicts(step(ckpt, x), step(plain, x))
         assert torch.equal(ckpt.net[0].velora_v, plain.net[0].velora_v)
         assert torch.equal(ckpt.net[0].velora_running_mean, plain.net[0].velora_running_mean)
