@@ -100,7 +100,7 @@ class VeLoRAMixin:
                 return  # no sub-token on any rank yet (zero-token batch): the output needs no v, the next batch sets it
             if directions is None and cfg.init == "svd":
                 directions = broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
-                                        sync, source)
+                                       sync, source)
             elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
                 mean = mean_over_ranks(local_mean(x, size, has_tokens), has_tokens, sync)  # (M,)
                 directions = initial_directions(x, size, cfg.rank, "batch_average_once",
@@ -116,7 +116,7 @@ class VeLoRAMixin:
     def _velora_ema_update(self, x: torch.Tensor) -> None:
         decay, size, has_tokens = self.velora_config.ema_decay, self.velora_sub_token_size, x.numel() > 0
         mean = mean_over_ranks(local_mean(x.detach(), size, has_tokens), has_tokens,
-                                self.velora_config.sync_across_ranks)
+                               self.velora_config.sync_across_ranks)
         if mean is None:
             return  # a zero-token batch carries no statistics: the running mean does not decay
         if not torch.isfinite(mean).all():
