@@ -12,6 +12,36 @@ import torch.nn.functional as F
 
 from velora.subtoken import _as, compress, factored_weight_grad
 
+DOUBLE_BACKWARD_REFUSED = (
+    "double backward through a VeLoRA layer's weight gradient is not supported: it is built from the compressed "
+    "input z, so its derivatives are not the plain layer's; exclude that layer (target_modules / filter_fn, or "
+    "remove_velora) when you need higher-order gradients through it"
+)
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order weight gradient built under ``create_graph=True``; differentiating it raises.
+
+    ``anchor`` is any tensor that requires grad, so the returned gradient does too and its backward is reached.
+    """
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(DOUBLE_BACKWARD_REFUSED)
+
+
+def refuse_double_backward(grad: torch.Tensor | None, *sources: torch.Tensor | None) -> torch.Tensor | None:
+    """Under ``create_graph=True``, return ``grad`` (computed without a graph) behind a node that refuses to be
+    differentiated; otherwise return it unchanged. ``sources`` are the backward inputs it was built from."""
+    if grad is None or not torch.is_grad_enabled():
+        return grad
+    anchor = next((t for t in sources if t is not None and t.requires_grad), None)
+    return grad if anchor is None else _RefuseDoubleBackward.apply(grad.detach(), anchor)
+
 
 class VeLoRALinearFunction(torch.autograd.Function):
     @staticmethod
@@ -28,6 +58,8 @@ class VeLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # grad_x and grad_b are exact and built from differentiable ops, so double backward through them (input
+        # gradient penalties) is exact; grad_W is refused there (DOUBLE_BACKWARD_REFUSED)
         z, weight, directions = ctx.saved_tensors
         in_features = ctx.x_shape[-1]
         grad_tokens = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
@@ -35,7 +67,9 @@ class VeLoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_tokens.mm(_as(weight, grad_tokens.dtype)).view(ctx.x_shape)  # (..., D)
         if ctx.needs_input_grad[1]:
-            grad_w = factored_weight_grad(grad_tokens, z, directions, in_features, ctx.scale)  # (O, D)
+            with torch.no_grad():
+                grad_w = factored_weight_grad(grad_tokens, z, directions, in_features, ctx.scale)  # (O, D)
+            grad_w = refuse_double_backward(grad_w, grad_tokens, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_tokens.sum(0)  # (O,)
         return grad_x, grad_w, grad_b, None, None

@@ -14,13 +14,21 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from velora.config import VeLoRAConfig
 from velora.functional import VeLoRALinearFunction
+from velora.layer_support import (
+    autocast_cast,
+    broadcast,
+    first_rank_with_tokens,
+    in_checkpoint_recompute,
+    local_mean,
+    mean_over_ranks,
+    projection_problem,
+)
 from velora.lora_fused import fuse, unfuse
-from velora.subtoken import compute_dtype, initial_directions, mean_sub_token, orthonormalise
+from velora.subtoken import compute_dtype, initial_directions, orthonormalise
 
 
 class VeLoRAMixin:
@@ -29,6 +37,7 @@ class VeLoRAMixin:
     velora_config: VeLoRAConfig
     velora_sub_token_size: int
     _velora_ready: bool
+    _velora_checked: bool = False  # False: validate v once at the next training forward
     _velora_base_class: type
 
     # ---- layout of the wrapped layer ------------------------------------------------------------
@@ -53,27 +62,31 @@ class VeLoRAMixin:
         weight, bias = self._velora_weight(), self.bias
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
-            # cast like autocast would for a linear, outside the Function, so grads flow to fp32 params
+            # cast as autocast casts a linear's arguments, outside the Function, so grads flow to fp32 params
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+            x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
             with torch.autocast(device_type, enabled=False):
                 return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
         return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
 
     def _velora_prepare(self, x: torch.Tensor) -> None:
         """Before a training forward: build v from the first batch, or take one EMA step."""
+        if not self._velora_checked:
+            self._velora_check_state()
         if not self._velora_ready:
             if "_velora_expected_state" in self.__dict__:  # its saved v was expected (velora.persistence)
                 from velora.persistence import refuse_fresh_init
 
                 refuse_fresh_init(self)
             self._velora_initialise(x)
-        elif self.velora_config.init == "ema":
-            self._velora_ema_update(x)
+        elif self.velora_config.init == "ema" and not in_checkpoint_recompute():
+            self._velora_ema_update(x)  # a recompute skips it: the original forward took this step's step
 
     # ---- v -------------------------------------------------------------------------------------
     def _velora_set_directions(self, directions: torch.Tensor) -> None:
+        if directions.shape != self.velora_v.shape:  # v's shape is part of the checkpoint format
+            raise ValueError(f"VeLoRA directions of shape {tuple(directions.shape)} for {self._velora_name!r} "
+                             f"must be {tuple(self.velora_v.shape)}")
         # out of place: a pending backward keeps the tensor it saved
         self.velora_v = directions.to(device=self.velora_v.device, dtype=self.velora_v.dtype).contiguous()
         self.velora_initialised = torch.ones((), dtype=torch.bool, device=self.velora_initialised.device)
@@ -83,16 +96,20 @@ class VeLoRAMixin:
     def _velora_initialise(self, x: torch.Tensor) -> None:
         cfg, size, x = self.velora_config, self.velora_sub_token_size, x.detach()
         sync = cfg.sync_across_ranks
+        has_tokens = x.numel() > 0
         try:
             directions = _fixed_directions(cfg, size, x.device, self._velora_name)
+            source = None if directions is not None else first_rank_with_tokens(has_tokens, x.device, sync)
+            if directions is None and source is None:
+                return  # no sub-token on any rank yet (zero-token batch): the output needs no v, the next batch sets it
             if directions is None and cfg.init == "svd":
-                directions = _broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
-                                        sync)
+                directions = broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
+                                       sync, source)
             elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
-                mean = _all_reduce_mean(mean_sub_token(x, size), sync)  # (M,)
+                mean = mean_over_ranks(local_mean(x, size, has_tokens), has_tokens, sync)  # (M,)
                 directions = initial_directions(x, size, cfg.rank, "batch_average_once",
                                                 max_samples=cfg.svd_max_samples, mean=mean)
-                directions = _broadcast(directions, sync)  # rank>1 residual SVD is per-rank
+                directions = broadcast(directions, sync, source)  # rank>1 residual SVD is per-rank
                 if cfg.init == "ema":
                     self.velora_running_mean = mean.to(self.velora_running_mean)
         except ValueError as err:  # e.g. NaN/Inf in the first batch: say which layer
@@ -101,9 +118,11 @@ class VeLoRAMixin:
 
     @torch.no_grad()
     def _velora_ema_update(self, x: torch.Tensor) -> None:
-        decay = self.velora_config.ema_decay
-        mean = _all_reduce_mean(mean_sub_token(x.detach(), self.velora_sub_token_size),
-                                self.velora_config.sync_across_ranks)
+        decay, size, has_tokens = self.velora_config.ema_decay, self.velora_sub_token_size, x.numel() > 0
+        mean = mean_over_ranks(local_mean(x.detach(), size, has_tokens), has_tokens,
+                               self.velora_config.sync_across_ranks)
+        if mean is None:
+            return  # a zero-token batch carries no statistics: the running mean does not decay
         if not torch.isfinite(mean).all():
             raise ValueError(f"VeLoRA ema update of {self._velora_name!r}: the batch holds NaN/Inf")
         running = decay * self.velora_running_mean + (1 - decay) * mean.to(self.velora_running_mean)
@@ -112,9 +131,56 @@ class VeLoRAMixin:
             self.velora_v = (running / running.norm()).unsqueeze(1).to(self.velora_v)
 
     # ---- state ---------------------------------------------------------------------------------
+    def reset_velora_state(self) -> None:
+        """Back to the state right after ``apply_velora``: v from the next training batch (or the seeded /
+        given directions), running mean zero. Runs by itself after ``to_empty`` from the meta device."""
+        device, dtype = self.velora_v.device, self.velora_v.dtype
+        self.velora_v = torch.zeros(self.velora_v.shape, device=device, dtype=dtype)
+        self.velora_initialised = torch.zeros((), dtype=torch.bool, device=device)
+        if "velora_running_mean" in self._buffers:
+            self.velora_running_mean = torch.zeros(self.velora_running_mean.shape, device=device, dtype=dtype)
+        self._velora_ready = False
+        fixed = _fixed_directions(self.velora_config, self.velora_sub_token_size, device, self._velora_name)
+        if fixed is not None:
+            self._velora_set_directions(fixed)
+        self._velora_checked = not self.velora_v.is_meta
+
+    def reset_parameters(self) -> None:
+        """The wrapped layer's own ``reset_parameters`` (if it has one), then ``reset_velora_state``."""
+        base_reset = getattr(super(), "reset_parameters", None)
+        if base_reset is not None:
+            base_reset()
+        self.reset_velora_state()
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() from the meta device hands every buffer uninitialised memory: v and the flag are garbage
+        was_meta = self.velora_v.is_meta
+        module = super()._apply(fn, recurse)
+        if was_meta and not self.velora_v.is_meta:
+            self.reset_velora_state()
+        return module
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._velora_ready = bool(self.velora_initialised)
+        if prefix + "velora_initialised" in state_dict:  # a plain checkpoint (strict=False) leaves v as it was
+            self._velora_ready = bool(self.velora_initialised)
+            self._velora_checked = False  # v is validated once, at the next training forward
+
+    def _velora_check_state(self) -> None:
+        """Once after wrap / load / reset, not per step (a host sync): refuse a v that cannot be a projection."""
+        name, v = self._velora_name, self.velora_v
+        if v.is_meta:
+            raise ValueError(f"VeLoRA layer {name!r} still has velora_v on the meta device; call "
+                             "model.to_empty(device=...) (which resets VeLoRA state) before training")
+        if self._velora_ready:
+            problem = projection_problem(v)
+            if problem is None and "velora_running_mean" in self._buffers \
+                    and not torch.isfinite(self.velora_running_mean).all():
+                problem = "a non-finite velora_running_mean"
+            if problem is not None:
+                raise ValueError(f"VeLoRA layer {name!r} is marked initialised but holds {problem}; load a "
+                                 "checkpoint saved with VeLoRA, or call reset_velora_state() to rebuild v from data")
+        self._velora_checked = True
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, velora(sub_token_size={self.velora_sub_token_size}, "
@@ -199,29 +265,6 @@ def _wrapper_class_for(cls: type) -> type | None:
     return None
 
 
-# ---- rank synchronisation (DDP: v identical on every rank from the first backward) ------------------
-
-
-def _distributed(enabled: bool) -> bool:
-    return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_mean(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
-    if not _distributed(enabled):
-        return tensor
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor / dist.get_world_size()
-
-
-def _broadcast(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
-    if not _distributed(enabled):
-        return tensor
-    tensor = tensor.contiguous().clone()
-    dist.broadcast(tensor, src=0)
-    return tensor
-
-
 # ---- surgery -------------------------------------------------------------------------------------
 
 
@@ -263,6 +306,7 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     module._velora_base_class = base_class
     module._velora_name = name
     module._velora_ready = False
+    module._velora_checked = False  # the first training forward validates v once
     module.register_buffer("velora_v", torch.zeros(size, config.rank, device=weight.device, dtype=dtype))
     module.register_buffer("velora_initialised", torch.zeros((), dtype=torch.bool, device=weight.device))
     if config.init == "ema":
@@ -279,9 +323,11 @@ def _fixed_directions(config: VeLoRAConfig, size: int, device, name: str) -> tor
         if init.shape[0] != size or (init.dim() == 2 and init.shape[1] != config.rank):
             raise ValueError(f"init tensor of shape {tuple(init.shape)} does not fit {name!r} "
                              f"(expects ({size},) or ({size}, {config.rank}))")
-        return orthonormalise(init.to(device=device))
-    if config.init == "random":
-        return initial_directions(torch.zeros(1, size, device=device), size, config.rank, "random", seed=config.seed)
+        directions = orthonormalise(init.to(device="cpu" if torch.device(device).type == "meta" else device))
+        return directions.to(device=device)  # built off the meta device, which cannot check the norm
+    if config.init == "random":  # on the CPU explicitly: a `with torch.device("meta")` block would catch it
+        seed_input = torch.zeros(1, size, device="cpu")
+        return initial_directions(seed_input, size, config.rank, "random", seed=config.seed).to(device)
     return None
 
 
@@ -367,7 +413,7 @@ def remove_velora(model: nn.Module) -> nn.Module:
                 del module._buffers[key]
         base_class = module._velora_base_class
         for attr in ("velora_config", "velora_sub_token_size", "_velora_base_class", "_velora_name",
-                     "_velora_ready", "_velora_dora_probe"):
+                     "_velora_ready", "_velora_checked", "_velora_dora_probe"):
             module.__dict__.pop(attr, None)
         module.__class__ = base_class
     return model

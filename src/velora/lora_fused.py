@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_mod
 
+from velora.functional import refuse_double_backward
 from velora.subtoken import _as, compress, factored_weight_grad
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -67,10 +68,15 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
         adapter_grad = _as(grad, ctx.adapter_dtype)  # (T, O), cast once (a no-op when the dtypes agree)
         grad_x = grad_bias = grad_a = grad_b = None
         grad_hidden = adapter_grad.mm(lora_b).mul_(ctx.scaling) if (needs_x or needs_a) else None  # (T, r)
-        if needs_b:
-            grad_b = adapter_grad.t().mm(hidden).mul_(ctx.scaling)  # (O, r)
-        if needs_a:
-            grad_a = factored_weight_grad(grad_hidden, z, directions, ctx.x_shape[-1], ctx.velora_scale)  # (r, D)
+        # grad_x / grad_bias stay differentiable (exact); grad_A (from z) and grad_B (from the saved hidden, whose
+        # dependence on x is not recorded) refuse double backward
+        with torch.no_grad():
+            if needs_b:
+                grad_b = adapter_grad.t().mm(hidden).mul_(ctx.scaling)  # (O, r)
+            if needs_a:
+                grad_a = factored_weight_grad(grad_hidden, z, directions, ctx.x_shape[-1], ctx.velora_scale)  # (r, D)
+        grad_a = refuse_double_backward(grad_a, grad_out, lora_b)
+        grad_b = refuse_double_backward(grad_b, grad_out, lora_b)
         if needs_x:
             grad_x = grad.mm(weight)  # (T, D)
             if lora_a.dtype == grad_x.dtype:

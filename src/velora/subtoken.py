@@ -27,10 +27,10 @@ def group(x: torch.Tensor, sub_token_size: int) -> torch.Tensor:
     """(..., D) -> (T, G, M); zero-pads the last group when M does not divide D."""
     features = x.shape[-1]
     tokens = x.reshape(-1, features)  # (T, D)
-    padded = num_groups(features, sub_token_size) * sub_token_size
-    if padded != features:
-        tokens = torch.nn.functional.pad(tokens, (0, padded - features))  # (T, G*M)
-    return tokens.view(tokens.shape[0], -1, sub_token_size)  # (T, G, M)
+    groups = num_groups(features, sub_token_size)
+    if groups * sub_token_size != features:
+        tokens = torch.nn.functional.pad(tokens, (0, groups * sub_token_size - features))  # (T, G*M)
+    return tokens.view(tokens.shape[0], groups, sub_token_size)  # (T, G, M); G explicit, so T=0 works
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -38,19 +38,37 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def z_storage_shift(dtype: torch.dtype, sub_token_size: int) -> int:
+    """k such that z is stored as z·2⁻ᵏ: fp16 only, where |z| ≤ √M·max|x| can pass 65504 while x does not.
+
+    2ᵏ > √M, so a stored coefficient is at most max|x|: what fits x fits z. A power of two keeps every
+    significand bit (only values below fp16's normal range lose precision); bf16 and wider need no shift.
+    """
+    return sub_token_size.bit_length() // 2 + 1 if dtype == torch.float16 else 0
+
+
 def compress(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """z = group(x) · V, kept in x's dtype, computed in fp32 for half inputs. (..., D) -> (T, G, r)."""
+    """z = group(x) · V, kept in x's dtype, computed in fp32 for half inputs. (..., D) -> (T, G, r).
+
+    For fp16 x the stored z is scaled by 2⁻ᵏ (``z_storage_shift``) so it cannot overflow; ``reconstruct`` and
+    ``factored_weight_grad`` undo it.
+    """
     sub_token_size, rank = directions.shape
     work = compute_dtype(x.dtype)
     groups = group(x, sub_token_size)  # (T, G, M), a view when M divides D
     tokens, count = groups.shape[0], groups.shape[1]
     # one (T·G, M) @ (M, r) matmul over all sub-tokens
     z = torch.mm(_as(groups.reshape(tokens * count, sub_token_size), work), _as(directions, work))  # (T·G, r)
+    shift = z_storage_shift(x.dtype, sub_token_size)
+    if shift:
+        z = z.mul_(2.0 ** -shift)  # (T·G, r), exact: a power of two
     return _as(z, x.dtype).view(tokens, count, rank)  # (T, G, r)
 
 
 def reconstruct(z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0) -> torch.Tensor:
-    """x̂ = scale · z Vᵀ, ungrouped: (T, G, r) -> (T, D). Only tests and diagnostics materialise this."""
+    """x̂ = scale · z Vᵀ, ungrouped: (T, G, r) -> (T, D), for z as ``compress`` stores it (fp16 z is shifted).
+    Only tests and diagnostics materialise this."""
+    scale = scale * 2.0 ** z_storage_shift(z.dtype, directions.shape[0])  # undo compress's fp16 shift
     x_hat = torch.matmul(z.to(directions.dtype), directions.t())  # (T, G, M)
     x_hat = x_hat.reshape(z.shape[0], -1)[:, :in_features]  # (T, D)
     return (x_hat * scale).to(z.dtype)
@@ -70,6 +88,9 @@ def factored_weight_grad(
     if scale != 1.0:
         gz = gz * scale  # on (O, G*r), not on the M× larger (O, D) result
     v = _as(directions, grad_out.dtype)
+    shift = z_storage_shift(z.dtype, sub_token_size)
+    if shift:
+        v = v * 2.0 ** shift  # (M, r): undo compress's fp16 shift on the small factor, exactly
     if rank == 1:
         grad_w = gz.unsqueeze(-1) * v.view(sub_token_size)  # (O, G, 1) * (M,) -> (O, G, M)
     else:
@@ -111,19 +132,44 @@ def subsample_rows(rows: torch.Tensor, max_rows: int) -> torch.Tensor:
 
 
 def top_right_singular(rows: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-``rank`` right singular vectors of (N, M) rows, as (M, rank), deterministic signs."""
+    """Top-``rank`` right singular vectors of (N, M) rows, as (M, rank), deterministic signs.
+
+    Directions the rows do not span (N < rank, or rank-deficient rows) are not left to LAPACK's arbitrary
+    null-space vectors: they come from ``complete_basis``, so v always has ``rank`` orthonormal columns.
+    """
+    return complete_basis(_spanned_directions(rows, rank), rank)
+
+
+def _spanned_directions(rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top right singular vectors of (N, M) rows with a non-zero singular value, at most ``rank``: (M, ≤rank)."""
     work = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
     try:
-        _, _, vh = torch.linalg.svd(work, full_matrices=False)
+        _, singular, vh = torch.linalg.svd(work, full_matrices=False)  # (k,), (k, M)
     except RuntimeError:  # ill-conditioned input: the Gram matrix is small (M×M) and eigh is robust
-        _, vecs = torch.linalg.eigh(work.t() @ work)
-        vh = vecs.flip(-1).t()
-    v = vh[:rank].t()  # (M, rank)
+        values, vecs = torch.linalg.eigh(work.t() @ work)  # (M,), (M, M)
+        singular, vh = values.flip(-1).clamp_min(0).sqrt(), vecs.flip(-1).t()
+    spanned = 0
+    if singular.numel():
+        spanned = int((singular > singular.max() * torch.finfo(work.dtype).eps * max(work.shape)).sum())
+    v = vh[: min(rank, spanned)].t()  # (M, ≤ rank)
     # make the largest-magnitude entry of each column positive so the result is reproducible
     pivot = v.abs().argmax(0)
     signs = torch.sign(v[pivot, torch.arange(v.shape[1])])
     signs[signs == 0] = 1
     return v * signs
+
+
+def complete_basis(columns: torch.Tensor, rank: int) -> torch.Tensor:
+    """(M, k) orthonormal columns -> (M, rank): each added column is the standard basis vector with the
+    largest part outside the current span, orthogonalised (twice, for rounding) and normalised."""
+    basis = columns
+    while basis.shape[1] < rank:
+        outside = torch.eye(basis.shape[0], dtype=basis.dtype, device=basis.device)  # (M, M), one e_j per column
+        outside = outside - basis @ (basis.t() @ outside)  # (M, M), e_j minus its projection on the span
+        best = outside[:, int(outside.norm(dim=0).argmax())]  # (M,)
+        best = best - basis @ (basis.t() @ best)  # (M,)
+        basis = torch.cat([basis, (best / best.norm()).unsqueeze(1)], dim=1)  # (M, k+1)
+    return basis
 
 
 def sub_token_rows(x: torch.Tensor, sub_token_size: int) -> torch.Tensor:
@@ -159,11 +205,11 @@ def initial_directions(
     work = compute_dtype(x.dtype)
     if strategy == "random":
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        raw = torch.randn(sub_token_size, rank, generator=generator, dtype=torch.float64)
+        raw = torch.randn(sub_token_size, rank, generator=generator, dtype=torch.float64, device="cpu")
         return orthonormalise(raw).to(device=x.device, dtype=work)
 
-    if mean is None:
-        mean = mean_sub_token(x, sub_token_size)  # (M,)
+    if mean is None:  # (M,); a zero-token x (a rank with no tokens under DDP) has none: zeros, the svd gives uniform
+        mean = mean_sub_token(x, sub_token_size) if x.numel() else torch.zeros(sub_token_size, device=x.device)
     if not torch.isfinite(mean).all():
         raise ValueError("the initialisation batch contains NaN/Inf; VeLoRA cannot build its projection "
                          "from it — check the inputs or the preceding layers")
@@ -186,8 +232,9 @@ def initial_directions(
     if rank == 1:
         return first.unsqueeze(1)
     residual = rows - (rows @ first).unsqueeze(1) * first  # (N, M), mean direction removed
-    rest = top_right_singular(residual, rank - 1)  # (M, rank-1)
-    return orthonormalise(torch.cat([first.unsqueeze(1), rest], dim=1))
+    rest = _spanned_directions(residual, rank - 1)  # (M, ≤ rank-1), orthogonal to the mean
+    # fewer sub-tokens than rank (or degenerate ones): complete the basis instead of shrinking v
+    return complete_basis(orthonormalise(torch.cat([first.unsqueeze(1), rest], dim=1)), rank)
 
 
 def _uniform(sub_token_size: int, rank: int, device, dtype) -> torch.Tensor:
