@@ -19,6 +19,20 @@ def check_group(optimizer_name: str, group: dict) -> None:
             kind = param.dtype if isinstance(param, torch.Tensor) else type(param).__name__
             raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
                              "only floating-point tensors can be optimised")
+        refuse_dtensor(optimizer_name, param)
+
+
+def refuse_dtensor(owner: str, param) -> None:
+    """One-line error for a DTensor parameter (FSDP2 ``fully_shard``): our projections, seeds and factored
+    second moments need the whole matrix on every rank, and a shard silently differs from it."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        raise ValueError(f"{owner}: a parameter of shape {tuple(param.shape)} is a DTensor, i.e. sharded by FSDP2 "
+                         f"(fully_shard), which {owner} does not support yet; use DDP (velora.distributed.wrap_ddp) "
+                         "or plain torch.optim.AdamW with VeLoRA layers under FSDP2")
 
 
 def check_positive(name: str, value, kind=int) -> None:

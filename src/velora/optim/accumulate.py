@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from velora.optim._common import refuse_dtensor
 from velora.optim.projections import (
     CompressionPlan,
     check_project_side,
@@ -334,4 +335,5 @@ def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:
         if not isinstance(param, torch.Tensor) or not param.is_floating_point():
             raise ValueError("CompressedGradAccumulator: got a non-floating parameter; only floating-point "
                              "tensors carry gradients")
+        refuse_dtensor("CompressedGradAccumulator", param)
     return params, candidates
