@@ -48,6 +48,12 @@ def check_unit_interval(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The precision the update and its state are computed in: float32, or float64 for float64 parameters
+    (narrower ones are widened to float32; a wider parameter is never computed below its own precision)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
 def working_copy(param: torch.Tensor) -> torch.Tensor:
     """The tensor the update is computed on: float32 for 16-bit params, the param itself otherwise."""
     if param.dtype in _LOW_PRECISION:
@@ -72,19 +78,20 @@ def working_grad(param: torch.Tensor, maximize: bool = False) -> torch.Tensor:
 
 # --- moments stored either as float32 or as block-wise 8-bit codes ----------------------------------
 
-def init_moment(state: dict, name: str, shape, device, eight_bit: bool, signed: bool) -> None:
-    zeros = torch.zeros(shape, dtype=torch.float32, device=device)
+def init_moment(state: dict, name: str, shape, device, eight_bit: bool, signed: bool,
+                dtype: torch.dtype = torch.float32) -> None:
+    zeros = torch.zeros(shape, dtype=torch.float32 if eight_bit else dtype, device=device)
     if eight_bit:
         state[name + "_codes"], state[name + "_absmax"] = quantize_blockwise(zeros, signed)
     else:
         state[name] = zeros
 
 
-def read_moment(state: dict, name: str) -> torch.Tensor:
-    """float32 moment; for fp32 storage this is the stored tensor itself (updated in place)."""
+def read_moment(state: dict, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The moment in ``dtype``; unquantised storage is returned itself (updated in place)."""
     if name in state:
         return state[name]
-    return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"])
+    return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"]).to(dtype)
 
 
 def write_moment(state: dict, name: str, value: torch.Tensor, signed: bool) -> None:

@@ -42,6 +42,7 @@ from velora.optim._common import (
     check_unit_interval,
     init_moment,
     read_moment,
+    state_dtype,
     store_back,
     working_copy,
     working_grad,
@@ -163,38 +164,38 @@ class Flora(TensorStateOptimizer):
     # ------------------------------------------------------------------------------------------------
 
     def _init_state(self, state: dict, param: torch.Tensor, group: dict, plan, param_index: int) -> None:
-        device = param.device
+        device, dtype = param.device, state_dtype(param)
         state["step"] = torch.tensor(0.0)
         if group["beta1"] > 0:
             if plan is not None:
                 seed = derive_seed(group["seed"], param_index, 0)
                 state["seed"] = torch.tensor(seed, dtype=torch.int64)
-                init_moment(state, "momentum", (plan.kept_dim, plan.rank), device, group["eight_bit"], True)
+                init_moment(state, "momentum", (plan.kept_dim, plan.rank), device, group["eight_bit"], True, dtype)
             else:
-                init_moment(state, "momentum", param.shape, device, group["eight_bit"], True)
+                init_moment(state, "momentum", param.shape, device, group["eight_bit"], True, dtype)
         if group["base"] == "adafactor":
             if param.dim() >= 2:
                 shape = param.shape
-                state["row_var"] = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
-                state["col_var"] = torch.zeros(shape[:-2] + (1, shape[-1]), dtype=torch.float32, device=device)
+                state["row_var"] = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+                state["col_var"] = torch.zeros(shape[:-2] + (1, shape[-1]), dtype=dtype, device=device)
             else:
-                state["variance"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
+                state["variance"] = torch.zeros(param.shape, dtype=dtype, device=device)
         else:
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=device)
 
     def _momentum_direction(self, state, grad, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
         """Update the (compressed) first moment with ``grad`` and return the decompressed momentum."""
         beta1 = group["beta1"]
         if plan is None:
-            momentum = read_moment(state, "momentum")  # same shape as the param
+            momentum = read_moment(state, "momentum", grad.dtype)  # same shape as the param
             momentum.lerp_(grad, 1 - beta1)
             write_moment(state, "momentum", momentum, signed=True)
             return momentum
         oriented = grad.T if plan.transposed else grad  # (k, p)
-        make = dict(n=plan.projected_dim, r=plan.rank, device=grad.device, dtype=torch.float32,
-                    orthogonal=group["orthogonal"])
+        make = dict(n=plan.projected_dim, r=plan.rank, device=grad.device, dtype=grad.dtype,
+                    orthogonal=group["orthogonal"])  # drawn in float32, used in the gradient's (working) precision
         projection = random_projection(int(state["seed"]), **make)  # (r, p)
-        momentum = read_moment(state, "momentum")  # (k, r)
+        momentum = read_moment(state, "momentum", grad.dtype)  # (k, r)
         kappa = group["kappa"]
         if steps_done > 0 and steps_done % kappa == 0:
             new_seed = derive_seed(group["seed"], param_index, steps_done // kappa)
@@ -253,7 +254,8 @@ class Flora(TensorStateOptimizer):
     def _adafactor_update(work, grad, direction, state, group) -> None:
         # the update rule of torch.optim.Adafactor, with the (decompressed) momentum as numerator
         lr = group["lr"]
-        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(torch.float32).eps
+        # torch's default is the parameter's eps; ours is the working precision's (float32 for 16-bit parameters)
+        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(work.dtype).eps
         step = state["step"].item()
         one_minus_beta2_t = step ** group["beta2_decay"]
         rho = min(lr, 1 / math.sqrt(step))
