@@ -156,6 +156,7 @@ class CompressedGradAccumulator:
             "seed": self.seed,
             "project": self.project,
             "orthogonal": self.orthogonal,
+            "reduction": self.reduction,
             "counts": self.counts.clone(),
             "cycles": self.cycles.clone(),
             "micro_batches": self.micro_batches.clone(),
@@ -168,7 +169,11 @@ class CompressedGradAccumulator:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        _check_accumulator_state(state)
         saved_project_side(state.get("project"), self.project, "CompressedGradAccumulator")
+        if state.get("reduction", self.reduction) != self.reduction:  # older states did not record it
+            raise ValueError(f"state_dict was built with reduction={state['reduction']!r} but this accumulator has "
+                             f"reduction={self.reduction!r}; build it with reduction={state['reduction']!r}")
         for key in ("rank", "accumulation_steps", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]} but this accumulator has "
@@ -308,6 +313,21 @@ class CompressedGradAccumulator:
         self.counts.zero_()
         self.cycles += 1
         self.micro_batches.zero_()
+
+
+_STATE_KEYS = ("rank", "accumulation_steps", "seed", "counts", "cycles", "buffers", "plain_grads")
+
+
+def _check_accumulator_state(state) -> None:
+    """One line for something that is not an accumulator state (an optimizer's state_dict, say)."""
+    if isinstance(state, dict) and all(key in state for key in _STATE_KEYS):
+        return
+    if isinstance(state, dict) and "param_groups" in state:
+        raise ValueError("CompressedGradAccumulator.load_state_dict got an optimizer state_dict (it has "
+                         "'param_groups'); load that into the optimizer and pass acc.state_dict() here")
+    keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"CompressedGradAccumulator.load_state_dict got {keys}, not an accumulator state (needs "
+                     f"{list(_STATE_KEYS)}); pass what CompressedGradAccumulator.state_dict() returned")
 
 
 def _multi_process() -> bool:

@@ -137,14 +137,21 @@ class Flora(TensorStateOptimizer):
         if group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    _IDENTITY_KEYS = ("base", "kappa", "rank")
+
+    @staticmethod
+    def _layout(group: dict) -> dict:
+        keys = ("base", "rank", "compress", "force_compress", "eight_bit", "orthogonal")
+        return {"momentum": group["beta1"] > 0, **{key: group[key] for key in keys if key in group}}
+
+    def _adapt_saved(self, state_dict: dict) -> dict:
         # torch would silently replace each group's options by the saved ones; a compressed momentum
         # only makes sense with the side it was built on, so a different side is an error
         saved_groups = []
         for current, saved in zip(self.param_groups, state_dict["param_groups"]):
             saved_project = saved_project_side(saved.get("project"), current["project"], "Flora")
             saved_groups.append({**saved, "project": saved_project})
-        super().load_state_dict({**state_dict, "param_groups": saved_groups})
+        return {**state_dict, "param_groups": saved_groups}
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -85,6 +85,12 @@ class GaLoreAdamW(TensorStateOptimizer):
             self.param_groups.pop()
             raise
 
+    _IDENTITY_KEYS = ("proj_type", "update_proj_gap")
+
+    @staticmethod
+    def _layout(group: dict) -> dict:
+        return {key: group[key] for key in ("rank", "proj_type", "eight_bit") if key in group}
+
     @staticmethod
     def _check_group(group: dict) -> None:
         check_group("GaLoreAdamW", group)
