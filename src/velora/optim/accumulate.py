@@ -248,7 +248,8 @@ class CompressedGradAccumulator:
             self._close_cycle(int(self.micro_batches))
 
     def _in_last_micro_batch(self) -> bool:
-        return int(self.micro_batches) == self.accumulation_steps - 1
+        # >=: the HF Trainer may shorten accumulation_steps for the last cycle of an epoch
+        return int(self.micro_batches) >= self.accumulation_steps - 1
 
     def _on_gradient(self, index: int, param: torch.Tensor) -> None:
         plan = self.plans[index]
