@@ -4,6 +4,7 @@ singular vectors; the cumulative update then stays in span(v) per chunk (referen
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from velora.layers import velora_modules
@@ -20,11 +21,20 @@ def _outside_span_v(delta: torch.Tensor, v: torch.Tensor, size: int) -> float:
     return float((chunks - inside).norm() ** 2 / chunks.norm() ** 2)
 
 
-def _train_galore_velora(steps: int):
+def _model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = prepare_model(build_model(build_config("llama-tiny", vocab_size=256)), "galore+velora",
-                          MethodOptions(lr=3e-3, update_proj_gap=3))
-    optimizer = build_optimizer(model, "galore+velora", MethodOptions(lr=3e-3, update_proj_gap=3))
+    if kind == "llama":  # nn.Linear (O, D): VeLoRA on v_proj and down_proj
+        return build_model(build_config("llama-tiny", vocab_size=256))
+    transformers = pytest.importorskip("transformers")  # GPT-2 Conv1D (D, O): VeLoRA on mlp.c_proj
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=256, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _train_galore_velora(steps: int, kind: str = "llama"):
+    options = MethodOptions(lr=3e-3, update_proj_gap=3)
+    model = prepare_model(_model(kind), "galore+velora", options)
+    optimizer = build_optimizer(model, "galore+velora", options)
     layers = velora_modules(model)
     start = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     generator = torch.Generator().manual_seed(0)
@@ -36,11 +46,13 @@ def _train_galore_velora(steps: int):
     return model, optimizer, layers, start
 
 
-def test_cumulative_update_of_velora_layers_stays_in_span_v_per_chunk():
-    model, optimizer, layers, start = _train_galore_velora(steps=7)  # projector refreshed at steps 0, 3, 6
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cumulative_update_of_velora_layers_stays_in_span_v_per_chunk(kind):
+    model, optimizer, layers, start = _train_galore_velora(steps=7, kind=kind)  # projector refreshed at 0, 3, 6
     assert layers
     for name, layer in layers.items():
-        delta = layer.weight.detach() - start[name]  # (O, D)
+        delta = layer.weight.detach() - start[name]  # (O, D) for Linear, (D, O) for Conv1D
+        delta = delta.T if kind == "gpt2" else delta  # (O, D)
         assert delta.norm() > 0, name
         outside = _outside_span_v(delta, layer.velora_v, layer.velora_sub_token_size)
         assert outside < 1e-8, (name, outside)

@@ -195,7 +195,8 @@ def projectable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
         excluded.add(id(head.weight))
     chosen, seen = [], set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+        # HF Conv1D by name (no transformers import), including subclasses such as VeLoRA's wrapped Conv1D
+        if isinstance(module, torch.nn.Linear) or any(cls.__name__ == "Conv1D" for cls in type(module).__mro__):
             weight = module.weight
             if weight.requires_grad and weight.dim() == 2 and id(weight) not in excluded | seen:
                 chosen.append(weight)
