@@ -295,13 +295,13 @@ class CompressedGradAccumulator:
     def _close_cycle(self, micro_batches: int) -> None:
         """Write the sums of the parameters not yet closed into ``.grad``; start the next cycle."""
         skipped = [i for i in range(len(self.params)) if int(self.counts[i]) > 0 and i not in self._closed]
-        if micro_batches == self.accumulation_steps and _multi_process():
+        if micro_batches >= self.accumulation_steps and _multi_process():  # not flush(): never all-reduced
             self._refuse_local_sums(skipped)
         with torch.no_grad():
             for index in skipped:
                 param = self.params[index]
                 if self.plans[index] is None:
-                    if self.reduction == "mean":
+                    if self.reduction == "mean" and param.grad is not None:
                         param.grad.div_(micro_batches)
                     continue
                 full = self._decompress(index, micro_batches)  # (n, m)
