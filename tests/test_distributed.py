@@ -114,8 +114,8 @@ OPTIMIZERS = {
     "flora": _flora,
     "galore": _galore,
 }
-# Flora / GaLoreAdamW / the accumulator compute in float32 (they reject float64 parameters), so their
-# comparisons are at float32 precision
+# Flora / GaLoreAdamW run on float32 models here (their float64 path is tested in test_optim_float64.py),
+# so their comparisons are at float32 precision
 DTYPES = {"adamw": torch.float64, "flora": torch.float32, "galore": torch.float32}
 TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-4, atol=2e-5)}
 

@@ -290,12 +290,12 @@ def _accumulator_projection(state: FloraCommState, index: int, device) -> tuple[
     from velora.optim.projections import random_projection
 
     accumulator = state.accumulator
-    if int(accumulator.counts[index]) != 0:
+    if not accumulator._in_last_micro_batch():
         raise ValueError("flora_comm_hook(accumulator=...) saw DDP synchronise in the middle of an accumulation "
                          "cycle; run every micro-batch but the last under ddp.no_sync() (velora.distributed."
                          "sync_context) so gradients are all-reduced once per cycle")
     plan = accumulator.plans[index]
-    cycle = int(accumulator.cycles[index]) - 1  # the accumulator's hook already closed the cycle
+    cycle = int(accumulator.cycles[index])  # the cycle closes at the end of this backward
     # in the accumulator's own dtype (float64 buffers for float64 parameters)
     projection = random_projection(accumulator.seed_for(index, cycle), plan.projected_dim, plan.rank, device,
                                    accumulator.buffers[index].dtype, accumulator.orthogonal)  # (r, projected_dim)

@@ -232,21 +232,46 @@ def projected_linear_weights(model: nn.Module) -> tuple[list[nn.Parameter], list
     return projected, rest
 
 
+def velora_gradient_subspaces(model: nn.Module) -> dict[int, tuple[int, str]]:
+    """id(weight) -> (the most its gradient's rank can be, the GaLore side holding the VeLoRA structure) for each
+    VeLoRA-wrapped weight. Its gradient is (Gᵀz) ⊗ v per M-chunk: rows (nn.Linear (O, D)) or columns (Conv1D
+    (D, O)) lie in span(v) per chunk, a space of dimension ceil(D/M)·r. Projecting that side ("right" for Linear,
+    "left" for Conv1D) on at most that many singular vectors keeps every update in it; more vectors add
+    zero-singular-value directions whose rounding noise Adam normalises into full-size steps."""
+    from velora.layers import velora_modules
+
+    subspaces = {}
+    for layer in velora_modules(model).values():
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            continue
+        in_features, size = layer._velora_in_features(), layer.velora_sub_token_size
+        possible = -(-in_features // size) * layer.velora_config.rank  # ceil(D / M) * r
+        linear = isinstance(layer, nn.Linear)
+        out_features = weight.shape[0] if linear else weight.shape[1]
+        subspaces[id(weight)] = (max(1, min(possible, out_features)), "right" if linear else "left")
+    return subspaces
+
+
 def _galore_optimizer(model: nn.Module, options: MethodOptions):
     from velora.optim import GaLoreAdamW
 
     projected, rest = projected_linear_weights(model)
+    velora_subspaces = velora_gradient_subspaces(model)
     groups = []
     if rest:
         groups.append({"params": rest})
     if projected:
-        by_rank: dict[int, list[nn.Parameter]] = {}
+        by_rank: dict[tuple[int, str], list[nn.Parameter]] = {}
         for p in projected:
-            rank = options.galore_rank or max(1, min(p.shape) // 4)
-            by_rank.setdefault(rank, []).append(p)
-        for rank, params in by_rank.items():
+            rank, side = options.galore_rank or max(1, min(p.shape) // 4), "std"
+            if id(p) in velora_subspaces:  # a VeLoRA weight: its gradient's own subspace, never noise
+                possible, side = velora_subspaces[id(p)]
+                rank = min(rank, possible)
+            by_rank.setdefault((rank, side), []).append(p)
+        for (rank, side), params in by_rank.items():
             groups.append({"params": params, "rank": rank, "update_proj_gap": options.update_proj_gap,
-                           "scale": options.galore_scale, "proj_type": "std"})
+                           "scale": options.galore_scale, "proj_type": side})
     return GaLoreAdamW(groups, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay,
                        eight_bit=options.optimizer == "adamw8bit")
 

@@ -19,6 +19,20 @@ def check_group(optimizer_name: str, group: dict) -> None:
             kind = param.dtype if isinstance(param, torch.Tensor) else type(param).__name__
             raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
                              "only floating-point tensors can be optimised")
+        refuse_dtensor(optimizer_name, param)
+
+
+def refuse_dtensor(owner: str, param) -> None:
+    """One-line error for a DTensor parameter (FSDP2 ``fully_shard``): our projections, seeds and factored
+    second moments need the whole matrix on every rank, and a shard silently differs from it."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        raise ValueError(f"{owner}: a parameter of shape {tuple(param.shape)} is a DTensor, i.e. sharded by FSDP2 "
+                         f"(fully_shard), which {owner} does not support yet; use DDP (velora.distributed.wrap_ddp) "
+                         "or plain torch.optim.AdamW with VeLoRA layers under FSDP2")
 
 
 def check_positive(name: str, value, kind=int) -> None:
@@ -32,6 +46,12 @@ def check_positive(name: str, value, kind=int) -> None:
 def check_unit_interval(name: str, value) -> None:
     if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The precision the update and its state are computed in: float32, or float64 for float64 parameters
+    (narrower ones are widened to float32; a wider parameter is never computed below its own precision)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def working_copy(param: torch.Tensor) -> torch.Tensor:
@@ -58,19 +78,20 @@ def working_grad(param: torch.Tensor, maximize: bool = False) -> torch.Tensor:
 
 # --- moments stored either as float32 or as block-wise 8-bit codes ----------------------------------
 
-def init_moment(state: dict, name: str, shape, device, eight_bit: bool, signed: bool) -> None:
-    zeros = torch.zeros(shape, dtype=torch.float32, device=device)
+def init_moment(state: dict, name: str, shape, device, eight_bit: bool, signed: bool,
+                dtype: torch.dtype = torch.float32) -> None:
+    zeros = torch.zeros(shape, dtype=torch.float32 if eight_bit else dtype, device=device)
     if eight_bit:
         state[name + "_codes"], state[name + "_absmax"] = quantize_blockwise(zeros, signed)
     else:
         state[name] = zeros
 
 
-def read_moment(state: dict, name: str) -> torch.Tensor:
-    """float32 moment; for fp32 storage this is the stored tensor itself (updated in place)."""
+def read_moment(state: dict, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The moment in ``dtype``; unquantised storage is returned itself (updated in place)."""
     if name in state:
         return state[name]
-    return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"])
+    return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"]).to(dtype)
 
 
 def write_moment(state: dict, name: str, value: torch.Tensor, signed: bool) -> None:
@@ -91,15 +112,67 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _saved_by(group: dict) -> str:
+    """A guess, from a saved param group's keys, of the optimizer that saved it (for error messages)."""
+    if "proj_type" in group:
+        return "GaLoreAdamW (or gradnorm_lorp_optimizer)"
+    if "kappa" in group and "base" in group:
+        return "Flora"
+    if "amsgrad" in group:
+        return "torch.optim.Adam/AdamW"
+    if "beta2_decay" in group:
+        return "torch.optim.Adafactor"
+    if "nesterov" in group:
+        return "torch.optim.SGD"
+    return "another optimizer"
+
+
 class TensorStateOptimizer(torch.optim.Optimizer):
-    """Base for our optimizers: ``load_state_dict`` keeps every state tensor's own dtype.
+    """Base for our optimizers: ``load_state_dict`` checks the saved kind and keeps every state tensor's dtype.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every non-"step" state tensor to the parameter's
     dtype; that would turn int64 seeds and int8/uint8 codes into floats and fp32 moments of a bf16
     parameter into bf16. We let torch validate and map the groups, then restore the saved tensors.
+    It would also accept another optimizer's state and silently replace each group's options by the saved
+    ones; we refuse a state whose groups lack ``_IDENTITY_KEYS`` (saved by another optimizer) or whose
+    ``_layout`` (the options that decide what the state holds) differs from this optimizer's.
     """
 
+    _IDENTITY_KEYS: tuple[str, ...] = ()
+
+    @staticmethod
+    def _layout(group: dict) -> dict:
+        """Options of a group that decide the layout and meaning of its state (override per optimizer)."""
+        return {}
+
+    def _check_saved_kind(self, state_dict) -> None:
+        name = type(self).__name__
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"{name}.load_state_dict needs an optimizer state_dict with 'state' and 'param_groups', "
+                             f"got {keys}; pass optimizer.state_dict() of a {name}")
+        for saved in groups:
+            missing = [key for key in self._IDENTITY_KEYS if key not in saved]
+            if missing:
+                raise ValueError(f"this state_dict was saved by {_saved_by(saved)}, not {name} (its param groups "
+                                 f"lack {missing}); load it into that optimizer or start {name} from a fresh state")
+        for index, (current, saved) in enumerate(zip(self.param_groups, groups)):
+            here, there = self._layout(current), self._layout(saved)
+            differs = [f"{key}={there[key]!r} saved vs {here[key]!r} here" for key in here
+                       if key in there and there[key] != here[key]]
+            if differs:
+                raise ValueError(f"{name} state_dict param group {index} was saved with other options: "
+                                 f"{'; '.join(differs)}; build the optimizer with the saved options or start from a "
+                                 "fresh state")
+
+    def _adapt_saved(self, state_dict: dict) -> dict:
+        """Hook for a subclass to translate an older saved format (after the kind check)."""
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_saved_kind(state_dict)
+        state_dict = self._adapt_saved(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]

@@ -11,11 +11,15 @@ a smaller buffer, more noise):
     micro-batch tau:       C <- C + G @ A.T ;  param.grad <- C @ A          # decompressed, in place
                            C <- 0 ; next cycle uses a new projection A
 
-What marks the boundary: each parameter's ``accumulation_steps``-th gradient. Right after the
-``backward()`` of the last micro-batch of a cycle every ``.grad`` holds the decompressed sum (or mean),
-so any ``optimizer.step()``, gradient clipping, the HF Trainer and accelerate work unchanged: they
-step exactly when they would with plain accumulation. Nothing is stepped per micro-batch. Call
-``flush()`` to end a partial cycle early (e.g. the last batches of an epoch).
+What marks the boundary: the number of micro-batches, one per ``backward()`` that reaches any tracked
+parameter (counted by a callback queued on that backward, so a parameter that receives no gradient in a
+micro-batch -- a conditional layer, an MoE expert without tokens, another task's head -- moves nothing).
+In the ``accumulation_steps``-th backward each arriving parameter's hook decompresses its sum into ``.grad``
+(before DDP reads it); at the end of that backward the sums of parameters that skipped it are decompressed
+too, and parameters that received nothing in the whole cycle keep ``.grad = None``: exactly what plain
+accumulation leaves. So right after the ``backward()`` of the last micro-batch of a cycle any
+``optimizer.step()``, gradient clipping, the HF Trainer and accelerate work unchanged. Nothing is stepped
+per micro-batch. Call ``flush()`` to end a partial cycle early (e.g. the last batches of an epoch).
 
 Which parameters are compressed: given a model, its attention/MLP matrices
 (``projections.projectable_parameters``; embeddings and the output head stay plain), given a
@@ -33,8 +37,11 @@ a p x r QR each time the projection is regenerated.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.autograd import Variable
 
+from velora.optim._common import refuse_dtensor
 from velora.optim.projections import (
     CompressionPlan,
     check_project_side,
@@ -97,8 +104,11 @@ class CompressedGradAccumulator:
             None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=_buffer_dtype(p), device=p.device)
             for p, plan in zip(self.params, self.plans)
         ]  # (k, r) each
-        self.counts = torch.zeros(len(self.params), dtype=torch.int64)  # micro-batches in the open cycle
-        self.cycles = torch.zeros(len(self.params), dtype=torch.int64)  # completed cycles per parameter
+        self.counts = torch.zeros(len(self.params), dtype=torch.int64)  # gradients received in the open cycle
+        self.cycles = torch.zeros(len(self.params), dtype=torch.int64)  # completed cycles (the same for all)
+        self.micro_batches = torch.zeros((), dtype=torch.int64)  # backward passes counted in the open cycle
+        self._closed: set[int] = set()  # parameters whose sum was written into .grad in this last backward
+        self._counted_tasks: set[int] = set()  # autograd graph tasks whose end is already awaited
         self._handles = [
             p.register_post_accumulate_grad_hook(self._make_hook(index)) for index, p in enumerate(self.params)
         ]
@@ -122,23 +132,12 @@ class CompressedGradAccumulator:
     @property
     def cycle_complete(self) -> bool:
         """True when no micro-batch is pending: every ``.grad`` is either None or decompressed."""
-        return bool((self.counts == 0).all())
+        return int(self.micro_batches) == 0
 
     def flush(self) -> None:
         """End the open cycle now: write the decompressed partial sums (or means) into ``.grad``."""
-        with torch.no_grad():
-            for index, param in enumerate(self.params):
-                count = int(self.counts[index])
-                if count == 0:
-                    continue
-                if self.plans[index] is None:
-                    if self.reduction == "mean" and param.grad is not None:
-                        param.grad.div_(count)
-                else:
-                    param.grad = self._decompress(index, count).to(param.dtype)
-                    self.buffers[index].zero_()
-                self.counts[index] = 0
-                self.cycles[index] += 1
+        if int(self.micro_batches) > 0:
+            self._close_cycle(int(self.micro_batches))
 
     def buffer_bytes(self) -> int:
         """Bytes held by the compressed accumulation buffers."""
@@ -157,8 +156,10 @@ class CompressedGradAccumulator:
             "seed": self.seed,
             "project": self.project,
             "orthogonal": self.orthogonal,
+            "reduction": self.reduction,
             "counts": self.counts.clone(),
             "cycles": self.cycles.clone(),
+            "micro_batches": self.micro_batches.clone(),
             "buffers": {i: b.clone() for i, b in enumerate(self.buffers) if b is not None},
             "plain_grads": {
                 i: p.grad.detach().clone()
@@ -168,7 +169,11 @@ class CompressedGradAccumulator:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        _check_accumulator_state(state)
         saved_project_side(state.get("project"), self.project, "CompressedGradAccumulator")
+        if state.get("reduction", self.reduction) != self.reduction:  # older states did not record it
+            raise ValueError(f"state_dict was built with reduction={state['reduction']!r} but this accumulator has "
+                             f"reduction={self.reduction!r}; build it with reduction={state['reduction']!r}")
         for key in ("rank", "accumulation_steps", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]} but this accumulator has "
@@ -187,6 +192,8 @@ class CompressedGradAccumulator:
                              f"orthogonal={self.orthogonal}; build it with orthogonal={saved}")
         self.counts.copy_(state["counts"])
         self.cycles.copy_(state["cycles"])
+        # older states counted per parameter (every parameter arrived in every micro-batch)
+        self.micro_batches.fill_(int(state.get("micro_batches", state["counts"].max() if len(state["counts"]) else 0)))
         for index, buffer in state["buffers"].items():
             self.buffers[int(index)].copy_(buffer)
         for index, grad in state["plain_grads"].items():
@@ -223,30 +230,109 @@ class CompressedGradAccumulator:
 
         return hook
 
+    def _await_end_of_backward(self) -> None:
+        """Queue ``_end_of_backward`` once per autograd graph task (the first tracked gradient of it)."""
+        task = torch._C._current_graph_task_id()
+        if task not in self._counted_tasks:
+            self._counted_tasks.add(task)
+            Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._counted_tasks.discard(torch._C._current_graph_task_id())
+        outer = torch._C._current_autograd_node()
+        if outer is not None:  # a nested backward (reentrant checkpointing): count the outer one instead
+            outer.register_hook(lambda *_: self._await_end_of_backward())
+            return
+        self.micro_batches += 1
+        if int(self.micro_batches) >= self.accumulation_steps:
+            self._close_cycle(int(self.micro_batches))
+
+    def _in_last_micro_batch(self) -> bool:
+        # >=: the HF Trainer may shorten accumulation_steps for the last cycle of an epoch
+        return int(self.micro_batches) >= self.accumulation_steps - 1
+
     def _on_gradient(self, index: int, param: torch.Tensor) -> None:
-        self.counts[index] += 1
-        count = int(self.counts[index])
-        boundary = count >= self.accumulation_steps
         plan = self.plans[index]
+        if plan is not None and param.grad.is_sparse:  # a projection of a sparse matrix has no sparse form
+            raise ValueError(f"CompressedGradAccumulator: compressed parameter {index} of shape "
+                             f"{tuple(param.shape)} got a sparse gradient; use nn.Embedding(sparse=False) or leave "
+                             "it out of the compressed parameters")
+        self._await_end_of_backward()
+        self.counts[index] += 1
+        last = self._in_last_micro_batch()
         if plan is None:  # plain accumulation in .grad
-            if boundary:
+            if last:  # divided before DDP reads .grad
                 if self.reduction == "mean":
-                    param.grad.div_(count)
-                self.counts[index] = 0
-                self.cycles[index] += 1
+                    param.grad.div_(self.accumulation_steps)
+                self._closed.add(index)
             return
         grad = param.grad.to(self.buffers[index].dtype)
         oriented = grad.T if plan.transposed else grad  # (k, p)
         projection = self.projection(index)  # (r, p)
         self.buffers[index].add_(oriented @ projection.T)  # (k, r)
-        if not boundary:
+        if not last:
             param.grad = None  # free the full gradient until the boundary
             return
-        full = self._decompress(index, count, projection)  # (n, m), the same projection: one regeneration less
+        full = self._decompress(index, self.accumulation_steps, projection)  # (n, m), the same projection
         param.grad.copy_(full)  # reuse the gradient's memory for the decompressed sum
         self.buffers[index].zero_()
-        self.counts[index] = 0
-        self.cycles[index] += 1
+        self._closed.add(index)
+
+    def _refuse_local_sums(self, skipped: list[int]) -> None:
+        """Under DDP only what is in .grad during the last micro-batch is all-reduced: a compressed sum (or a
+        mean still to divide) of a parameter that skipped it would stay local, so refuse it."""
+        local = [i for i in skipped if self.plans[i] is not None or self.reduction == "mean"]
+        if local:
+            self._closed.clear()
+            self.counts.zero_()
+            self.micro_batches.zero_()
+            param = self.params[local[0]]
+            raise ValueError(f"CompressedGradAccumulator: parameter {local[0]} of shape {tuple(param.shape)} got "
+                             "gradients earlier in the cycle but none in its last micro-batch, the one DDP "
+                             "all-reduces, so its sum would stay local; make every parameter take part in the last "
+                             "micro-batch of a cycle (e.g. a zero-weighted term) or leave it out of the accumulator")
+
+    def _close_cycle(self, micro_batches: int) -> None:
+        """Write the sums of the parameters not yet closed into ``.grad``; start the next cycle."""
+        skipped = [i for i in range(len(self.params)) if int(self.counts[i]) > 0 and i not in self._closed]
+        if micro_batches >= self.accumulation_steps and _multi_process():  # not flush(): never all-reduced
+            self._refuse_local_sums(skipped)
+        with torch.no_grad():
+            for index in skipped:
+                param = self.params[index]
+                if self.plans[index] is None:
+                    if self.reduction == "mean" and param.grad is not None:
+                        param.grad.div_(micro_batches)
+                    continue
+                full = self._decompress(index, micro_batches)  # (n, m)
+                if param.grad is None:
+                    param.grad = full.to(param.dtype)
+                else:  # a .grad left by the user (e.g. zero_grad(set_to_none=False)) is added to, as autograd does
+                    param.grad.add_(full.to(param.dtype))
+                self.buffers[index].zero_()
+        self._closed.clear()
+        self.counts.zero_()
+        self.cycles += 1
+        self.micro_batches.zero_()
+
+
+_STATE_KEYS = ("rank", "accumulation_steps", "seed", "counts", "cycles", "buffers", "plain_grads")
+
+
+def _check_accumulator_state(state) -> None:
+    """One line for something that is not an accumulator state (an optimizer's state_dict, say)."""
+    if isinstance(state, dict) and all(key in state for key in _STATE_KEYS):
+        return
+    if isinstance(state, dict) and "param_groups" in state:
+        raise ValueError("CompressedGradAccumulator.load_state_dict got an optimizer state_dict (it has "
+                         "'param_groups'); load that into the optimizer and pass acc.state_dict() here")
+    keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"CompressedGradAccumulator.load_state_dict got {keys}, not an accumulator state (needs "
+                     f"{list(_STATE_KEYS)}); pass what CompressedGradAccumulator.state_dict() returned")
+
+
+def _multi_process() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _buffer_dtype(param: torch.Tensor) -> torch.dtype:
@@ -270,4 +356,5 @@ def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:
         if not isinstance(param, torch.Tensor) or not param.is_floating_point():
             raise ValueError("CompressedGradAccumulator: got a non-floating parameter; only floating-point "
                              "tensors carry gradients")
+        refuse_dtensor("CompressedGradAccumulator", param)
     return params, candidates

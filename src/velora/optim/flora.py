@@ -42,6 +42,7 @@ from velora.optim._common import (
     check_unit_interval,
     init_moment,
     read_moment,
+    state_dtype,
     store_back,
     working_copy,
     working_grad,
@@ -136,14 +137,21 @@ class Flora(TensorStateOptimizer):
         if group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    _IDENTITY_KEYS = ("base", "kappa", "rank")
+
+    @staticmethod
+    def _layout(group: dict) -> dict:
+        keys = ("base", "rank", "compress", "force_compress", "eight_bit", "orthogonal")
+        return {"momentum": group["beta1"] > 0, **{key: group[key] for key in keys if key in group}}
+
+    def _adapt_saved(self, state_dict: dict) -> dict:
         # torch would silently replace each group's options by the saved ones; a compressed momentum
         # only makes sense with the side it was built on, so a different side is an error
         saved_groups = []
         for current, saved in zip(self.param_groups, state_dict["param_groups"]):
             saved_project = saved_project_side(saved.get("project"), current["project"], "Flora")
             saved_groups.append({**saved, "project": saved_project})
-        super().load_state_dict({**state_dict, "param_groups": saved_groups})
+        return {**state_dict, "param_groups": saved_groups}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -163,38 +171,38 @@ class Flora(TensorStateOptimizer):
     # ------------------------------------------------------------------------------------------------
 
     def _init_state(self, state: dict, param: torch.Tensor, group: dict, plan, param_index: int) -> None:
-        device = param.device
+        device, dtype = param.device, state_dtype(param)
         state["step"] = torch.tensor(0.0)
         if group["beta1"] > 0:
             if plan is not None:
                 seed = derive_seed(group["seed"], param_index, 0)
                 state["seed"] = torch.tensor(seed, dtype=torch.int64)
-                init_moment(state, "momentum", (plan.kept_dim, plan.rank), device, group["eight_bit"], True)
+                init_moment(state, "momentum", (plan.kept_dim, plan.rank), device, group["eight_bit"], True, dtype)
             else:
-                init_moment(state, "momentum", param.shape, device, group["eight_bit"], True)
+                init_moment(state, "momentum", param.shape, device, group["eight_bit"], True, dtype)
         if group["base"] == "adafactor":
             if param.dim() >= 2:
                 shape = param.shape
-                state["row_var"] = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
-                state["col_var"] = torch.zeros(shape[:-2] + (1, shape[-1]), dtype=torch.float32, device=device)
+                state["row_var"] = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+                state["col_var"] = torch.zeros(shape[:-2] + (1, shape[-1]), dtype=dtype, device=device)
             else:
-                state["variance"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
+                state["variance"] = torch.zeros(param.shape, dtype=dtype, device=device)
         else:
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=device)
 
     def _momentum_direction(self, state, grad, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
         """Update the (compressed) first moment with ``grad`` and return the decompressed momentum."""
         beta1 = group["beta1"]
         if plan is None:
-            momentum = read_moment(state, "momentum")  # same shape as the param
+            momentum = read_moment(state, "momentum", grad.dtype)  # same shape as the param
             momentum.lerp_(grad, 1 - beta1)
             write_moment(state, "momentum", momentum, signed=True)
             return momentum
         oriented = grad.T if plan.transposed else grad  # (k, p)
-        make = dict(n=plan.projected_dim, r=plan.rank, device=grad.device, dtype=torch.float32,
-                    orthogonal=group["orthogonal"])
+        make = dict(n=plan.projected_dim, r=plan.rank, device=grad.device, dtype=grad.dtype,
+                    orthogonal=group["orthogonal"])  # drawn in float32, used in the gradient's (working) precision
         projection = random_projection(int(state["seed"]), **make)  # (r, p)
-        momentum = read_moment(state, "momentum")  # (k, r)
+        momentum = read_moment(state, "momentum", grad.dtype)  # (k, r)
         kappa = group["kappa"]
         if steps_done > 0 and steps_done % kappa == 0:
             new_seed = derive_seed(group["seed"], param_index, steps_done // kappa)
@@ -253,7 +261,8 @@ class Flora(TensorStateOptimizer):
     def _adafactor_update(work, grad, direction, state, group) -> None:
         # the update rule of torch.optim.Adafactor, with the (decompressed) momentum as numerator
         lr = group["lr"]
-        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(torch.float32).eps
+        # torch's default is the parameter's eps; ours is the working precision's (float32 for 16-bit parameters)
+        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(work.dtype).eps
         step = state["step"].item()
         one_minus_beta2_t = step ** group["beta2_decay"]
         rho = min(lr, 1 / math.sqrt(step))

@@ -9,7 +9,8 @@ A param group that sets ``rank`` is projected. For a 2-D gradient G (n, m) with 
     param <- param * (1 - lr * weight_decay) - lr * scale * update,  adam(R) = m_hat / (sqrt(v_hat) + eps)
 
 The projector is the top-r singular vectors of the current gradient, recomputed at steps
-0, gap, 2*gap, ... and stored as a float32 tensor in the optimizer state. With
+0, gap, 2*gap, ... and stored in the optimizer state as a float32 tensor (float64 for float64 parameters,
+whose update and moments are float64 too). With
 ``reproject_moments=True`` the moments follow the subspace when it changes: with
 T = P_new.T @ P_old (r, r), m <- T m and v <- (T*T) v (the variance of independent coordinates
 under the change of basis); without it they are reused as if the basis had not changed (GaLore's
@@ -27,6 +28,7 @@ from velora.optim._common import (
     check_unit_interval,
     init_moment,
     read_moment,
+    state_dtype,
     store_back,
     working_copy,
     working_grad,
@@ -83,6 +85,12 @@ class GaLoreAdamW(TensorStateOptimizer):
             self.param_groups.pop()
             raise
 
+    _IDENTITY_KEYS = ("proj_type", "update_proj_gap")
+
+    @staticmethod
+    def _layout(group: dict) -> dict:
+        return {key: group[key] for key in ("rank", "proj_type", "eight_bit") if key in group}
+
     @staticmethod
     def _check_group(group: dict) -> None:
         check_group("GaLoreAdamW", group)
@@ -124,13 +132,14 @@ class GaLoreAdamW(TensorStateOptimizer):
     def _adamw_step(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         eight_bit = group["eight_bit"]
+        dtype = state_dtype(param)
         if not state:
             state["step"] = torch.tensor(0.0)
-            init_moment(state, "exp_avg", param.shape, param.device, eight_bit, signed=True)
-            init_moment(state, "exp_avg_sq", param.shape, param.device, eight_bit, signed=False)
+            init_moment(state, "exp_avg", param.shape, param.device, eight_bit, signed=True, dtype=dtype)
+            init_moment(state, "exp_avg_sq", param.shape, param.device, eight_bit, signed=False, dtype=dtype)
         grad, work = working_grad(param), working_copy(param)
         state["step"] += 1
-        exp_avg, exp_avg_sq = read_moment(state, "exp_avg"), read_moment(state, "exp_avg_sq")
+        exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         work.mul_(1 - group["lr"] * group["weight_decay"])
         denom, bias_correction1 = _adam_moments(exp_avg, exp_avg_sq, grad, state["step"].item(), group)
         work.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
@@ -142,13 +151,13 @@ class GaLoreAdamW(TensorStateOptimizer):
         side = projection_side(param.shape, group["proj_type"])
         rank = min(group["rank"], *param.shape)
         low_shape = (rank, param.shape[1]) if side == "left" else (param.shape[0], rank)
-        eight_bit = group["eight_bit"]
+        eight_bit, dtype = group["eight_bit"], state_dtype(param)
         if not state:
             state["step"] = torch.tensor(0.0)
-            init_moment(state, "exp_avg", low_shape, param.device, eight_bit, signed=True)
-            init_moment(state, "exp_avg_sq", low_shape, param.device, eight_bit, signed=False)
+            init_moment(state, "exp_avg", low_shape, param.device, eight_bit, signed=True, dtype=dtype)
+            init_moment(state, "exp_avg_sq", low_shape, param.device, eight_bit, signed=False, dtype=dtype)
         grad, work = working_grad(param), working_copy(param)  # (n, m)
-        exp_avg, exp_avg_sq = read_moment(state, "exp_avg"), read_moment(state, "exp_avg_sq")
+        exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         steps_done = int(state["step"].item())
         if steps_done % group["update_proj_gap"] == 0:
             new_projector = svd_projector(grad, rank, side)  # (n, r) or (m, r)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from velora.gradnorm_lorp import gradnorm_lorp_modules
-from velora.optim._common import check_positive
+from velora.optim._common import check_positive, refuse_dtensor
 from velora.optim.galore import GaLoreAdamW
 
 __all__ = ["gradnorm_lorp_optimizer"]
@@ -42,6 +42,8 @@ def gradnorm_lorp_optimizer(
             raise ValueError(f"proj_rank={proj_rank} >= GradNormLoRP rank={module.rank} of {name!r}: the "
                              f"projection would not compress; pick proj_rank < {module.rank}")
         factors += [p for p in (module.lora_I, module.lora_J) if p.requires_grad]
+    for param in model.parameters():
+        refuse_dtensor("gradnorm_lorp_optimizer", param)
     factor_ids = {id(p) for p in factors}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
     groups = [dict(params=factors, rank=proj_rank, update_proj_gap=update_proj_gap, scale=scale,

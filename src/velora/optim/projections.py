@@ -145,8 +145,9 @@ def compression_plan(shape: torch.Size | tuple[int, ...], rank: int, force: bool
 
 def _svd_attempts(matrix: torch.Tensor):
     # 1) fp32 gesdd, 2) fp64, 3) fp64 with a tiny deterministic jitter (breaks exact degeneracies
-    # that make the divide-and-conquer driver fail to converge)
-    yield "float32", matrix.float()
+    # that make the divide-and-conquer driver fail to converge); a float64 gradient starts at 2)
+    if matrix.dtype != torch.float64:
+        yield "float32", matrix.float()
     yield "float64", matrix.double()
     generator = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(matrix.shape, generator=generator, dtype=torch.float64).to(matrix.device)
@@ -173,8 +174,8 @@ def svd_projector(matrix: torch.Tensor, rank: int, side: str) -> torch.Tensor:
             errors.append(f"{name}: {str(err).splitlines()[0]}")
             continue
         basis = u[:, :rank] if side == "left" else vh[:rank].T  # (n, rank) or (m, rank)
-        if torch.isfinite(basis).all():
-            return basis.float().contiguous()
+        if torch.isfinite(basis).all():  # float32, or float64 for a float64 gradient (never below its precision)
+            return basis.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32).contiguous()
         errors.append(f"{name}: non-finite singular vectors")
     raise RuntimeError(f"SVD of a {tuple(matrix.shape)} gradient failed in every attempt ({'; '.join(errors)})")
 
@@ -194,7 +195,8 @@ def projectable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
         excluded.add(id(head.weight))
     chosen, seen = [], set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+        # HF Conv1D by name (no transformers import), including subclasses such as VeLoRA's wrapped Conv1D
+        if isinstance(module, torch.nn.Linear) or any(cls.__name__ == "Conv1D" for cls in type(module).__mro__):
             weight = module.weight
             if weight.requires_grad and weight.dim() == 2 and id(weight) not in excluded | seen:
                 chosen.append(weight)
