@@ -76,7 +76,7 @@ def _load_quantized_weight(module: nn.Module, state_dict: dict[str, Any], prefix
     device = module.weight.device
     module.weight = bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device=device,
                                                         module=module)
-    state_dict.pop(prefix + "weight")  # already in place; the default loader would copy it onto itself
+    # the packed weight stays in state_dict: the default loader then copies it onto itself and counts it loaded
 
 
 def quantize_base_linears(model: nn.Module, compute_dtype: str = "auto") -> int:
