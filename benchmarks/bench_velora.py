@@ -72,7 +72,7 @@ class Workload:
 QUICK = Workload(hidden=128, intermediate=352, heads=4, layers=2, vocab=256, seq=64, batch=2)
 
 
-def build_base(work: Workload, seed: int) -> nn.Module:
+def build_base(work: Workload, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -86,7 +86,9 @@ def build_base(work: Workload, seed: int) -> nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=dtype)
     model.train()
     return model
 
@@ -115,7 +117,8 @@ def peft_velora(model: nn.Module, work: Workload) -> nn.Module:
         for adapter in list(module.lora_velora_num_groups):
             # one num_groups per peft adapter: give D=intermediate layers their M-sized groups too
             module.lora_velora_num_groups[adapter] = in_features // work.sub_token_size
-            embeds[adapter] = torch.zeros(work.sub_token_size, dtype=embeds[adapter].dtype)
+            embeds[adapter] = torch.zeros(work.sub_token_size, dtype=embeds[adapter].dtype,
+                                          device=embeds[adapter].device)
     return model
 
 
@@ -134,6 +137,19 @@ def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True) -> 
                                                              fuse_lora=fuse_lora))
 
 
+def qlora(model: nn.Module, work: Workload, velora: bool = False) -> nn.Module:
+    """bitsandbytes NF4 base (double quantisation, compute dtype = the model's), peft LoRA on every projection;
+    with ``velora``, velora-torch on every lora_A (peft's bnb layer runs its own forward: no fused node)."""
+    from velora.qlora import quantize_base_linears
+
+    quantize_base_linears(model)
+    model = peft_lora(model, work)
+    if velora:
+        apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size, target_modules=ALL_LINEAR,
+                                         mode="adapter"))
+    return model
+
+
 VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "full": lambda model, work: model,
     "full + VeLoRA (v_proj, down_proj)": velora_full,
@@ -142,6 +158,8 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "peft LoRA + peft VeLoRA": peft_velora,
     "peft LoRA + velora-torch VeLoRA": velora_adapter,
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: velora_adapter(model, work, False),
+    "QLoRA (bitsandbytes NF4 + peft LoRA)": qlora,
+    "QLoRA + velora-torch VeLoRA": lambda model, work: qlora(model, work, velora=True),
 }
 BASELINE = {  # ratios are taken against the plain method the variant extends
     "full": "full",
@@ -151,6 +169,8 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "peft LoRA + peft VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": "peft LoRA",
+    "QLoRA (bitsandbytes NF4 + peft LoRA)": "QLoRA (bitsandbytes NF4 + peft LoRA)",
+    "QLoRA + velora-torch VeLoRA": "QLoRA (bitsandbytes NF4 + peft LoRA)",
 }
 
 
