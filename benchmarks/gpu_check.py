@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ class Sizes:
     test_paths: tuple[str, ...] = ("tests",)
     test_timeout_s: int = 240
     plan_models: tuple[str, ...] = ("llama-60m", "llama-350m")
+    plan_methods: tuple[str, ...] = PLAN_METHODS
     plan_batch: int = 4
     plan_seq: int = 512
     step_work: dict = field(default_factory=lambda: dict(hidden=2048, intermediate=5504, heads=16, layers=4,
@@ -60,10 +60,10 @@ class Sizes:
     rounds: int = 10
 
 
-DRY = Sizes(device="cpu", test_paths=("tests/test_device.py", "tests/test_qlora.py"), test_timeout_s=120,
-            plan_models=("llama-tiny",), plan_batch=2, plan_seq=32,
-            step_work=dict(hidden=128, intermediate=352, heads=4, layers=2, vocab=256, seq=64, batch=2),
-            step_dtype="float32", warmup=1, rounds=2)
+DRY = Sizes(device="cpu", test_paths=("tests/test_device.py",), test_timeout_s=120,
+            plan_models=("llama-tiny",), plan_methods=("full", "qlora+velora"), plan_batch=2, plan_seq=32,
+            step_work=dict(hidden=64, intermediate=192, heads=2, layers=1, vocab=128, seq=32, batch=1),
+            step_dtype="float32", warmup=0, rounds=1)
 
 
 class Budget:
@@ -103,24 +103,42 @@ def environment(sizes: Sizes) -> dict:
 # ---- (a) the cuda-marked tests ----------------------------------------------------------------------
 
 
+def _junit_counts(path: str) -> dict[str, int]:
+    """passed / failed / errors / skipped from pytest's JUnit XML (the -q summary line is suppressed by the
+    project's own addopts -q)."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors",
+                                                                               "skipped")}
+    return {"passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
+            "failed": total["failures"], "errors": total["errors"], "skipped": total["skipped"]}
+
+
 def cuda_tests(sizes: Sizes, budget: Budget) -> dict:
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *sizes.test_paths]
+    import tempfile
+
     timeout = max(10, min(sizes.test_timeout_s, int(budget.left())))
-    try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        output, returncode = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        returncode = f"timeout after {timeout}s"
-    counts = {kind: 0 for kind in ("passed", "failed", "skipped", "errors", "deselected")}
-    summary = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error|deselected)",
-                                                                  line)]
-    for number, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary[-1] if summary
-                                   else ""):
-        counts["errors" if kind.startswith("error") else kind] += int(number)
-    return {"command": " ".join(command[1:]), "returncode": returncode, **counts, "output_tail": output[-3000:],
-            "summary": f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
-                       f"{counts['skipped']} skipped"}
+    # this checkout's src first, whatever PYTHONPATH held (e.g. /tmp/site for peft and bitsandbytes) after it
+    paths = [os.path.join(ROOT, "src")] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    with tempfile.TemporaryDirectory() as scratch:
+        junit = os.path.join(scratch, "junit.xml")
+        command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-rfE",
+                   f"--junitxml={junit}", *sizes.test_paths]
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            output, returncode = done.stdout + done.stderr, done.returncode
+        except subprocess.TimeoutExpired as err:
+            output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            returncode = f"timeout after {timeout}s"
+        counts = _junit_counts(junit) if os.path.exists(junit) else {}
+    summary = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+               f"{counts['skipped']} skipped" if counts else f"no result (return code {returncode})")
+    return {"command": " ".join(["python", *command[1:-len(sizes.test_paths) - 1], *sizes.test_paths]),
+            "returncode": returncode, **counts, "output_tail": output[-3000:], "summary": summary}
 
 
 # ---- (b) CUDA peak vs the planner ------------------------------------------------------------------
@@ -186,13 +204,15 @@ def memory_vs_plan(sizes: Sizes, budget: Budget) -> dict:
 
     rows = []
     for model_name in sizes.plan_models:
-        for method in PLAN_METHODS:
+        slowest = 0.0  # the slowest row of this model so far: a row that would overrun the budget is skipped
+        for method in sizes.plan_methods:
             row = {"model": model_name, "method": method, "batch": sizes.plan_batch, "seq": sizes.plan_seq,
                    "dtype": "bf16"}
             rows.append(row)
-            if budget.left() < 20:
+            if budget.left() < max(20.0, 1.5 * slowest):
                 row["status"] = "skipped (budget)"
                 continue
+            started = time.perf_counter()
             try:
                 from velora.models import build_config
 
@@ -210,6 +230,8 @@ def memory_vs_plan(sizes: Sizes, budget: Budget) -> dict:
                 row["status"] = f"failed: {one_line(err)}"
                 row["traceback"] = traceback.format_exc()[-2000:]
             _release(torch.device(sizes.device))  # the row's model and optimizer are gone once it returns
+            row["seconds"] = time.perf_counter() - started
+            slowest = max(slowest, row["seconds"])
     ok = [r for r in rows if r["status"] == "ok"]
     ratios = [r["ratio"] for r in ok]
     summary = f"{len(ok)}/{len(rows)} rows" + (f", measured/planned {min(ratios):.2f}-{max(ratios):.2f}"
@@ -403,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("gpu_check: no CUDA device is visible to torch; run on a GPU machine or pass --dry-run")
     if sizes.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(sizes.device))
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny ops: more threads only wait on each other
     budget = Budget(args.budget_s)
     report = {"environment": environment(sizes), "dry_run": args.dry_run, "budget_s": args.budget_s,
               "sections": {}, "seconds": 0.0}
