@@ -291,7 +291,9 @@ def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint) / "training_state.pt", weights_only=True)
+    # on the CPU first: optimizer.load_state_dict and the accumulator move state to their parameters' device,
+    # so a run saved on a GPU resumes on any device
+    return torch.load(Path(checkpoint) / "training_state.pt", weights_only=True, map_location="cpu")
 
 
 # ---- memory ----------------------------------------------------------------------------------------
