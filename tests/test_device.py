@@ -170,3 +170,19 @@ def test_device_cuda_resume_is_bitwise(tmp_path, text_file):
     a, b = straight["_model"].state_dict(), resumed["_model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["loss_curve"] == straight["loss_curve"]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_projections_are_drawn_on_the_gpu_reproducibly(orthogonal):
+    from velora.optim.projections import random_projection
+
+    device = resolve_device("cuda")
+    first = random_projection(7, 96, 8, device=device, orthogonal=orthogonal)  # (r, n)
+    again = random_projection(7, 96, 8, device=device, orthogonal=orthogonal)
+    assert first.device == device and torch.equal(first, again)
+    assert not torch.equal(first, random_projection(8, 96, 8, device=device, orthogonal=orthogonal))
+    if orthogonal:  # rows orthonormal up to the sqrt(n / r) scale
+        gram = first @ first.T / (96 / 8)  # (r, r)
+        assert torch.allclose(gram, torch.eye(8, device=device), atol=1e-5)
