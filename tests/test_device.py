@@ -127,9 +127,10 @@ def test_torchrun_rank_refuses_a_fixed_cuda_index(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("method", ["full", "lora+velora", "qlora+velora", "galore"])
 def test_device_cuda_trains_with_everything_on_the_gpu(text_file, method):
-    result, probe = _run_on(text_file, "cuda", method, steps=4)
+    result, probe = _run_on(text_file, "cuda", method, steps=8, lr=1e-2 if "lora" in method else 3e-3)
     _assert_all_on(result, probe, resolve_device("cuda"))
-    assert result["final_loss"] < result["initial_loss"]
+    losses = [loss for _, loss in result["loss_curve"]]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses  # byte-level loss starts near ln(257)
 
 
 @pytest.mark.cuda
