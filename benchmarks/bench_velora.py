@@ -16,6 +16,10 @@ Variants
                             the parent layers run velora-torch's fused LoRA node (velora.lora_fused, the default)
 - ... unfused               informative: the same with VeLoRAConfig(fuse_lora=False), i.e. peft's own LoRA forward
                             around velora-torch's lora_A, to show what the compression alone costs or saves
+- QLoRA                     every projection a bitsandbytes NF4 Linear4bit (double quantisation, compute dtype = the
+                            model's), peft's bnb LoRA r=8 on it (velora.qlora, what `--method qlora` trains)
+- QLoRA + VeLoRA            the same with velora-torch on every lora_A (adapter mode, M=32); peft's bnb layer runs
+                            its own forward around it (the fused LoRA node needs a plain nn.Linear base)
 
 The bound on full + VeLoRA: the weight-gradient matmuls of v_proj and down_proj (Gᵀx, (O×T)·(T×D)) are the work
 the factored backward removes. They are timed alone in the same process after the round-robin, and
@@ -28,6 +32,7 @@ and each ratio is the median of the per-round ratios against the variant's basel
 
     python benchmarks/bench_velora.py            # reference workload, writes benchmarks/results/velora.md
     python benchmarks/bench_velora.py --quick    # tiny smoke run (seconds, 1 thread), nothing written
+    python benchmarks/bench_velora.py --only QLoRA --out F   # some variants (+ their baselines) only
 
 --quick only checks that everything runs: at that size the per-call Python cost of autograd Functions dominates
 and its step ratios say nothing about the reference workload.
@@ -72,7 +77,7 @@ class Workload:
 QUICK = Workload(hidden=128, intermediate=352, heads=4, layers=2, vocab=256, seq=64, batch=2)
 
 
-def build_base(work: Workload, seed: int) -> nn.Module:
+def build_base(work: Workload, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -86,7 +91,9 @@ def build_base(work: Workload, seed: int) -> nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=dtype)
     model.train()
     return model
 
@@ -115,7 +122,8 @@ def peft_velora(model: nn.Module, work: Workload) -> nn.Module:
         for adapter in list(module.lora_velora_num_groups):
             # one num_groups per peft adapter: give D=intermediate layers their M-sized groups too
             module.lora_velora_num_groups[adapter] = in_features // work.sub_token_size
-            embeds[adapter] = torch.zeros(work.sub_token_size, dtype=embeds[adapter].dtype)
+            embeds[adapter] = torch.zeros(work.sub_token_size, dtype=embeds[adapter].dtype,
+                                          device=embeds[adapter].device)
     return model
 
 
@@ -134,6 +142,19 @@ def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True) -> 
                                                              fuse_lora=fuse_lora))
 
 
+def qlora(model: nn.Module, work: Workload, velora: bool = False) -> nn.Module:
+    """bitsandbytes NF4 base (double quantisation, compute dtype = the model's), peft LoRA on every projection;
+    with ``velora``, velora-torch on every lora_A (peft's bnb layer runs its own forward: no fused node)."""
+    from velora.qlora import quantize_base_linears
+
+    quantize_base_linears(model)
+    model = peft_lora(model, work)
+    if velora:
+        apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size, target_modules=ALL_LINEAR,
+                                         mode="adapter"))
+    return model
+
+
 VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "full": lambda model, work: model,
     "full + VeLoRA (v_proj, down_proj)": velora_full,
@@ -142,6 +163,8 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "peft LoRA + peft VeLoRA": peft_velora,
     "peft LoRA + velora-torch VeLoRA": velora_adapter,
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: velora_adapter(model, work, False),
+    "QLoRA (bitsandbytes NF4 + peft LoRA)": qlora,
+    "QLoRA + velora-torch VeLoRA": lambda model, work: qlora(model, work, velora=True),
 }
 BASELINE = {  # ratios are taken against the plain method the variant extends
     "full": "full",
@@ -151,6 +174,8 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "peft LoRA + peft VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": "peft LoRA",
+    "QLoRA (bitsandbytes NF4 + peft LoRA)": "QLoRA (bitsandbytes NF4 + peft LoRA)",
+    "QLoRA + velora-torch VeLoRA": "QLoRA (bitsandbytes NF4 + peft LoRA)",
 }
 
 
@@ -180,12 +205,14 @@ def make_step(model: nn.Module, batch: torch.Tensor) -> Callable[[], float]:
     return step
 
 
-def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int) -> list[dict]:
+def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int,
+        only: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, work.vocab, (work.batch, work.seq), generator=generator)  # (B, N)
 
-    models = {name: wrap(build_base(work, seed), work) for name, wrap in VARIANTS.items()}
+    chosen = chosen_variants(only)
+    models = {name: wrap(build_base(work, seed), work) for name, wrap in VARIANTS.items() if name in chosen}
     saved = {name: saved_activation_bytes(model, batch) for name, model in models.items()}
     steps = {name: make_step(model, batch) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -202,7 +229,7 @@ def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int) -> li
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu_elapsed)
 
-    removed_ms = removed_weight_grad_ms(work, repeats=max(rounds, 5))
+    removed_ms = removed_weight_grad_ms(work, repeats=max(rounds, 5)) if "full" in models else None
     rows = []
     for name in models:
         base = BASELINE[name]
@@ -223,9 +250,20 @@ def run(work: Workload, warmup: int, rounds: int, threads: int, seed: int) -> li
             ratio_min=min(a / b for a, b in zip(times[name], times[base])),
             ratio_max=max(a / b for a, b in zip(times[name], times[base])),
         ))
-    full_ms = 1e3 * statistics.median(times["full"])
-    rows.append(dict(bound=True, removed_ms=removed_ms, full_ms=full_ms, ratio=1 - removed_ms / full_ms))
+    if "full" in times:
+        full_ms = 1e3 * statistics.median(times["full"])
+        rows.append(dict(bound=True, removed_ms=removed_ms, full_ms=full_ms, ratio=1 - removed_ms / full_ms))
     return rows
+
+
+def chosen_variants(only: list[str] | None) -> list[str]:
+    """The variants whose name contains one of ``only`` (all when None), with the baselines they need."""
+    if only is None:
+        return list(VARIANTS)
+    picked = [name for name in VARIANTS if any(part.lower() in name.lower() for part in only)]
+    if not picked:
+        raise ValueError(f"--only {only} matches no variant; variants are {list(VARIANTS)}")
+    return [name for name in VARIANTS if name in picked or name in {BASELINE[p] for p in picked}]
 
 
 def removed_weight_grad_ms(work: Workload, repeats: int) -> float:
@@ -258,7 +296,7 @@ def markdown(rows: list[dict], work: Workload, warmup: int, rounds: int, threads
         "| fastest-step ratio | per-round ratio range |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    bound = next(row for row in rows if row.get("bound"))
+    bound = next((row for row in rows if row.get("bound")), None)
     for row in rows:
         if row.get("bound"):
             continue
@@ -267,9 +305,10 @@ def markdown(rows: list[dict], work: Workload, warmup: int, rounds: int, threads
             f"{row['step_ms']:.0f} | {row['step_ratio']:.3f} | {row['cpu_ratio']:.3f} | {row['min_ratio']:.3f} | "
             f"{row['ratio_min']:.2f}–{row['ratio_max']:.2f} |"
         )
-    lines += ["", f"Bound for full + VeLoRA (v_proj, down_proj): the weight-gradient matmuls it removes take "
-              f"{bound['removed_ms']:.0f} ms of the {bound['full_ms']:.0f} ms full step (timed alone, same threads), "
-              f"so no implementation of this layer choice can go below {bound['ratio']:.3f}x full."]
+    if bound is not None:
+        lines += ["", f"Bound for full + VeLoRA (v_proj, down_proj): the weight-gradient matmuls it removes take "
+                  f"{bound['removed_ms']:.0f} ms of the {bound['full_ms']:.0f} ms full step (timed alone, same "
+                  f"threads), so no implementation of this layer choice can go below {bound['ratio']:.3f}x full."]
     lines += ["", f"Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} "
               "(other jobs on the machine make the wall-clock ratios noisy; the CPU-time ratio is steadier)."]
     return "\n".join(lines) + "\n"
@@ -284,6 +323,9 @@ def main() -> int:
                         help="torch threads (default 2; quick 1: tiny ops on 2 busy cores measure only OpenMP waits)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help=f"markdown file to write (default {RESULTS}; none with --quick)")
+    parser.add_argument("--only", default=None,
+                        help="comma list: run only the variants whose name contains one (plus their baselines), "
+                             "e.g. --only QLoRA")
     args = parser.parse_args()
     work = QUICK if args.quick else Workload()
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 15)
@@ -293,7 +335,8 @@ def main() -> int:
         raise ValueError(f"rounds={rounds} must be >= 1 and warmup={warmup} >= 0")
 
     load_before = os.getloadavg()[0]
-    rows = run(work, warmup, rounds, threads, args.seed)
+    only = [part.strip() for part in args.only.split(",") if part.strip()] if args.only else None
+    rows = run(work, warmup, rounds, threads, args.seed, only)
     table = markdown(rows, work, warmup, rounds, threads, (load_before, os.getloadavg()[0]))
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)

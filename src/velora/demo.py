@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--sub-token-size", type=int, default=32, help="VeLoRA sub-token size M")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
 
 
 def _stdlib_bytes(limit: int = 400_000) -> torch.Tensor:
@@ -36,11 +37,14 @@ def _stdlib_bytes(limit: int = 400_000) -> torch.Tensor:
 
 def _run(method: str, tokens: torch.Tensor, args) -> dict:
     from velora import VeLoRAConfig, apply_velora
+    from velora.device import resolve_device
     from velora.memory import SavedActivationMeter
     from velora.models import build_config, build_model
 
+    device = resolve_device(getattr(args, "device", "auto"))
+
     torch.manual_seed(0)
-    model = build_model(build_config("llama-small", vocab_size=256, max_position_embeddings=args.seq))
+    model = build_model(build_config("llama-small", vocab_size=256, max_position_embeddings=args.seq)).to(device)
     if method == "velora":
         apply_velora(model, VeLoRAConfig(sub_token_size=args.sub_token_size, target_modules="paper"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -49,7 +53,7 @@ def _run(method: str, tokens: torch.Tensor, args) -> dict:
     losses, step_times = [], []
     for _ in range(args.steps):
         starts = torch.randint(0, tokens.numel() - span, (args.batch,), generator=generator)
-        batch = torch.stack([tokens[s : s + span] for s in starts.tolist()])  # (B, S+1)
+        batch = torch.stack([tokens[s : s + span] for s in starts.tolist()]).to(device)  # (B, S+1)
         start = time.perf_counter()
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
         loss.backward()

@@ -37,6 +37,8 @@ class MethodOptions:
     # names (substrings) of non-adapter parameters that stay trainable, e.g. ("embed_tokens", "norm",
     # "lm_head") when pre-training from scratch with LoRA
     lora_unfreeze: tuple[str, ...] = ()
+    # QLoRA (bitsandbytes NF4 base): auto = the model's weight dtype (float32 | bfloat16 | float16)
+    qlora_compute_dtype: str = "auto"
     # VeLoRA
     velora: VeLoRAConfig = field(default_factory=lambda: VeLoRAConfig(sub_token_size=32, target_modules="paper"))
     # GaLore (rank None -> a quarter of the smaller side of each projected weight)
@@ -70,6 +72,11 @@ class MethodOptions:
         from velora.optim.projections import check_project_side
 
         check_project_side(self.flora_project)
+        from velora.qlora import COMPUTE_DTYPES
+
+        if self.qlora_compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"qlora_compute_dtype={self.qlora_compute_dtype!r} is unknown; choose one of "
+                             f"{list(COMPUTE_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class BaseMethod:
     prepare: Callable[[nn.Module, MethodOptions], nn.Module]
     optimizer: Callable[[nn.Module, MethodOptions], torch.optim.Optimizer]
     optimizers: tuple[str, ...] = OPTIMIZERS  # optimizer choices that make sense with this method
-    trainable: bool = True  # False: plannable only (e.g. qlora needs bitsandbytes kernels on CUDA)
+    trainable: bool = True  # False: plannable only (a method whose kernels this machine lacks)
 
 
 @dataclass(frozen=True)
@@ -306,15 +313,18 @@ def _gradnorm_optimizer(model: nn.Module, options: MethodOptions):
                                    eight_bit=options.optimizer == "adamw8bit")
 
 
-def _not_trainable(model: nn.Module, options: MethodOptions):
-    raise ValueError("qlora training needs bitsandbytes 4-bit kernels on CUDA; use `velora plan` to estimate it")
+def _qlora_prepare(model: nn.Module, options: MethodOptions) -> nn.Module:
+    from velora.qlora import quantize_base_linears
+
+    quantize_base_linears(model, options.qlora_compute_dtype)  # frozen base -> bitsandbytes NF4 Linear4bit
+    return _peft_lora(False)(model, options)  # peft wraps each Linear4bit with its bnb LoRA layer
 
 
 register(BaseMethod("full", "all parameters train", _identity, _all_params_optimizer))
 register(BaseMethod("lora", "peft LoRA adapters on all linear layers", _peft_lora(False), _all_params_optimizer))
 register(BaseMethod("dora", "peft DoRA adapters on all linear layers", _peft_lora(True), _all_params_optimizer))
-register(BaseMethod("qlora", "NF4-quantised frozen base + LoRA (planner emulation only)", _not_trainable,
-                    _not_trainable, trainable=False))
+register(BaseMethod("qlora", "bitsandbytes NF4 frozen base (double quantisation) + peft LoRA", _qlora_prepare,
+                    _all_params_optimizer))
 register(BaseMethod("galore", "GaLore-projected AdamW on attention/MLP weights", _identity, _galore_optimizer,
                     optimizers=("adamw", "adamw8bit")))
 register(BaseMethod("flora", "FLoRA compressed momentum (Adafactor or AdamW base)", _identity, _flora_optimizer,

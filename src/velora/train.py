@@ -33,6 +33,7 @@ from torch import nn
 
 from velora.config import VeLoRAConfig, reject_unknown_keys
 from velora.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
+from velora.device import resolve_device
 from velora.distributed import (
     init_from_env,
     is_distributed,
@@ -290,7 +291,9 @@ def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint) / "training_state.pt", weights_only=True)
+    # on the CPU first: optimizer.load_state_dict and the accumulator move state to their parameters' device,
+    # so a run saved on a GPU resumes on any device
+    return torch.load(Path(checkpoint) / "training_state.pt", weights_only=True, map_location="cpu")
 
 
 # ---- memory ----------------------------------------------------------------------------------------
@@ -300,6 +303,7 @@ def measure_memory(model: nn.Module, method: str, options: MethodOptions, batch:
     """Saved-activation bytes of one training forward and the peak of a training step, measured on a deep
     copy (the run's own model, optimizer and RNG are untouched)."""
     rng = torch.get_rng_state()
+    floor = torch.cuda.memory_allocated(batch.device) if batch.is_cuda else 0  # the run's own model and state
     model_copy = copy.deepcopy(model)
     model_copy.train()
     optimizer = build_optimizer(model_copy, method, options)
@@ -315,7 +319,13 @@ def measure_memory(model: nn.Module, method: str, options: MethodOptions, batch:
     except ImportError:
         SavedActivationMeter = measure_step_peak = None  # noqa: N806
     report: dict[str, Any]
-    if SavedActivationMeter is not None:
+    if SavedActivationMeter is not None and batch.is_cuda:
+        with SavedActivationMeter(model_copy) as meter:
+            loss = model_copy(input_ids=batch, labels=batch).loss
+        activation_bytes = int(meter.total_bytes)
+        del loss
+        report = {"activation_bytes": activation_bytes, **_cuda_step_peak(step_fn, batch.device, floor)}
+    elif SavedActivationMeter is not None:
         with SavedActivationMeter(model_copy) as meter:
             loss = model_copy(input_ids=batch, labels=batch).loss
         activation_bytes = int(meter.total_bytes)
@@ -327,6 +337,20 @@ def measure_memory(model: nn.Module, method: str, options: MethodOptions, batch:
         report = _fallback_memory(model_copy, optimizer, batch, step_fn)
     torch.set_rng_state(rng)
     return report
+
+
+def _cuda_step_peak(step_fn, device: torch.device, floor: int) -> dict[str, Any]:
+    """torch.cuda.max_memory_allocated over the second of two steps (the first creates the optimizer state),
+    minus ``floor``, what was allocated before the copy was made (the run's own model and optimizer stay
+    resident meanwhile): the copy's parameters, gradients, optimizer state, activations and temporaries."""
+    step_fn()  # warm-up: optimizer state, VeLoRA directions, cuBLAS workspace
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step_fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - floor
+    return {"peak_bytes": int(peak), "peak_breakdown": {"cuda_max_memory_allocated": int(peak)},
+            "memory_source": "torch.cuda.max_memory_allocated (second step, minus what the run held before)"}
 
 
 def _fallback_memory(model, optimizer, batch, step_fn) -> dict[str, Any]:
@@ -367,7 +391,9 @@ def evaluate(model: nn.Module, validation: TokenBlocks, batch_size: int, max_bat
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for batch in validation.sequential_batches(batch_size, max_batches or None):
+        batch = batch.to(device)  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss
         tokens = batch.shape[0] * (batch.shape[1] - 1)
         total += float(loss) * tokens
@@ -470,18 +496,21 @@ def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
 
 def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
-          tensorboard: bool = True, log=None, on_model_ready=None) -> dict[str, Any]:
+          tensorboard: bool = True, log=None, on_model_ready=None, device: str | torch.device | None = "auto",
+          ) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
     ``resume=True`` continues from ``out_dir``'s latest checkpoint. Raises ``TrainingDiverged`` when the
     loss or gradient becomes NaN/Inf (the last good checkpoint stays on disk). ``on_model_ready(model)`` is
     called once the model is prepared and restored (experiments use it to attach meters or hooks).
+    ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer state live there.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
     # rank r trains on batches r, N + r, ... of the single-process order (velora.distributed)
-    device = init_from_env()
+    device = resolve_device(device)
+    init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
     if not is_main_process():
         say = lambda message: None  # noqa: E731
     out = Path(out_dir) if out_dir is not None else None
@@ -508,9 +537,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     torch.manual_seed(config.seed)
     with main_process_first():  # rank 0 builds the tokenizer and token caches, the others then read them
         data = load_data(config, cache_dir)
-    model = build_base_model(config, data.tokenizer.vocab_size)
-    if is_distributed():
-        model = model.to(device)
+    model = build_base_model(config, data.tokenizer.vocab_size).to(device)  # before qlora quantises on it
     init_source = None
     if config.init_from:  # a run of any method: its base weights, adapters merged (velora.init_from)
         from velora.init_from import load_init_weights
@@ -557,7 +584,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         data.tokenizer.save(out / "tokenizer.json")
     if on_model_ready is not None:
         on_model_ready(model)
-    ddp_model = wrap_ddp(model)  # the model itself in one process
+    ddp_model = wrap_ddp(model, device)  # the model itself in one process; DDP gets device_ids on CUDA
 
     run_log = RunLog(out, start_step, tensorboard) if out is not None and is_main_process() else None
     rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
@@ -577,7 +604,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
             step_loss = 0.0
             for micro in range(config.accumulation_steps):
                 index = rank_batch_index(step * config.accumulation_steps + micro)
-                batch = data.train.batch(index, config.batch_size)  # (B, T)
+                batch = data.train.batch(index, config.batch_size).to(device, non_blocking=True)  # (B, T)
                 with sync_context(ddp_model, last_micro_batch=micro == config.accumulation_steps - 1):
                     loss = ddp_model(input_ids=batch, labels=batch).loss
                     if not torch.isfinite(loss):
@@ -627,7 +654,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         run_log.close()
     memory: dict[str, Any] = {}
     if measure:
-        memory = measure_memory(model, config.method, options, data.train.batch(0, config.batch_size))
+        memory = measure_memory(model, config.method, options, data.train.batch(0, config.batch_size).to(device))
     timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step pays one-off costs
     result = {
         "status": status,
@@ -658,6 +685,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         "loss_curve": [[int(r["step"]), r["loss"]] for r in rows],
         "config": config.to_dict(),
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "torch": torch.__version__,
     }
     if out is not None and is_main_process():

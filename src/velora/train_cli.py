@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--init-from", default=None,
                      help="start from the weights of a run/checkpoint folder of any method (adapters merged, v kept)")
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    run.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     velora = parser.add_argument_group("VeLoRA (+velora methods)")
     velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size (default 32)")
     velora.add_argument("--velora-init", default="batch_average_once",
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{config.method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train(config, out, resume=args.resume, progress=not args.no_progress,
-                       stop_at_step=args.stop_at_step, measure=not args.no_memory)
+                       stop_at_step=args.stop_at_step, measure=not args.no_memory, device=args.device)
     except TrainingDiverged as err:
         print(f"velora train: {err}", file=sys.stderr)
         if args.json:

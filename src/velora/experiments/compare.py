@@ -149,6 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
 
 
 def _parse_lrs(items: list[str]) -> dict[str, float]:
@@ -173,6 +174,7 @@ class Job:
     run_dir: Path
     threads: int
     progress: bool
+    device: str = "auto"
 
 
 def train_job(job: Job) -> dict[str, Any]:
@@ -181,7 +183,7 @@ def train_job(job: Job) -> dict[str, Any]:
 
     torch.set_num_threads(job.threads)
     began, cpu_began = time.perf_counter(), time.process_time()
-    result = train(job.config, job.run_dir, progress=job.progress, tensorboard=False)
+    result = train(job.config, job.run_dir, progress=job.progress, tensorboard=False, device=job.device)
     result.pop("_model")
     result["wall_s"] = time.perf_counter() - began
     result["cpu_s"] = time.process_time() - cpu_began  # this process only: less sensitive to other load than wall
@@ -308,7 +310,7 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
         config = TrainConfig(method=method, lr=lr, **setting,
                              **method_overrides(method, args.rank, args.sub_token_size, args.update_gap))
         jobs.append(Job(method, config, fresh_dir(out / "runs" / method.replace("+", "-")), threads,
-                        progress=not args.no_progress and n_jobs == 1))
+                        progress=not args.no_progress and n_jobs == 1, device=getattr(args, "device", "auto")))
         say(f"{method}: {describe(method, args.rank, args.sub_token_size, args.update_gap)}, lr {lr:g}")
     if n_jobs == 1:  # train_job sets the thread count
         finished = {}

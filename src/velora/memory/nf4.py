@@ -1,10 +1,13 @@
-"""NF4 weight emulation for planning QLoRA (bitsandbytes' 4-bit kernels need CUDA; we plan on CPU).
+"""NF4 weight emulation for planning QLoRA on fake tensors (the planner traces without bitsandbytes' kernels).
 
 An ``NF4Linear`` holds what a bitsandbytes ``Linear4bit`` with double quantisation holds:
 two 4-bit codes per byte (0.5 byte/weight), one 8-bit absmax code per block of 64 weights and one fp32
-scale per 256 absmax codes (≈0.516 byte/weight in all). Forward and backward dequantise the weight
-into a temporary of the compute dtype, use it and drop it, as the CUDA kernel does; nothing but the
-packed buffers stays alive, and the layer saves only its input's gradient path (the weight is frozen).
+scale per 256 absmax codes (≈0.516 byte/weight in all); tests/test_qlora.py checks these bytes against the real
+layer. Not emulated: the per-layer code books bitsandbytes also keeps (16 NF4 levels, the 256-entry absmax map,
+an offset; 1092 bytes of fp32 per layer, ~0.24 MB for LLaMA-7B's 224 linears).
+Forward and backward dequantise the weight into a temporary of the compute dtype, use it and drop it, as the
+CUDA kernel does; nothing but the packed buffers stays alive, and the layer saves only its input's gradient
+path (the weight is frozen).
 The values are a faithful NF4 round trip (the 16 levels of the QLoRA paper); the absmax codes are
 plain linear 8-bit rather than bitsandbytes' dynamic map, which changes no byte count.
 """
@@ -52,7 +55,8 @@ def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     padded = F.pad(absmax, (0, groups * ABSMAX_BLOCK - blocks)).view(groups, ABSMAX_BLOCK)  # (groups, 256)
     scales = padded.amax(dim=1).clamp_min(1e-12)  # (groups,)
     absmax_codes = (padded / scales[:, None] * 255).round().clamp(1, 255).to(torch.uint8).view(-1)[:blocks]
-    return packed.contiguous(), absmax_codes.clone(), scales.contiguous()  # clone: drop the padding's bytes
+    packed = packed[: -(-count // 2)].clone()  # (ceil(N/2),) as bitsandbytes stores it: no codes for the padding
+    return packed, absmax_codes.clone(), scales.contiguous()  # clone: drop the padding's bytes
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax_codes: torch.Tensor, scales: torch.Tensor,
@@ -72,6 +76,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax_codes: torch.Tensor, scales: tor
     levels = torch.tensor(NF4_LEVELS, dtype=dtype, device=packed.device)  # (16,)
     scale_per_block = scales.repeat_interleave(ABSMAX_BLOCK)[:blocks] / 255  # (blocks,) fp32
     absmax = (absmax_codes.float() * scale_per_block).to(dtype)  # (blocks,)
+    if packed.numel() * 2 < blocks * BLOCK:  # the last block is partial: pad its codes back (zeros, dropped below)
+        packed = F.pad(packed, (0, blocks * BLOCK // 2 - packed.numel()))  # (blocks·32,)
     out = torch.empty(blocks * BLOCK, dtype=dtype, device=packed.device)  # (blocks·64,)
     step = max(BLOCK, -(-blocks // 8) * BLOCK)  # weights per slice, a whole number of blocks
     for start in range(0, blocks * BLOCK, step):

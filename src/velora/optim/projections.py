@@ -59,15 +59,18 @@ def random_projection(
     Compress a row vector x (..., n) with ``x @ A.T`` (..., r); decompress with ``c @ A`` (..., n).
     ``E[A.T @ A] = I``, so decompress(compress(x)) is unbiased. With ``orthogonal=True`` the rows are
     orthonormalised (QR) and scaled by sqrt(n / r), keeping ``E[A.T @ A] = I``; at r == n, A is an
-    orthogonal matrix and the round trip is exact. The matrix is always drawn on the CPU in float32
-    (bit-identical on every device and DDP rank) and then moved to ``device``/``dtype``.
+    orthogonal matrix and the round trip is exact. The matrix is drawn in float32 on the CPU (bit-identical
+    on every CPU and DDP rank) or, for a CUDA ``device``, on that GPU with a seeded CUDA generator (no host
+    work or copy on the hot path; identical on every rank of one GPU model, different numbers than the CPU's),
+    then cast to ``dtype``.
     """
     if r <= 0 or n <= 0:
         raise ValueError(f"random_projection needs n > 0 and r > 0, got n={n}, r={r}")
     if orthogonal and r > n:
         raise ValueError(f"orthogonal projection needs r <= n, got r={r} > n={n}; lower r or set orthogonal=False")
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    gaussian = torch.randn(r, n, generator=generator, dtype=torch.float32)  # (r, n)
+    draw_on = torch.device(device) if device is not None and torch.device(device).type == "cuda" else "cpu"
+    generator = torch.Generator(device=draw_on).manual_seed(int(seed))
+    gaussian = torch.randn(r, n, generator=generator, dtype=torch.float32, device=draw_on)  # (r, n)
     if orthogonal:
         q, upper = torch.linalg.qr(gaussian.T)  # (n, r), (r, r)
         # fix the sign of each column so the result is a function of the seed only
