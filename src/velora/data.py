@@ -324,8 +324,11 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def to_str(self) -> str:
+        return json.dumps({"velora_tokenizer": "byte"})
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"velora_tokenizer": "byte"}))
+        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return "byte"
@@ -349,8 +352,12 @@ class BPETokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    def to_str(self) -> str:
+        """The tokenizer.json text (what ``save`` writes; the run folder writes it atomically)."""
+        return self._tok.to_str()
+
     def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
+        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return _sha256(self._tok.to_str())[:16]
@@ -371,8 +378,11 @@ class PretrainedTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    def to_str(self) -> str:
+        return json.dumps({"velora_tokenizer": "pretrained", "name": self.name})
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"velora_tokenizer": "pretrained", "name": self.name}))
+        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return "pretrained:" + self.name
