@@ -130,8 +130,9 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        from velora.models import canonical_dtype
+
+        self.dtype = canonical_dtype(self.dtype, ("float32", "bfloat16"))  # bf16 / fp32 spellings too
         known = {f.name for f in fields(MethodOptions)} - {"velora", "lr", "weight_decay", "accumulation_steps"}
         unknown = sorted(set(self.options) - known)
         if unknown:
