@@ -152,6 +152,7 @@ class DivergenceRule:
         self.uniform_loss = math.log(vocab_size)
         self.ceiling: float | None = None
         self.steps_above = 0
+        self.first_step_above: int | None = None  # first step of the current run of losses above the ceiling
 
     def _ceiling(self, loss: float) -> float:
         if self.ceiling is None:
@@ -162,6 +163,10 @@ class DivergenceRule:
         """A message when the rule fires at this step, else None."""
         ceiling = self._ceiling(loss)
         self.steps_above = self.steps_above + 1 if loss > ceiling else 0
+        if self.steps_above == 1:
+            self.first_step_above = step
+        elif self.steps_above == 0:
+            self.first_step_above = None
         if self.steps_above >= DIVERGENCE_PATIENCE:
             return (f"loss {loss:.4g} at step {step} has stayed above {ceiling:.3f} (uniform guessing "
                     f"ln V = {self.uniform_loss:.3f} + {DIVERGENCE_MARGIN_NATS:g}) for {self.steps_above} steps")

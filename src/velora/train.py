@@ -571,14 +571,27 @@ def _open_run_folder(config: TrainConfig, out: Path, resume: bool, stop_at_step:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"--resume: {out} has no checkpoint; run without --resume first")
+        check_not_finished(out, checkpoint_step(checkpoint), config.steps, stop_at_step)
         changes = check_resume_arguments(read_json(saved_config), config.to_dict(), saved_config, allow_lr_change,
                                          allow_data_change)
-        check_not_finished(out, checkpoint_step(checkpoint), config.steps, stop_at_step)
     elif latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if is_main_process():
         _write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
     return checkpoint, changes
+
+
+def _after_divergence(kept: Path | None, divergence: DivergenceRule, lr: float) -> str:
+    """Where the run stands after a divergence, and what to do next."""
+    rose = divergence.first_step_above
+    if kept is not None and rose is not None and checkpoint_step(kept) >= rose - 1:
+        # the weights after step rose - 1 already gave the loss above the ceiling
+        return (f"the latest checkpoint {kept} holds weights from after the loss rose (step {rose}); start over "
+                f"with a lower --lr (now {lr}) or more --warmup-steps")
+    where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
+    return (f"{where}. Lower --lr (now {lr}) or raise --warmup-steps, then "
+            + ("continue with --resume --allow-lr-change (other arguments unchanged) or start over" if kept
+               else "start over"))
 
 
 def _restore_initial_lrs(optimizer, initial_lrs: list[float]) -> None:
@@ -728,7 +741,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
                 if run_log is not None:
                     run_log.scalar("val/ppl", perplexity(val_loss), done)
             if out is not None and config.save_every and done % config.save_every == 0 and done < last_step:
-                if is_main_process():
+                if is_main_process() and divergence.steps_above == 0:  # no checkpoint while the loss explodes
                     save_checkpoint(out, done, model, optimizer, accumulator)
             bar.update(done, f"loss {step_loss:.3f} ppl {row['ppl']:.1f} {row['tokens_per_s']:.0f} tok/s "
                              f"rss {_rss_mib():.0f} MiB")
@@ -737,10 +750,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         if run_log is not None:
             run_log.close()
         kept = latest_checkpoint(out) if out is not None else None
-        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
-        raise TrainingDiverged(f"training stopped: {err}; {where}. Lower --lr (now {config.lr}) or raise "
-                               "--warmup-steps, then continue with --resume --allow-lr-change (other arguments "
-                               "unchanged) or start over") from None
+        raise TrainingDiverged(f"training stopped: {err}; {_after_divergence(kept, divergence, config.lr)}") from None
     bar.close()
     if out is not None and last_step > start_step and is_main_process():
         save_checkpoint(out, last_step, model, optimizer, accumulator)
