@@ -288,14 +288,14 @@ def test_corrupt_checkpoint_files_are_named_with_what_to_do(tmp_path, text_file,
 
 
 def test_a_single_line_file_is_split_by_characters(tmp_path, text_file):
-    from velora.data import LOCAL_PIECE_CHARS, load_corpus
+    import velora.data
 
     one_line = tmp_path / "one-line.txt"
     text = text_file.read_text().replace("\n", " ") * 3  # ~135 KB, no newline
     one_line.write_text(text)
-    corpus = load_corpus(str(one_line))
+    corpus = velora.data.load_corpus(str(one_line))
     assert corpus.train and corpus.validation
-    assert all(len(piece) <= LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
+    assert all(len(piece) <= velora.data.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
     assert sum(len(p) for p in corpus.train + corpus.validation) == len(text)
     result = train(tiny(one_line, steps=2), measure=False)
     assert result["status"] == "completed"
