@@ -319,7 +319,6 @@ def test_a_model_far_too_large_is_refused_before_it_is_built(text_file):
 def test_memory_check_uses_the_planner_and_can_be_overridden(text_file, monkeypatch):
     import velora.guards as guards
     from velora.memory.planner import plan
-
     from velora.models import build_config
 
     planned = plan(build_config("llama-tiny", vocab_size=257), "full", batch=4, seq=32)["peak_bytes"]  # byte ids

@@ -224,9 +224,9 @@ def build_base_model(config: TrainConfig, vocab_size: int) -> nn.Module:
 
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # transformers' unknown-model_type message lists every type: cut it
         raise ValueError(f"--model {config.model!r} is not a preset, config.json or loadable model "
-                         f"({str(err).splitlines()[0]}); pass a preset or a local model directory") from None
+                         f"({str(err).splitlines()[0][:200]}); pass a preset or a local model directory") from None
     if model.get_input_embeddings().num_embeddings < vocab_size:
         raise ValueError(f"--model {config.model!r} has {model.get_input_embeddings().num_embeddings} embeddings "
                          f"but the tokenizer has {vocab_size} ids; use --tokenizer model")
