@@ -310,7 +310,12 @@ _WRITE_FAILURES = _write_failures()
 def _checkpoint_write_error(root: Path, step: int, err: BaseException) -> RunFolderError:
     previous = read_latest_pointer(root)
     kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
-    reason = why(err) if isinstance(err, OSError) else f"{str(err).splitlines()[0][:160]}; check free space"
+    if isinstance(err, OSError):
+        reason = why(err)
+    else:  # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos ..."
+        free_mib = shutil.disk_usage(root).free / 2**20
+        reason = (f"{type(err).__name__}: {str(err).splitlines()[0][:100]}; {free_mib:.1f} MiB left on the device, "
+                  "probably full: free space (or choose another --out), then --resume")
     return RunFolderError(f"cannot write checkpoint step {step} into {root} ({reason}); {kept}")
 
 
