@@ -576,9 +576,9 @@ def _open_run_folder(config: TrainConfig, out: Path, resume: bool, stop_at_step:
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"--resume: {out} has no checkpoint; run without --resume first")
-        check_not_finished(out, checkpoint_step(checkpoint), config.steps, stop_at_step)
         changes = check_resume_arguments(read_json(saved_config), config.to_dict(), saved_config, allow_lr_change,
                                          allow_data_change)
+        check_not_finished(out, checkpoint_step(checkpoint), config.steps, stop_at_step)
     elif latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if is_main_process():
