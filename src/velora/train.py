@@ -353,18 +353,25 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
     return ValueError(f"checkpoint file {path} is truncated or corrupt ({type(err).__name__}: {detail}); {instead}")
 
 
-def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
+def check_readable_safetensors(path: Path) -> None:
+    """One line naming ``path`` when it is missing, truncated or not a safetensors file (reads the header only;
+    any loader of a checkpoint's model.safetensors should call this first)."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
 
-    path = Path(checkpoint) / "model.safetensors"
     try:
-        with safe_open(str(path), "pt") as fh:  # reads the header: a torn or foreign file fails here
+        with safe_open(str(path), "pt") as fh:  # a torn or foreign file fails here
             fh.keys()
     except (SafetensorError, OSError, ValueError) as err:
         if isinstance(err, FileNotFoundError):
             raise FileNotFoundError(f"{path} does not exist; pass a velora run or checkpoint folder") from None
         raise _unreadable(path, err) from None
+
+
+def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
+    from safetensors.torch import load_model
+
+    path = Path(checkpoint) / "model.safetensors"
+    check_readable_safetensors(path)
     load_model(model, str(path))
 
 
