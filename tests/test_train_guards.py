@@ -231,6 +231,8 @@ def test_divergence_message_points_at_allow_lr_change_and_that_resume_uses_the_n
     with pytest.raises(ValueError, match=r"differ from the saved run in \['seed'\]"):
         train(tiny(text_file, steps=8, save_every=1, lr=1e-3, seed=1), out, resume=True, measure=False,
               allow_lr_change=True)
+    with pytest.raises(ValueError, match="only apply with resume=True"):
+        train(lower, tmp_path / "fresh", measure=False, allow_lr_change=True)
     result = train(lower, out, resume=True, measure=False, allow_lr_change=True)
     assert result["steps"] == 8
     # the optimizer stepped with the new schedule (load_state_dict alone would bring back the old lr)

@@ -637,6 +637,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("--resume needs --out DIR (the run folder to continue)")
+    if (allow_lr_change or allow_data_change) and not resume:
+        raise ValueError("allow_lr_change / allow_data_change only apply with resume=True (--resume)")
     check_model_spec(config.model)
     checkpoint, changes = None, {}
     if out is not None:
