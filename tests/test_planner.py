@@ -136,7 +136,7 @@ def test_cli_json_and_table(capsys):
     assert result["peak_bytes"] == plan("llama-tiny", "velora", batch=2, seq=32)["peak_bytes"]
     assert main(["plan", "--model", "llama-tiny", "--method", "lora", "--batch", "2", "--seq", "32"]) == 0
     table = capsys.readouterr().out
-    assert "GiB" in table and "peak" in table and "optimizer state" in table
+    assert "MiB" in table and "peak" in table and "optimizer state" in table  # a tiny model's peak is in MiB
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose help does not already state its default (flags that
+    are off by default and options without a default say what they do instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if ("default" in help_text.lower() or not action.option_strings or default is None or default is False
+                or default is argparse.SUPPRESS):
+            return help_text
+        return f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
+
+
 def _available() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
@@ -45,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"velora: unknown command {name!r}; choose one of: {known}", file=sys.stderr)
         return 2
     module = importlib.import_module(commands[name][0])
-    parser = argparse.ArgumentParser(prog=f"velora {name}", description=commands[name][1])
+    parser = argparse.ArgumentParser(prog=f"velora {name}", description=commands[name][1],
+                                     formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:

@@ -37,7 +37,8 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml",
                            ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs", ".toml", ".yaml", ".yml",
                            ".tex", ".ini", ".cfg", ".sh"})
-LOCAL_PIECE_LINES = 50  # local files are cut into pieces of this many lines before the hash split
+LOCAL_PIECE_LINES = 50  # local files are cut into pieces of this many lines before the hash split ...
+LOCAL_PIECE_CHARS = 8192  # ... or of this many characters, whichever comes first (a long line is cut too)
 
 
 def default_cache_dir() -> Path:
@@ -190,11 +191,35 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def text_pieces(text: str) -> list[str]:
+    """``text`` cut into consecutive pieces of at most ``LOCAL_PIECE_LINES`` lines and ``LOCAL_PIECE_CHARS``
+    characters; a longer line is cut at the character limit. ``"".join(pieces) == text``."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > LOCAL_PIECE_CHARS - size:  # the line overflows this piece: fill it, start the next
+            current.append(line[: LOCAL_PIECE_CHARS - size])
+            line = line[LOCAL_PIECE_CHARS - size:]
+            pieces.append("".join(current))
+            current, size = [], 0
+        if line:
+            current.append(line)
+            size += len(line)
+        if len(current) == LOCAL_PIECE_LINES or size == LOCAL_PIECE_CHARS:
+            pieces.append("".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
 def load_local(path: str | Path, val_fraction: float = 0.05, max_train_chars: int | None = None,
                max_val_chars: int | None = None) -> Corpus:
-    """A local text file or folder. Files are cut into pieces of ``LOCAL_PIECE_LINES`` lines keyed by
-    (relative path, piece index) and split by key hash; if that leaves validation empty, the last
-    piece goes to validation so a single small file still has something to evaluate on."""
+    """A local text file or folder. Files are cut into pieces of ``LOCAL_PIECE_LINES`` lines or
+    ``LOCAL_PIECE_CHARS`` characters (``text_pieces``), keyed by (relative path, piece index) and split by key
+    hash; if that leaves validation empty, the last piece goes to validation so a single small file still has
+    something to evaluate on."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"--data {str(path)!r} does not exist; pass a text file, a folder, 'stdlib' or "
@@ -209,15 +234,15 @@ def load_local(path: str | Path, val_fraction: float = 0.05, max_train_chars: in
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"--data file {str(file)!r} is not UTF-8 text; convert it or remove it") from None
-        lines = text.splitlines(keepends=True)
         rel = file.name if root.is_file() else file.relative_to(root).as_posix()
-        for start in range(0, len(lines), LOCAL_PIECE_LINES):
-            piece = "".join(lines[start:start + LOCAL_PIECE_LINES])
+        for index, piece in enumerate(text_pieces(text)):
             if piece.strip():
-                pieces.append((f"{rel}#{start // LOCAL_PIECE_LINES}", piece))
+                pieces.append((f"{rel}#{index}", piece))
     if len(pieces) < 2:
-        raise ValueError(f"--data {str(path)!r} has too little text (need > {LOCAL_PIECE_LINES} non-empty lines "
-                         "so train and validation are both non-empty)")
+        chars = sum(len(t) for _, t in pieces)
+        raise ValueError(f"--data {str(path)!r} has too little text ({chars} characters; need more than "
+                         f"{LOCAL_PIECE_CHARS} characters or {LOCAL_PIECE_LINES} lines, so train and validation "
+                         "are both non-empty); add text")
     train = [(k, t) for k, t in pieces if split_of(k, val_fraction) == "train"]
     validation = [(k, t) for k, t in pieces if split_of(k, val_fraction) == "validation"]
     if not validation:
@@ -324,8 +349,11 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def to_str(self) -> str:
+        return json.dumps({"velora_tokenizer": "byte"})
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"velora_tokenizer": "byte"}))
+        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return "byte"
@@ -349,8 +377,12 @@ class BPETokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    def to_str(self) -> str:
+        """The tokenizer.json text (what ``save`` writes; the run folder writes it atomically)."""
+        return self._tok.to_str()
+
     def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
+        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return _sha256(self._tok.to_str())[:16]
@@ -371,8 +403,11 @@ class PretrainedTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    def to_str(self) -> str:
+        return json.dumps({"velora_tokenizer": "pretrained", "name": self.name})
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"velora_tokenizer": "pretrained", "name": self.name}))
+        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return "pretrained:" + self.name

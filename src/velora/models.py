@@ -6,6 +6,7 @@ pre-training sizes follow the configs used by GaLore/VeLoRA/GradNormLoRP (vocab 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -61,6 +62,19 @@ PRESETS: dict[str, Preset] = {
 
 _FAMILY_MODEL_TYPE = {"llama": "llama", "gpt2": "gpt2", "roberta": "roberta", "vit": "vit"}
 
+# one dtype spelling accepted by every command: the torch name or the short one
+DTYPE_SPELLINGS = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                   "float16": "float16", "fp16": "float16"}
+
+
+def canonical_dtype(name: str, supported: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> str:
+    """The torch name (``float32`` / ``bfloat16`` / ``float16``) of ``name`` (``fp32``, ``bf16`` ... too)."""
+    canonical = DTYPE_SPELLINGS.get(str(name).lower())
+    if canonical not in supported:
+        spellings = ", ".join(k for k, v in DTYPE_SPELLINGS.items() if v in supported)
+        raise ValueError(f"dtype={name!r} is not supported here; choose one of {spellings}")
+    return canonical
+
 
 def build_config(name_or_path: str, **overrides: Any):
     """A transformers config from a preset name, a config.json path, or a directory holding one."""
@@ -77,15 +91,30 @@ def build_config(name_or_path: str, **overrides: Any):
         if not os.path.exists(path):
             raise FileNotFoundError(f"model config {path!r} does not exist; pass a preset ({', '.join(PRESETS)}) "
                                     "or a path to a config.json")
-        with open(path) as fh:
-            data = json.load(fh)
+        data = _read_config_json(path)
         model_type = data.pop("model_type", None)
         if model_type is None:
             raise ValueError(f"{path!r} has no 'model_type'; add e.g. \"model_type\": \"llama\"")
+        if model_type not in transformers.CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(transformers.CONFIG_MAPPING), n=3)
+            raise ValueError(f"{path!r} has model_type={str(model_type)[:60]!r}, which transformers "
+                             f"{transformers.__version__} does not know; close names: {close or 'none'} "
+                             "(e.g. llama, gpt2, mistral)")
         data.update(overrides)
         return transformers.AutoConfig.for_model(model_type, **data)
     raise ValueError(f"unknown model {name_or_path!r}; choose a preset ({', '.join(PRESETS)}) "
                      "or a path to a config.json / model directory")
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"model config {path!r} is not valid JSON ({err}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {path!r} holds a JSON {type(data).__name__}, not an object; fix the file")
+    return data
 
 
 def model_family(config) -> str:

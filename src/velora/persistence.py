@@ -62,10 +62,16 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tenso
             out.update(_read_file(path.parent / shard, keep))
         return out
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys() if keep(key)}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: handle.get_tensor(key) for key in handle.keys() if keep(key)}
+        except (SafetensorError, OSError) as err:  # truncated / foreign file: name it, no raw traceback
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}); "
+                             "pass an earlier checkpoint folder (checkpoints/step-*) or re-save the model") from None
     if path.suffix in (".bin", ".pt", ".pth"):
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, Mapping):

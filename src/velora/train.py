@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import os
@@ -46,7 +47,28 @@ from velora.distributed import (
     world_size,
     wrap_ddp,
 )
+from velora.guards import DivergenceRule, check_memory_fits, check_model_spec
 from velora.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
+from velora.resume import (
+    check_not_finished,
+    check_resume_arguments,
+    check_same_data,
+    checkpoint_step,
+    read_json,
+    record_run,
+    saved_tokenizer,
+)
+from velora.runfiles import (
+    RunFolderError,
+    ensure_folder,
+    open_for_append,
+    read_latest_pointer,
+    refuse_symlink,
+    remove_quietly,
+    remove_stale_temporaries,
+    why,
+    write_atomic,
+)
 
 CHECKPOINT_VERSION = 1
 LOG_COLUMNS = ("step", "loss", "ppl", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
@@ -109,8 +131,9 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        from velora.models import canonical_dtype
+
+        self.dtype = canonical_dtype(self.dtype, ("float32", "bfloat16"))  # bf16 / fp32 spellings too
         known = {f.name for f in fields(MethodOptions)} - {"velora", "lr", "weight_decay", "accumulation_steps"}
         unknown = sorted(set(self.options) - known)
         if unknown:
@@ -160,12 +183,20 @@ class RunData:
     validation: TokenBlocks
 
 
-def load_data(config: TrainConfig, cache_dir: Path | None = None) -> RunData:
+def load_data(config: TrainConfig, cache_dir: Path | None = None, run_folder: Path | None = None,
+              allow_data_change: bool = False) -> RunData:
+    """Corpus, tokenizer and token streams. With ``run_folder`` (a resume) the run's saved tokenizer is used
+    and changed text is refused unless ``allow_data_change`` (see ``velora.resume``)."""
     corpus = load_corpus(config.data, config.val_fraction, config.max_train_chars, config.max_val_chars)
     if not corpus.train or not corpus.validation:
         raise ValueError(f"--data {config.data!r} gave an empty train or validation split; add more text")
-    tokenizer_spec = config.model if config.tokenizer == "model" else config.tokenizer
-    tokenizer = load_tokenizer(tokenizer_spec, corpus, config.vocab_size, config.bpe_train_chars, cache_dir)
+    tokenizer = None
+    if run_folder is not None:
+        check_same_data(run_folder, corpus.fingerprint, allow_data_change)
+        tokenizer = saved_tokenizer(run_folder)
+    if tokenizer is None:
+        tokenizer_spec = config.model if config.tokenizer == "model" else config.tokenizer
+        tokenizer = load_tokenizer(tokenizer_spec, corpus, config.vocab_size, config.bpe_train_chars, cache_dir)
     train_ids = cached_token_stream(tokenizer, corpus, "train", cache_dir)  # (N_train,)
     val_ids = cached_token_stream(tokenizer, corpus, "validation", cache_dir)  # (N_val,)
     return RunData(corpus, tokenizer, TokenBlocks(train_ids, config.seq_len, seed=config.seed),
@@ -194,9 +225,9 @@ def build_base_model(config: TrainConfig, vocab_size: int) -> nn.Module:
 
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # transformers' unknown-model_type message lists every type: cut it
         raise ValueError(f"--model {config.model!r} is not a preset, config.json or loadable model "
-                         f"({str(err).splitlines()[0]}); pass a preset or a local model directory") from None
+                         f"({str(err).splitlines()[0][:200]}); pass a preset or a local model directory") from None
     if model.get_input_embeddings().num_embeddings < vocab_size:
         raise ValueError(f"--model {config.model!r} has {model.get_input_embeddings().num_embeddings} embeddings "
                          f"but the tokenizer has {vocab_size} ids; use --tokenizer model")
@@ -229,28 +260,19 @@ def _write_training_state(state: dict[str, Any], path: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text)  # no-follow temporary, fsync, rename (velora.runfiles)
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, accumulator=None,
                     keep_last: int = 1) -> Path:
     """Write ``checkpoints/step-XXXXXXX`` atomically and point ``checkpoints/latest`` at it."""
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    root = ensure_folder(Path(out_dir) / "checkpoints")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingDiverged(f"refusing to checkpoint step {step}: {name} holds NaN/Inf")
     final = root / f"step-{step:07d}"
+    refuse_symlink(final)
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _write_model(model, tmp / "model.safetensors")
     state = {
         "version": CHECKPOINT_VERSION,
         "step": step,
@@ -258,14 +280,17 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, accum
         "rng": torch.get_rng_state(),
         "accumulator": accumulator.state_dict() if accumulator is not None else None,
     }
-    _write_training_state(state, tmp / "training_state.pt")
-    for file in tmp.iterdir():
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)  # re-saving a step: the pointer may still name it, so point away first
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        _write_checkpoint_folder(tmp, model, state)
+        if final.exists():
+            shutil.rmtree(final)  # re-saving a step: the pointer may still name it, so point away first
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException as err:
+        remove_quietly(tmp)  # also on KeyboardInterrupt: no temporary is left behind
+        if isinstance(err, _WRITE_FAILURES):
+            raise _checkpoint_write_error(root, step, err) from None
+        raise
     _write_text_atomic(root / "latest", final.name)
     kept = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in kept[:-keep_last] if keep_last > 0 else []:
@@ -274,26 +299,95 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, accum
     return final
 
 
+def _write_failures() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)  # torch.save reports a full disk as a RuntimeError
+
+
+_WRITE_FAILURES = _write_failures()
+
+
+def _checkpoint_write_error(root: Path, step: int, err: BaseException) -> RunFolderError:
+    previous = read_latest_pointer(root)
+    kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+    if isinstance(err, OSError):
+        reason = why(err)
+    else:  # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos ..."
+        free_mib = shutil.disk_usage(root).free / 2**20
+        reason = (f"{type(err).__name__}: {str(err).splitlines()[0][:100]}; {free_mib:.1f} MiB left on the device, "
+                  "probably full: free space (or choose another --out), then --resume")
+    return RunFolderError(f"cannot write checkpoint step {step} into {root} ({reason}); {kept}")
+
+
+def _write_checkpoint_folder(tmp: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    """Model and training state into a fresh temporary folder, fsynced (the caller renames it into place)."""
+    remove_quietly(tmp)
+    tmp.mkdir()
+    _write_model(model, tmp / "model.safetensors")
+    _write_training_state(state, tmp / "training_state.pt")
+    for file in tmp.iterdir():
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = Path(out_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
+    """The step folder ``checkpoints/latest`` names (validated: a step folder inside checkpoints/), or None."""
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / "latest"
+    path = read_latest_pointer(root)
+    if path is None:
         return None
-    path = pointer.parent / pointer.read_text().strip()
     if not (path / "model.safetensors").exists() or not (path / "training_state.pt").exists():
         raise ValueError(f"checkpoint {path} named by {pointer} is incomplete; delete {pointer.parent} to restart")
     return path
 
 
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    """One line naming a corrupt checkpoint file and the checkpoints one could use instead."""
+    step_folder = path.parent
+    others = sorted(p.name for p in step_folder.parent.glob("step-*") if p.is_dir() and p != step_folder)
+    instead = (f"resume from an earlier one ({', '.join(others[-3:])}: write its name into "
+               f"{step_folder.parent / 'latest'})" if others else
+               "no earlier checkpoint is kept (keep_last): start over, or restore the file")
+    detail = (str(err).splitlines() or [type(err).__name__])[0][:120]
+    return ValueError(f"checkpoint file {path} is truncated or corrupt ({type(err).__name__}: {detail}); {instead}")
+
+
+def check_readable_safetensors(path: Path) -> None:
+    """One line naming ``path`` when it is missing, truncated or not a safetensors file (reads the header only;
+    any loader of a checkpoint's model.safetensors should call this first)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:  # a torn or foreign file fails here
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise FileNotFoundError(f"{path} does not exist; pass a velora run or checkpoint folder") from None
+        raise _unreadable(path, err) from None
+
+
 def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
     from safetensors.torch import load_model
 
-    load_model(model, str(Path(checkpoint) / "model.safetensors"))
+    path = Path(checkpoint) / "model.safetensors"
+    check_readable_safetensors(path)
+    load_model(model, str(path))
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    # on the CPU first: optimizer.load_state_dict and the accumulator move state to their parameters' device,
-    # so a run saved on a GPU resumes on any device
-    return torch.load(Path(checkpoint) / "training_state.pt", weights_only=True, map_location="cpu")
+    import pickle
+
+    path = Path(checkpoint) / "training_state.pt"
+    try:
+        # on the CPU first: optimizer.load_state_dict and the accumulator move state to their parameters' device,
+        # so a run saved on a GPU resumes on any device
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise _unreadable(path, err) from None
 
 
 # ---- memory ----------------------------------------------------------------------------------------
@@ -410,19 +504,22 @@ class RunLog:
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool = True) -> None:
         self.path = out_dir / "log.csv"
+        refuse_symlink(self.path)
         rows = []
         if resume_step > 0 and self.path.exists():
             with open(self.path) as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as fh:  # drop rows past the resumed step
-            writer = csv.DictWriter(fh, LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path, text.getvalue())  # drop rows past the resumed step
         self.rows = [{k: float(v) for k, v in r.items()} for r in rows]
-        self._fh = open(self.path, "a", newline="")
+        self._fh = open_for_append(self.path)  # O_NOFOLLOW: never appends through a symlink
         self._writer = csv.DictWriter(self._fh, LOG_COLUMNS)
         self._tb = None
         if tensorboard:
+            refuse_symlink(out_dir / "tensorboard")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -432,8 +529,11 @@ class RunLog:
 
     def write(self, row: dict[str, float]) -> None:
         self.rows.append(row)
-        self._writer.writerow(row)
-        self._fh.flush()
+        try:
+            self._writer.writerow(row)
+            self._fh.flush()
+        except OSError as err:
+            raise RunFolderError(f"cannot append to {self.path}: {why(err)}") from None
         if self._tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                 self._tb.add_scalar(f"train/{key}", row[key], int(row["step"]))
@@ -494,17 +594,67 @@ def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
 
 
+def _open_run_folder(config: TrainConfig, out: Path, resume: bool, stop_at_step: int | None,
+                     allow_lr_change: bool, allow_data_change: bool) -> tuple[Path | None, dict[str, Any]]:
+    """Check the run folder (resume rules in ``velora.resume``), remove stale temporaries, write config.json.
+    Returns the checkpoint to resume from (None for a fresh run) and the changes the flags allowed."""
+    if resume and not out.is_dir():
+        raise ValueError(f"--resume: {out} does not exist; pass the --out folder of the run to continue")
+    ensure_folder(out)
+    if is_main_process():
+        remove_stale_temporaries(out)  # left by a run killed mid-write (or by a full disk)
+    saved_config = out / "config.json"
+    checkpoint, changes = None, {}
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise ValueError(f"--resume: {out} has no checkpoint; run without --resume first")
+        changes = check_resume_arguments(read_json(saved_config), config.to_dict(), saved_config, allow_lr_change,
+                                         allow_data_change)
+        check_not_finished(out, checkpoint_step(checkpoint), config.steps, stop_at_step)
+    elif latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if is_main_process():
+        _write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    return checkpoint, changes
+
+
+def _after_divergence(kept: Path | None, divergence: DivergenceRule, lr: float) -> str:
+    """Where the run stands after a divergence, and what to do next."""
+    rose = divergence.first_step_above
+    if kept is not None and rose is not None and checkpoint_step(kept) >= rose - 1:
+        # the weights after step rose - 1 already gave the loss above the ceiling
+        return (f"the latest checkpoint {kept} holds weights from after the loss rose (step {rose}); start over "
+                f"with a lower --lr (now {lr}) or more --warmup-steps")
+    where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
+    return (f"{where}. Lower --lr (now {lr}) or raise --warmup-steps, then "
+            + ("continue with --resume --allow-lr-change (other arguments unchanged) or start over" if kept
+               else "start over"))
+
+
+def _restore_initial_lrs(optimizer, initial_lrs: list[float]) -> None:
+    """``load_state_dict`` brings back the saved ``initial_lr``s; the schedule must use this run's --lr (equal
+    unless --allow-lr-change let it change)."""
+    for group, initial_lr in zip(optimizer.param_groups, initial_lrs):
+        group["initial_lr"] = initial_lr
+
+
 def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
           tensorboard: bool = True, log=None, on_model_ready=None, device: str | torch.device | None = "auto",
+          allow_lr_change: bool = False, allow_data_change: bool = False, memory_check: bool = True,
           ) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
-    ``resume=True`` continues from ``out_dir``'s latest checkpoint. Raises ``TrainingDiverged`` when the
-    loss or gradient becomes NaN/Inf (the last good checkpoint stays on disk). ``on_model_ready(model)`` is
-    called once the model is prepared and restored (experiments use it to attach meters or hooks).
-    ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer state live there.
+    ``resume=True`` continues from ``out_dir``'s latest checkpoint with the run's saved tokenizer;
+    ``allow_lr_change`` lets ``lr`` / ``warmup_steps`` differ on resume, ``allow_data_change`` lets the
+    training text differ (both recorded in ``run.json``). ``memory_check`` refuses a run whose planned peak
+    exceeds the available memory. Raises ``TrainingDiverged`` when the loss or gradient becomes NaN/Inf or
+    the loss explodes (``velora.guards.DivergenceRule``; the last good checkpoint stays on disk).
+    ``on_model_ready(model)`` is called once the model is prepared and restored (experiments use it to attach
+    meters or hooks). ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer
+    state live there.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
@@ -516,27 +666,20 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ValueError("--resume needs --out DIR (the run folder to continue)")
-    checkpoint = None
+    if (allow_lr_change or allow_data_change) and not resume:
+        raise ValueError("allow_lr_change / allow_data_change only apply with resume=True (--resume)")
+    check_model_spec(config.model)
+    checkpoint, changes = None, {}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        saved_config = out / "config.json"
-        if resume:
-            checkpoint = latest_checkpoint(out)
-            if checkpoint is None:
-                raise ValueError(f"--resume: {out} has no checkpoint; run without --resume first")
-            previous = json.loads(saved_config.read_text())
-            differs = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v)
-            if differs:
-                raise ValueError(f"--resume: the arguments differ from the saved run in {differs}; "
-                                 f"pass the same arguments as {saved_config}")
-        elif latest_checkpoint(out) is not None:
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        _write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+        checkpoint, changes = _open_run_folder(config, out, resume, stop_at_step, allow_lr_change, allow_data_change)
 
     # data and model, seeded: an uninterrupted and a resumed run build exactly the same objects
     torch.manual_seed(config.seed)
     with main_process_first():  # rank 0 builds the tokenizer and token caches, the others then read them
-        data = load_data(config, cache_dir)
+        data = load_data(config, cache_dir, out if checkpoint is not None else None, allow_data_change)
+    if memory_check:
+        check_memory_fits(config, data.tokenizer.vocab_size, device, say)
+        torch.manual_seed(config.seed)  # planning draws random numbers on fake tensors
     model = build_base_model(config, data.tokenizer.vocab_size).to(device)  # before qlora quantises on it
     init_source = None
     if config.init_from:  # a run of any method: its base weights, adapters merged (velora.init_from)
@@ -574,14 +717,19 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
         state = load_training_state(checkpoint)
+        initial_lrs = [group["initial_lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        _restore_initial_lrs(optimizer, initial_lrs)
         if accumulator is not None:
             accumulator.load_state_dict(state["accumulator"])
         torch.set_rng_state(state["rng"])
         start_step = int(state["step"])
         say(f"resumed {out} at step {start_step}")
     if out is not None and is_main_process():
-        data.tokenizer.save(out / "tokenizer.json")
+        write_atomic(out / "tokenizer.json", data.tokenizer.to_str())
+        data_changed = checkpoint is not None and check_same_data(out, data.corpus.fingerprint, allow_data_change)
+        record_run(out, start_step, data.corpus.fingerprint, data.tokenizer,
+                   {**changes, **({"data_changed": True} if data_changed else {})})
     if on_model_ready is not None:
         on_model_ready(model)
     ddp_model = wrap_ddp(model, device)  # the model itself in one process; DDP gets device_ids on CUDA
@@ -589,7 +737,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     run_log = RunLog(out, start_step, tensorboard) if out is not None and is_main_process() else None
     rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-    bar = _Progress(progress, config.steps, start_step, f"{config.method}")
+    bar = _Progress(progress and is_main_process(), config.steps, start_step, f"{config.method}")  # rank 0 draws
+    divergence = DivergenceRule(data.tokenizer.vocab_size)
     tokens_per_step = config.batch_size * config.accumulation_steps * config.seq_len * world_size()
     step_times: list[float] = []
     val_history: list[dict[str, float]] = []
@@ -612,6 +761,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
                     (loss / config.accumulation_steps).backward()
                 step_loss += float(loss.detach()) / config.accumulation_steps
             step_loss = mean_across_ranks(step_loss)  # logged: the mean over ranks
+            exploded = divergence.train_loss(step + 1, step_loss)
+            if exploded:
+                raise TrainingDiverged(exploded)
             grad_norm = _gradient_norm(trainable, config.grad_clip)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}")
@@ -628,11 +780,14 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
             done = step + 1
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)
+                exploded = divergence.validation_loss(done, val_loss)
+                if exploded:
+                    raise TrainingDiverged(exploded)
                 val_history.append({"step": done, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 if run_log is not None:
                     run_log.scalar("val/ppl", perplexity(val_loss), done)
             if out is not None and config.save_every and done % config.save_every == 0 and done < last_step:
-                if is_main_process():
+                if is_main_process() and divergence.steps_above == 0:  # no checkpoint while the loss explodes
                     save_checkpoint(out, done, model, optimizer, accumulator)
             bar.update(done, f"loss {step_loss:.3f} ppl {row['ppl']:.1f} {row['tokens_per_s']:.0f} tok/s "
                              f"rss {_rss_mib():.0f} MiB")
@@ -641,14 +796,19 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         if run_log is not None:
             run_log.close()
         kept = latest_checkpoint(out) if out is not None else None
-        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
-        raise TrainingDiverged(f"training stopped: {err}; {where}. Lower --lr (now {config.lr}) or raise "
-                               "--warmup-steps, then --resume or start over") from None
+        raise TrainingDiverged(f"training stopped: {err}; {_after_divergence(kept, divergence, config.lr)}") from None
     bar.close()
     if out is not None and last_step > start_step and is_main_process():
         save_checkpoint(out, last_step, model, optimizer, accumulator)
 
     val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)
+    exploded = divergence.validation_loss(last_step, val_loss)
+    if exploded:
+        if run_log is not None:
+            run_log.close()
+        kept = latest_checkpoint(out) if out is not None else None
+        raise TrainingDiverged(f"training stopped: {exploded}; the checkpoint {kept} holds these weights. Lower "
+                               f"--lr (now {config.lr}) and start over" if kept else f"training stopped: {exploded}")
     if run_log is not None:
         run_log.scalar("val/ppl", perplexity(val_loss), last_step)
         run_log.close()
@@ -680,7 +840,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         "trainable_parameters": sum(p.numel() for p in trainable),
         "lr": config.lr,
         "data_fingerprint": data.corpus.fingerprint,
-        "tokenizer": {"name": data.tokenizer.name, "vocab_size": data.tokenizer.vocab_size},
+        "tokenizer": {"name": data.tokenizer.name, "vocab_size": data.tokenizer.vocab_size,
+                      "identity": data.tokenizer.identity()},
         "train_tokens_available": data.train.n_tokens,
         "loss_curve": [[int(r["step"]), r["loss"]] for r in rows],
         "config": config.to_dict(),
@@ -693,6 +854,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     if is_distributed():
         del ddp_model
         shutdown()  # barrier, then leave the process group (see velora.distributed.shutdown)
+    result["_tokenizer"] = data.tokenizer
     result["_model"] = model  # in-process callers (experiments) may inspect it; dropped from JSON output
     return result
 

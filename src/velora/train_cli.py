@@ -9,11 +9,12 @@ import os
 import sys
 import time
 
+from velora.config import INIT_STRATEGIES
 from velora.registry import method_names
 
 # CLI flag -> registry.MethodOptions field (only flags the user actually passes are forwarded)
 METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--optimizer": ("optimizer", str, "base optimizer: adamw | adafactor | adamw8bit"),
+    "--optimizer": ("optimizer", str, "base optimizer: adamw | adafactor | adamw8bit (default adamw)"),
     "--lora-rank": ("lora_rank", int, "LoRA/DoRA rank (default 8)"),
     "--lora-alpha": ("lora_alpha", float, "LoRA/DoRA alpha (default 16)"),
     "--lora-dropout": ("lora_dropout", float, "LoRA dropout (default 0; >0 keeps a full-size mask)"),
@@ -28,7 +29,7 @@ METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
                            "orthonormal (default: less noise at the same memory) or gaussian (the paper's)"),
     "--gradnorm-rank": ("gradnorm_rank", int, "GradNormLoRP LoRA rank (default 8)"),
     "--gradnorm-proj-rank": ("gradnorm_proj_rank", int, "GradNormLoRP gradient projection rank (default 4)"),
-    "--gradnorm-update-proj-gap": ("gradnorm_update_proj_gap", int, "GradNormLoRP SVD refresh interval"),
+    "--gradnorm-update-proj-gap": ("gradnorm_update_proj_gap", int, "GradNormLoRP SVD refresh interval (default 250)"),
 }
 
 
@@ -54,11 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--flora-accumulation", action="store_true",
                      help="FLoRA compressed gradient accumulation across --accumulation-steps (rank --flora-rank)")
     run.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    run.add_argument("--warmup-steps", type=int, default=10)
+    run.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
     run.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule floor as a fraction of --lr")
-    run.add_argument("--weight-decay", type=float, default=0.0)
+    run.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     run.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the model init, batch order and projections")
     run.add_argument("--max-train-chars", type=int, default=3_000_000, help="cap on training text (characters)")
     run.add_argument("--eval-batches", type=int, default=8,
                      help="validation batches per evaluation (0: the whole validation split)")
@@ -66,12 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)")
     run.add_argument("--init-from", default=None,
                      help="start from the weights of a run/checkpoint folder of any method (adapters merged, v kept)")
-    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    run.add_argument("--dtype", default="float32", type=_train_dtype, metavar="{float32,bfloat16}",
+                     help="weights and activations dtype (fp32 / bf16 spellings accepted too)")
     run.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     velora = parser.add_argument_group("VeLoRA (+velora methods)")
-    velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size (default 32)")
-    velora.add_argument("--velora-init", default="batch_average_once",
-                        help="batch_average_once | ema | random | svd")
+    velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size")
+    velora.add_argument("--velora-init", default="batch_average_once", choices=INIT_STRATEGIES,
+                        help="how the projection vector v is initialised")
     velora.add_argument("--velora-targets", default="paper",
                         help="comma-separated module names or 'paper' (value + MLP down projections)")
     method = parser.add_argument_group("method options")
@@ -79,13 +81,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         method.add_argument(flag, type=kind, default=None, help=help_text)
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>)")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its latest checkpoint, with its saved tokenizer")
+    out.add_argument("--allow-lr-change", action="store_true",
+                     help="with --resume: let --lr / --warmup-steps differ from the saved run (e.g. after a "
+                          "divergence); the new schedule holds from the resumed step, recorded in run.json")
+    out.add_argument("--allow-data-change", action="store_true",
+                     help="with --resume: train on changed --data text, tokenized with the run's saved tokenizer "
+                          "(recorded in run.json; no longer identical to an uninterrupted run)")
+    out.add_argument("--ignore-memory-check", action="store_true",
+                     help="start even when the planned peak memory exceeds the available memory")
     out.add_argument("--stop-at-step", type=int, default=None,
                      help="checkpoint and exit at this step without changing the schedule (resume later)")
     out.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (under torchrun only rank 0 draws one anyway)")
     out.add_argument("--no-memory", action="store_true", help="skip the memory measurement at the end")
-    out.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    out.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _train_dtype(name: str) -> str:
+    from velora.models import canonical_dtype
+
+    try:
+        return canonical_dtype(name, ("float32", "bfloat16"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def config_from_args(args: argparse.Namespace):
@@ -123,11 +144,18 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+    for flag in ("allow_lr_change", "allow_data_change"):
+        if getattr(args, flag) and not args.resume:
+            raise ValueError(f"--{flag.replace('_', '-')} only applies with --resume; add --resume --out DIR")
     config = config_from_args(args)
     out = args.out or f"runs/{config.method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train(config, out, resume=args.resume, progress=not args.no_progress,
-                       stop_at_step=args.stop_at_step, measure=not args.no_memory, device=args.device)
+                       stop_at_step=args.stop_at_step, measure=not args.no_memory, device=args.device,
+                       allow_lr_change=args.allow_lr_change, allow_data_change=args.allow_data_change,
+                       memory_check=not args.ignore_memory_check)
     except TrainingDiverged as err:
         print(f"velora train: {err}", file=sys.stderr)
         if args.json:
@@ -143,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         mib = 2**20
         memory = (f", saved activations {result['activation_bytes'] / mib:.2f} MiB, "
                   f"peak {result['peak_bytes'] / mib:.2f} MiB") if result["activation_bytes"] is not None else ""
+        speed = f", {result['tokens_per_s']:.0f} tokens/s" if result["tokens_per_s"] is not None else ""
         print(f"{result['method']}: {result['steps']} steps, loss {result['initial_loss']:.3f} -> "
-              f"{result['final_loss']:.3f}, validation ppl {result['val_ppl']:.2f}, "
-              f"{result['tokens_per_s']:.0f} tokens/s{memory}; results in {out}")
+              f"{result['final_loss']:.3f}, validation ppl {result['val_ppl']:.2f}{speed}{memory}; "
+              f"results in {out}")
     return 0

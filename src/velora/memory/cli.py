@@ -13,6 +13,22 @@ from velora.memory.peak import CATEGORIES
 from velora.optim.projections import PROJECT_SIDES
 
 GIB = 2**30
+MIB = 2**20
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _plan_dtype(name: str) -> str:
+    from velora.models import canonical_dtype
+
+    try:
+        return SHORT_DTYPE[canonical_dtype(name)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def size_unit(nbytes: int) -> tuple[str, int]:
+    """MiB below 1 GiB, GiB from there: a tiny model's table is not a column of 0.00."""
+    return ("GiB", GIB) if nbytes >= GIB else ("MiB", MIB)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", help="adamw, adafactor or adamw8bit (default adamw)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (ViT: patches + 1; default 512)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                        help="weights, activations and optimizer state dtype (default fp32)")
+    parser.add_argument("--dtype", default="fp32", type=_plan_dtype, metavar="{fp32,bf16,fp16}",
+                        help="weights, activations and optimizer state dtype (float32 / bfloat16 / float16 "
+                             "spellings accepted too; default fp32)")
     parser.add_argument("--lora-rank", type=int, default=None, help="LoRA/DoRA/QLoRA rank (default 8)")
     parser.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default min side / 4)")
     parser.add_argument("--flora-rank", type=int, default=None, help="FLoRA rank (default min side / 4)")
@@ -56,7 +73,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def render(result: dict) -> None:
-    """A rich table: one row per category, GiB with two decimals."""
+    """A rich table: one row per category, in MiB or GiB (by the peak's size) with two decimals."""
     from rich.console import Console
     from rich.table import Table
 
@@ -67,20 +84,26 @@ def render(result: dict) -> None:
     console.print(title, highlight=False)
     table = Table()
     table.add_column("category")
-    table.add_column("GiB", justify="right")
+    unit, scale = size_unit(peak)
+    table.add_column(unit, justify="right")
     table.add_column("share", justify="right")
     for name in CATEGORIES:
         nbytes = result["breakdown"][name]
-        table.add_row(name.replace("_", " "), f"{nbytes / GIB:.2f}", f"{nbytes / peak:.0%}" if peak else "-")
-    table.add_row("[bold]peak[/bold]", f"[bold]{peak / GIB:.2f}[/bold]", "")
+        table.add_row(name.replace("_", " "), f"{nbytes / scale:.2f}", f"{nbytes / peak:.0%}" if peak else "-")
+    table.add_row("[bold]peak[/bold]", f"[bold]{peak / scale:.2f}[/bold]", "")
     console.print(table)
     params, trainable = result["parameter_count"], result["trainable_parameter_count"]
     console.print(f"{params / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable; saved for backward "
-                  f"after the forward: {result['saved_activation_bytes'] / GIB:.2f} GiB", highlight=False)
+                  f"after the forward: {_size(result['saved_activation_bytes'])}", highlight=False)
     console.print(f"peak of the 2nd training step, planned on fake tensors in {result['seconds']:.1f} s",
                   highlight=False)
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False)
+
+
+def _size(nbytes: int) -> str:
+    unit, scale = size_unit(nbytes)
+    return f"{nbytes / scale:.2f} {unit}"
 
 
 def run(args: argparse.Namespace) -> int:

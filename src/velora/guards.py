@@ -1,0 +1,183 @@
+"""Checks the training loop runs before and while it trains, each ending in one line that says what to do.
+
+* ``check_model_spec``: a ``--model`` that is neither a preset, an existing path nor a hub id
+  (``org/name``) is refused at once, listing the presets (no hub call, no retries).
+* ``check_memory_fits``: the planned peak of one training step (``velora.memory.plan`` on fake tensors,
+  nothing allocated) against the memory available (CPU: MemAvailable and the cgroup limit; CUDA:
+  ``torch.cuda.mem_get_info``), before the model is built.
+* ``DivergenceRule``: the documented rule that stops a loss that explodes but stays finite.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ---- --model --------------------------------------------------------------------------------------
+
+
+def check_model_spec(model: str) -> None:
+    """Refuse a ``--model`` that cannot be a preset, a local path or a hub id, before anything is loaded."""
+    from velora.models import PRESETS
+
+    if model in PRESETS or os.path.exists(model):
+        return
+    presets = ", ".join(PRESETS)
+    looks_like_path = model.endswith(".json") or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"--model {model!r} does not exist; pass an existing config.json / model folder "
+                                f"or a preset ({presets})")
+    if "/" not in model:
+        close = difflib.get_close_matches(model, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"--model {model!r} is not a preset; {hint}presets: {presets}; or pass a config.json, a "
+                         "local model folder, or a hub id as org/name")
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def _cgroup_available() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else int(limit) - used
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes the step may use, where that figure comes from), or None when unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {device} (torch.cuda.mem_get_info)"
+    figures = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                figures.append((int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"))
+    except OSError:
+        try:
+            import psutil
+
+            figures.append((int(psutil.virtual_memory().available), "available RAM (psutil)"))
+        except ImportError:
+            pass
+    cgroup = _cgroup_available()
+    if cgroup is not None:
+        figures.append((cgroup, "left under the cgroup memory limit"))
+    return min(figures) if figures else None
+
+
+def _model_config(config, vocab_size: int):
+    """The transformers config ``train`` will build, or None for a hub model (not looked up)."""
+    from velora.models import PRESETS, build_config
+
+    if config.model in PRESETS or config.model.endswith(".json") or Path(config.model).is_dir():
+        overrides = {"vocab_size": vocab_size} if config.tokenizer != "model" else {}
+        model_config = build_config(config.model, **overrides)
+        if getattr(model_config, "max_position_embeddings", config.seq_len) < config.seq_len:
+            model_config.max_position_embeddings = config.seq_len
+        return model_config
+    return None
+
+
+def rough_step_bytes(model_config, batch: int, seq: int, bytes_per_value: int) -> int:
+    """A generous estimate (weights, gradients and two optimizer moments, plus ~40 saved values per hidden
+    unit per layer and the logits thrice): below a quarter of the available memory, planning is skipped."""
+    with torch.device("meta"):
+        from velora.models import build_model
+
+        n_params = sum(p.numel() for p in build_model(model_config).parameters())
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 1024)
+    layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 12)
+    vocab = getattr(model_config, "vocab_size", 32000)
+    return bytes_per_value * (4 * n_params + batch * seq * (40 * hidden * layers + 3 * vocab))
+
+
+def _plan_options(config) -> tuple[str, dict[str, Any]]:
+    options = dict(config.options)
+    optimizer = options.pop("optimizer", "adamw")
+    velora = {k: v for k, v in config.velora.items() if k != "version"}
+    options.update({f"velora_{k}": v for k, v in velora.items()})
+    return optimizer, options
+
+
+def check_memory_fits(config, vocab_size: int, device: torch.device, say) -> None:
+    """Refuse a run whose planned training-step peak exceeds the memory available on ``device``."""
+    available = available_memory(device)
+    if available is None:
+        say("memory pre-check skipped: the available memory is unknown on this system")
+        return
+    free_bytes, source = available
+    model_config = _model_config(config, vocab_size)
+    if model_config is None:
+        say(f"memory pre-check skipped for hub model {config.model!r} (its config is not fetched to plan it)")
+        return
+    bytes_per_value = 2 if config.dtype == "bfloat16" else 4
+    if rough_step_bytes(model_config, config.batch_size, config.seq_len, bytes_per_value) < free_bytes / 4:
+        return
+    from velora.memory.planner import plan
+
+    optimizer, options = _plan_options(config)
+    try:
+        planned = plan(model_config, config.method, optimizer, batch=config.batch_size, seq=config.seq_len,
+                       dtype="bf16" if config.dtype == "bfloat16" else "fp32", **options)
+    except Exception as err:  # noqa: BLE001 - a planner gap must not block training; it is reported
+        say(f"memory pre-check skipped: planning failed ({type(err).__name__}: {str(err)[:160]})")
+        return
+    peak = planned["peak_bytes"]
+    if peak > free_bytes:
+        gib = 2**30
+        raise ValueError(f"--model {config.model} --method {config.method} needs a planned peak of "
+                         f"{peak / gib:.1f} GiB per step (batch {config.batch_size} x seq {config.seq_len}, "
+                         f"{config.dtype}) but {free_bytes / gib:.1f} GiB is {source}; use a smaller model, batch "
+                         "or --seq-len, a memory-saving --method (see velora plan), or --ignore-memory-check")
+
+
+# ---- divergence -----------------------------------------------------------------------------------
+
+DIVERGENCE_MARGIN_NATS = 2.0
+DIVERGENCE_PATIENCE = 3
+
+
+class DivergenceRule:
+    """Diverged: the training loss stays above ``ceiling`` for ``DIVERGENCE_PATIENCE`` consecutive steps, or a
+    validation loss is above it (or not finite). ``ceiling = max(ln V, first loss of this run) + 2 nats``:
+    a model that predicts worse than uniform guessing over the V token ids, by a factor e² ≈ 7.4 in
+    perplexity, is not learning. Short spikes (fewer than ``DIVERGENCE_PATIENCE`` steps) are tolerated."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.uniform_loss = math.log(vocab_size)
+        self.ceiling: float | None = None
+        self.steps_above = 0
+        self.first_step_above: int | None = None  # first step of the current run of losses above the ceiling
+
+    def _ceiling(self, loss: float) -> float:
+        if self.ceiling is None:
+            self.ceiling = max(self.uniform_loss, loss) + DIVERGENCE_MARGIN_NATS
+        return self.ceiling
+
+    def train_loss(self, step: int, loss: float) -> str | None:
+        """A message when the rule fires at this step, else None."""
+        ceiling = self._ceiling(loss)
+        self.steps_above = self.steps_above + 1 if loss > ceiling else 0
+        if self.steps_above == 1:
+            self.first_step_above = step
+        elif self.steps_above == 0:
+            self.first_step_above = None
+        if self.steps_above >= DIVERGENCE_PATIENCE:
+            return (f"loss {loss:.4g} at step {step} has stayed above {ceiling:.3f} (uniform guessing "
+                    f"ln V = {self.uniform_loss:.3f} + {DIVERGENCE_MARGIN_NATS:g}) for {self.steps_above} steps")
+        return None
+
+    def validation_loss(self, step: int, loss: float) -> str | None:
+        ceiling = self.ceiling if self.ceiling is not None else self.uniform_loss + DIVERGENCE_MARGIN_NATS
+        if not math.isfinite(loss) or loss > ceiling:
+            return f"validation loss {loss:.4g} at step {step} is above {ceiling:.3f} (or not finite)"
+        return None
