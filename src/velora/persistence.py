@@ -70,7 +70,7 @@ def _read_file(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tenso
         except (SafetensorError, OSError) as err:  # truncated / foreign file: name it, no raw traceback
             if isinstance(err, FileNotFoundError):
                 raise
-            raise ValueError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}); "
+            raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:120]}); "
                              "pass an earlier checkpoint folder (checkpoints/step-*) or re-save the model") from None
     if path.suffix in (".bin", ".pt", ".pth"):
         state = torch.load(path, map_location="cpu", weights_only=True)
