@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device is visible to torch; run on a GPU machine or pass --dry-run")
     if sizes.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(sizes.device))
+        torch.cuda.set_device(torch.device(sizes.device).index or 0)  # torch 2.11 wants an index
     if args.dry_run:
         torch.set_num_threads(1)  # tiny ops: more threads only wait on each other
     budget = Budget(args.budget_s)
