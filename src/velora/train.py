@@ -470,13 +470,14 @@ def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
 
 def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
-          tensorboard: bool = True, log=None, on_model_ready=None) -> dict[str, Any]:
+          tensorboard: bool = True, log=None, on_model_ready=None, on_step=None) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
     ``resume=True`` continues from ``out_dir``'s latest checkpoint. Raises ``TrainingDiverged`` when the
     loss or gradient becomes NaN/Inf (the last good checkpoint stays on disk). ``on_model_ready(model)`` is
-    called once the model is prepared and restored (experiments use it to attach meters or hooks).
+    called once the model is prepared and restored (experiments use it to attach meters or hooks);
+    ``on_step(row)`` after every optimizer step with the logged row (step, loss, lr, ...; progress displays).
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
@@ -593,6 +594,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
             rows.append(row)
             if run_log is not None:
                 run_log.write(row)
+            if on_step is not None:
+                on_step(row)
             done = step + 1
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)
