@@ -39,6 +39,7 @@ from velora.registry import parse_method
 
 DEFAULT_METHODS = ("full", "velora", "lora", "galore", "flora", "gradnormlorp")
 DEFAULT_OUT = "velora-runs/compare"
+PLAIN_PROGRESS_EVERY_S = 30.0  # without a terminal: one progress line this often
 
 # the CPU-sized setting (llama-small: d=128, 4 layers, MLP 352, vocab 2048 BPE, 1.3M parameters)
 # 1000 steps x 5 x 128 tokens = 640k tokens per method. The step count is what carries full AdamW off its early
@@ -365,7 +366,7 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
         else:
             jobs.append(Job(method, config, fresh_dir(run_dir), threads, progress=False))
     board = ProgressBoard([MethodState(m, args.steps, run_folder(out, m) / "log.csv") for m in methods],
-                          enabled=not args.no_progress)
+                          enabled=not args.no_progress, plain_every_s=PLAIN_PROGRESS_EVERY_S)
     for method, result in finished.items():
         board.done(method, f"reused: val ppl {result['val_ppl']:.2f}", state="reused")
 

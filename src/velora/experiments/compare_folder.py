@@ -66,7 +66,9 @@ def prepare_folder(out: Path, setting: dict[str, Any], configs: dict[str, dict[s
             record = json.loads(record_path.read_text())
             differs = _differences(record["setting"], setting)
             for method, config in configs.items():
-                if method in record["methods"]:  # fields the setting does not already name (the lr, ...)
+                # a finished method must match (fields the setting does not already name: the lr, ...); an
+                # unfinished one (stopped, or failed) may be retried with other method options
+                if method in record["methods"] and _completed(run_folder(out, method)):
                     old = {k: v for k, v in record["methods"][method].items() if k not in setting}
                     differs += _differences(old, {k: v for k, v in config.items() if k not in setting},
                                             prefix=f"{method}.")
@@ -76,6 +78,13 @@ def prepare_folder(out: Path, setting: dict[str, Any], configs: dict[str, dict[s
             configs = {**record["methods"], **configs}
     out.mkdir(parents=True, exist_ok=True)
     write_json(record_path, {"setting": setting, "methods": configs})
+
+
+def _completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "result.json").read_text()).get("status") == "completed"
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def finished_result(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:

@@ -20,14 +20,16 @@ class MethodState:
     state: str = "queued"  # queued / running / done / reused / failed
     step: int = 0
     loss: float | None = None
+    train_s: float | None = None  # seconds spent in the steps so far (the row's elapsed_s)
     started: float | None = None  # perf_counter when training began here
     finished_text: str = ""
 
-    def eta_s(self, now: float) -> float | None:
-        """Remaining seconds at this method's own pace so far (None before the first step)."""
-        if self.state != "running" or self.started is None or self.step == 0:
+    def eta_s(self) -> float | None:
+        """Remaining seconds at this method's own step pace so far (None before the first step); the
+        one-off start-up (imports, model, data) is not extrapolated."""
+        if self.state != "running" or self.train_s is None or self.step == 0:
             return None
-        return (now - self.started) / self.step * (self.total_steps - self.step)
+        return self.train_s / self.step * (self.total_steps - self.step)
 
 
 def duration(seconds: float | None) -> str:
@@ -75,6 +77,7 @@ class ProgressBoard:
     def step(self, method: str, row: dict[str, float]) -> None:
         state = self.states[method]
         state.step, state.loss = int(row["step"]), float(row["loss"])
+        state.train_s = row.get("elapsed_s")
         self.tick()
 
     def done(self, method: str, text: str, state: str = "done") -> None:
@@ -101,7 +104,7 @@ class ProgressBoard:
         loss = "–" if state.loss is None else f"{state.loss:.3f}"
         steps = f"{state.step}/{state.total_steps}"
         status = state.finished_text if state.state in ("done", "reused", "failed") else state.state
-        return status, steps, loss, duration(elapsed), duration(state.eta_s(now))
+        return status, steps, loss, duration(elapsed), duration(state.eta_s())
 
     def _table(self):
         from rich.table import Table
