@@ -208,6 +208,7 @@ def test_bench_subtoken_reuses_base_and_reports_memory_ordering(tmp_path, tiny_a
     assert sizes[0] > sizes[1] > sizes[2] > sizes[3] > sizes[4]
     assert summary["paper"]["rows"][1] == ["D/32", 779, 39.5]
     assert (out / "subtoken.png").exists() and "Paper (VeLoRA Tab. 5b" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["runtime_s"] == summary["runtime_s"] > 0
     stamp = (tmp_path / "bench" / "shared" / "base" / "result.json").stat().st_mtime_ns
     assert main(args) == 0  # the base model is reused, not retrained
     assert (tmp_path / "bench" / "shared" / "base" / "result.json").stat().st_mtime_ns == stamp
