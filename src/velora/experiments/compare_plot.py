@@ -18,7 +18,9 @@ def _quality_vs_activations(axis, rows: list[dict[str, Any]]) -> None:
         if x is None:
             continue
         axis.scatter([x], [row["val_ppl"]], s=45, color=f"C{i}", zorder=3)
-        axis.annotate(row["method"], (x, row["val_ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        # labels alternate above and below their points: methods of equal memory (full, velora) sit side by side
+        axis.annotate(row["method"], (x, row["val_ppl"]), textcoords="offset points", fontsize=9,
+                      xytext=(5, 5 if i % 2 == 0 else -13))
     largest = max((mib(r["activation_bytes"]) or 0) for r in rows)
     axis.set_xlim(0, largest * 1.25 or 1)  # from 0: the saving reads as a share of the whole
     axis.set_xlabel("saved activations per step (MiB, measured)\n← less memory is better")
@@ -41,7 +43,8 @@ def _peak_by_category(axis, rows: list[dict[str, Any]]) -> None:
     axis.set_xlim(0, max(left) * 1.05 or 1)
     axis.set_xlabel("peak of one training step (MiB, measured)\n← less memory is better")
     axis.set_title("peak step memory by category")
-    axis.legend(fontsize=7, loc="lower right")
+    # below the axes: inside it would cover the last bars
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
 
 
 def _loss_vs_full(axis, rows: list[dict[str, Any]], window: int) -> None:
@@ -66,7 +69,7 @@ def _loss_vs_full(axis, rows: list[dict[str, Any]], window: int) -> None:
         axis.set_title("training loss")
     axis.set_xlabel("step")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 
 def write_plot(summary: dict[str, Any], path: Path) -> Path | None:
@@ -84,6 +87,6 @@ def write_plot(summary: dict[str, Any], path: Path) -> Path | None:
     fig.suptitle(f"velora compare: {setting['model']} pre-trained from scratch, "
                  f"{setting['tokens_per_method']:,} tokens per method")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
