@@ -302,10 +302,9 @@ def run_parallel(jobs: list[Job], n_jobs: int, say, board: ProgressBoard | None 
 
 
 def _announce_finished(method: str, result: dict[str, Any], wall_s: float, say, board) -> None:
-    text = f"val ppl {result['val_ppl']:.2f} in {wall_s:.0f} s ({result['cpu_s']:.0f} s CPU)"
     if board is not None:
-        board.done(method, f"done: {text}")
-    say(f"finished {method}: {text}")
+        board.done(method, f"done: val ppl {result['val_ppl']:.2f}", wall_s=wall_s)
+    say(f"finished {method}: val ppl {result['val_ppl']:.2f} in {wall_s:.0f} s ({result['cpu_s']:.0f} s CPU)")
 
 
 def lr_source(method: str, overrides: dict[str, float]) -> str:

@@ -23,6 +23,7 @@ class MethodState:
     train_s: float | None = None  # seconds spent in the steps so far (the row's elapsed_s)
     started: float | None = None  # perf_counter when training began here
     finished_text: str = ""
+    finished_s: float | None = None  # wall seconds a finished method took here
 
     def eta_s(self) -> float | None:
         """Remaining seconds at this method's own step pace so far (None before the first step); the
@@ -80,8 +81,11 @@ class ProgressBoard:
         state.train_s = row.get("elapsed_s")
         self.tick()
 
-    def done(self, method: str, text: str, state: str = "done") -> None:
-        self.states[method].state, self.states[method].finished_text = state, text
+    def done(self, method: str, text: str, state: str = "done", wall_s: float | None = None) -> None:
+        entry = self.states[method]
+        entry.state, entry.finished_text, entry.finished_s = state, text, wall_s
+        if state in ("done", "reused"):
+            entry.step = entry.total_steps
         self.tick()
 
     def tick(self) -> None:
@@ -100,7 +104,9 @@ class ProgressBoard:
 
     # ---- rendering -----------------------------------------------------------------------------------
     def _cells(self, state: MethodState, now: float) -> tuple[str, str, str, str, str]:
-        elapsed = None if state.started is None or state.state != "running" else now - state.started
+        elapsed = state.finished_s
+        if state.state == "running" and state.started is not None:
+            elapsed = now - state.started
         loss = "–" if state.loss is None else f"{state.loss:.3f}"
         steps = f"{state.step}/{state.total_steps}"
         status = state.finished_text if state.state in ("done", "reused", "failed") else state.state
