@@ -79,7 +79,9 @@ def test_compare_rerun_reuses_finished_methods(tmp_path, text_file, capsys, monk
     full_log = (out / "runs" / "full" / "log.csv").read_text()
 
     assert main([*args, "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "full: reusing the finished run in" in captured.err and "[1/1] velora" in captured.err  # only velora trains
     assert (out / "runs" / "full" / "result.json").stat().st_mtime_ns == stamp  # not retrained
     assert (out / "runs" / "full" / "log.csv").read_text() == full_log
     assert summary["complete"] and summary["reused"] == ["full"]
