@@ -3,9 +3,13 @@ minutes): the files they promise exist and the JSON has the documented schema.""
 
 from __future__ import annotations
 
+import io
 import json
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
 from velora.experiments import ablation
 
@@ -32,26 +36,115 @@ def test_compare_writes_table_json_and_png(tmp_path, text_file, capsys, monkeypa
     assert (out / "results.json").exists() and (out / "compare.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()
     assert "| full |" in md and "VeLoRA Tab. 4" in md and "tuned at 1000 x 5 x 128" in md
-    # a second run overwrites its own run folders instead of refusing
-    assert main(["compare", "--model", "llama-tiny", "--steps", "2", "--methods", "full", "--data", str(text_file),
-                 "--seq-len", "32", "--out", str(out), "--no-progress"]) == 0
+    env = summary["environment"]
+    assert env["cpu_model"] and env["packages"]["torch"] == torch.__version__
+    assert {"transformers", "peft", "tokenizers"} <= {k for k, v in env["packages"].items() if v}
+    assert len(env["python_stdlib_sha256"]) == 64 and "bitwise only on the same CPU model" in md
+    # a second run with other arguments into the same folder is refused in one line; --fresh replaces it
+    other = ["compare", "--model", "llama-tiny", "--steps", "2", "--methods", "full", "--data", str(text_file),
+             "--seq-len", "32", "--out", str(out), "--no-progress"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "holds a velora compare with other arguments (rank (16 -> 64); steps (3 -> 2))" in err
+    assert err.count("\n") == 1
+    assert json.loads((out / "results.json").read_text())["setting"]["steps"] == 3  # untouched
+    assert main([*other, "--fresh"]) == 0
     assert "velora compare" in capsys.readouterr().out
+    assert not (out / "runs" / "velora").exists()
+    assert json.loads((out / "results.json").read_text())["setting"]["steps"] == 2
+
+
+def test_compare_rerun_reuses_finished_methods(tmp_path, text_file, capsys, monkeypatch):
+    """A run stopped by a failing method keeps the finished ones' table; the same command (the failing lr
+    fixed) reuses them without retraining and trains the rest."""
+    from velora.cli import main
+    from velora.experiments import compare
+    from velora.train import TrainingDiverged
+
+    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compare, "PLAIN_PROGRESS_EVERY_S", 0.0)
+    out = tmp_path / "out"
+    args = ["compare", "--model", "llama-tiny", "--steps", "4", "--methods", "full,velora", "--data", str(text_file),
+            "--seq-len", "32", "--out", str(out), "--jobs", "1"]
+    with pytest.raises(TrainingDiverged):
+        main([*args, "--lr", "velora=1e30"])
+    err = capsys.readouterr().err
+    assert err.index("progress: no method running yet") < err.index("[1/2] full")  # shown before training
+    assert re.search(r"progress: full \d/4 loss \d+\.\d{3} ETA (\d+m)?\d+s", err) and "runs/<method>/log.csv" in err
+    partial = json.loads((out / "results.json").read_text())
+    assert (partial["complete"], partial["missing"], [r["method"] for r in partial["rows"]]) == (
+        False, ["velora"], ["full"])
+    assert "**Partial:** 1 of 2 methods finished" in (out / "results.md").read_text()
+    stamp = (out / "runs" / "full" / "result.json").stat().st_mtime_ns
+    full_log = (out / "runs" / "full" / "log.csv").read_text()
+
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "full: reusing the finished run in" in captured.err and "[1/1] velora" in captured.err  # only velora trains
+    assert (out / "runs" / "full" / "result.json").stat().st_mtime_ns == stamp  # not retrained
+    assert (out / "runs" / "full" / "log.csv").read_text() == full_log
+    assert summary["complete"] and summary["reused"] == ["full"]
+    assert [(r["method"], r["reused"]) for r in summary["rows"]] == [("full", True), ("velora", False)]
+    assert summary["rows"][0]["val_ppl"] == partial["rows"][0]["val_ppl"]
+    assert "Reused from an earlier run" in (out / "results.md").read_text()
+    # a finished method's options are part of the arguments: changing its lr is refused
+    assert main([*args, "--lr", "full=1e-3"]) == 2
+    assert "full.lr (0.002 -> 0.001)" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_foreign_folder(tmp_path, capsys):
+    from velora.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["compare", "--out", str(tmp_path), "--fresh"]) == 2
+    assert "is not a velora compare folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_progress_board_plain_lines_and_live_table():
+    from velora.experiments.progress import MethodState, ProgressBoard
+
+    stream = io.StringIO()
+    board = ProgressBoard([MethodState("full", 10, Path("o/runs/full/log.csv")),
+                           MethodState("velora", 10, Path("o/runs/velora/log.csv"))],
+                          stream=stream, live=False, plain_every_s=0.0)
+    board.start()
+    board.running("full")
+    board.step("full", {"step": 4, "loss": 3.25, "elapsed_s": 8.0})
+    board.done("full", "done: val ppl 9.00")
+    board.stop()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "progress: no method running yet (0 done, 2 queued; per-step logs in o/runs/<method>/log.csv)"
+    assert re.fullmatch(r"progress: full 4/10 loss 3\.250 ETA 12s \(0 done, 1 queued; .*\)", lines[2])
+    assert lines[-1].startswith("progress: no method running yet (1 done, 1 queued")
+    live = io.StringIO()
+    board = ProgressBoard([MethodState("lora", 8, Path("o/runs/lora/log.csv"))], stream=live, live=True)
+    board.start()
+    board.running("lora")
+    board.step("lora", {"step": 2, "loss": 1.5})
+    board.stop()
+    assert re.search(r"lora\s+.\s+running\s+.\s+2/8\s+.\s+1\.500", live.getvalue())
 
 
 def test_compare_numbers_do_not_depend_on_jobs(tmp_path, text_file, capsys, monkeypatch):
     """Two worker processes give bitwise the same curves as one process running the methods in turn; the
     slowest method (lora) is started first, and the table keeps the --methods order."""
     from velora.cli import main
+    from velora.experiments import compare
 
     monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compare, "PLAIN_PROGRESS_EVERY_S", 0.0)
     summaries = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
         assert main(["compare", "--model", "llama-tiny", "--steps", "4", "--methods", "full,velora,lora", "--rank", "8",
                      "--data", str(text_file), "--seq-len", "32", "--out", str(out), "--jobs", str(jobs),
-                     "--no-progress", "--json"]) == 0
+                     "--json"]) == 0
         log = capsys.readouterr().err
         summaries[jobs] = json.loads((out / "results.json").read_text())
+    # the workers' first steps reach the one progress display of the parent
+    assert re.search(r"progress: lora [1-4]/4 loss \d+\.\d{3} ETA (\d+m)?\d+s", log)
     assert log.index("started lora") < log.index("started full") < log.index("started velora")
     serial, parallel = summaries[1]["rows"], summaries[2]["rows"]
     assert [r["method"] for r in parallel] == [r["method"] for r in serial] == ["full", "velora", "lora"]
@@ -72,7 +165,8 @@ def test_compare_worker_failure_fails_the_command(tmp_path, text_file, monkeypat
         main(["compare", "--model", "llama-tiny", "--steps", "3", "--methods", "full,velora", "--lr", "velora=1e30",
               "--data", str(text_file), "--seq-len", "32", "--out", str(tmp_path / "out"), "--jobs", "2",
               "--no-progress"])
-    assert not (tmp_path / "out" / "results.json").exists()
+    results = tmp_path / "out" / "results.json"  # full may finish first: its row only, marked incomplete
+    assert not results.exists() or "velora" in json.loads(results.read_text())["missing"]
 
 
 def test_compare_rejects_bad_jobs(tmp_path, capsys):
@@ -116,6 +210,7 @@ def test_bench_subtoken_reuses_base_and_reports_memory_ordering(tmp_path, tiny_a
     assert sizes[0] > sizes[1] > sizes[2] > sizes[3] > sizes[4]
     assert summary["paper"]["rows"][1] == ["D/32", 779, 39.5]
     assert (out / "subtoken.png").exists() and "Paper (VeLoRA Tab. 5b" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["runtime_s"] == summary["runtime_s"] > 0
     stamp = (tmp_path / "bench" / "shared" / "base" / "result.json").stat().st_mtime_ns
     assert main(args) == 0  # the base model is reused, not retrained
     assert (tmp_path / "bench" / "shared" / "base" / "result.json").stat().st_mtime_ns == stamp

@@ -24,6 +24,10 @@ _LAZY = {
     "require_velora_state": "velora.persistence",
 }
 
+# sub-packages reachable as attributes (``velora.hf.trainer_optimizer``) and imported on first use, so that
+# ``import velora`` does not import transformers
+_SUBMODULES = ("hf", "memory", "optim", "distributed", "registry", "train", "models", "data")
+
 __all__ = [
     "VeLoRAConfig",
     "apply_velora",
@@ -40,4 +44,10 @@ __all__ = [
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"velora.{name}")
     raise AttributeError(f"module 'velora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

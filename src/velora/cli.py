@@ -34,12 +34,19 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
 
 
+def _version() -> str:
+    from velora import __version__
+
+    return __version__
+
+
 def _available() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velora", description="Memory-efficient transformer training.")
+    parser.add_argument("--version", action="version", version=f"velora {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module_path, help_text) in _available().items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -51,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = _available()
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"velora {_version()}")
         return 0
     name = argv[0]
     if name not in commands:

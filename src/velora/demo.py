@@ -10,12 +10,17 @@ import time
 
 import torch
 
+# the demo is a one-minute look on a CPU: attention memory grows with batch x seq^2, so larger settings belong
+# to `velora train` / `velora plan`
+MAX_BATCH = 64
+MAX_SEQ = 2048
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--sub-token-size", type=int, default=32, help="VeLoRA sub-token size M")
+    parser.add_argument("--batch", type=int, default=8, help=f"sequences per step, 1..{MAX_BATCH} (default 8)")
+    parser.add_argument("--seq", type=int, default=128, help=f"tokens per sequence, 2..{MAX_SEQ} (default 128)")
+    parser.add_argument("--sub-token-size", type=int, default=32, help="VeLoRA sub-token size M (default 32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
 
@@ -64,14 +69,28 @@ def _run(method: str, tokens: torch.Tensor, args) -> dict:
             raise ValueError(f"{method}: loss became {loss.item()}; lower the learning rate")
         losses.append(loss.item())
     with SavedActivationMeter(model) as meter:
-        model(input_ids=batch[:, :-1], labels=batch[:, :-1])  # the meter counts what this forward keeps
+        # keep the loss alive until the block ends: the meter counts what the autograd graph still holds
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+    del loss
     return {"method": method, "initial_loss": losses[0], "final_loss": sum(losses[-5:]) / 5,
             "activation_bytes": meter.total_bytes, "step_s": sorted(step_times)[len(step_times) // 2]}
 
 
-def run(args) -> int:
+def check_arguments(args) -> None:
+    """One-line errors for settings the demo cannot run."""
     if args.steps < 5:
         raise ValueError(f"--steps={args.steps} is too few to compare losses; use --steps 5 or more")
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise ValueError(f"--batch={args.batch} must be between 1 and {MAX_BATCH}; try --batch 8")
+    if not 2 <= args.seq <= MAX_SEQ:
+        raise ValueError(f"--seq={args.seq} must be between 2 and {MAX_SEQ} (the demo's model attends over "
+                         "the whole sequence); try --seq 128, or `velora plan` for longer sequences")
+    if args.sub_token_size < 1:
+        raise ValueError(f"--sub-token-size={args.sub_token_size} must be >= 1; try --sub-token-size 32")
+
+
+def run(args) -> int:
+    check_arguments(args)
     tokens = _stdlib_bytes()
     rows = [_run(method, tokens, args) for method in ("full", "velora")]
     full, compressed = rows

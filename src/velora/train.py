@@ -643,7 +643,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
           tensorboard: bool = True, log=None, on_model_ready=None, device: str | torch.device | None = "auto",
           allow_lr_change: bool = False, allow_data_change: bool = False, memory_check: bool = True,
-          ) -> dict[str, Any]:
+          on_step=None) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
@@ -653,8 +653,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     exceeds the available memory. Raises ``TrainingDiverged`` when the loss or gradient becomes NaN/Inf or
     the loss explodes (``velora.guards.DivergenceRule``; the last good checkpoint stays on disk).
     ``on_model_ready(model)`` is called once the model is prepared and restored (experiments use it to attach
-    meters or hooks). ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer
-    state live there.
+    meters or hooks); ``on_step(row)`` after every optimizer step with the logged row (progress displays).
+    ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer state live there.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
@@ -777,6 +777,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
             rows.append(row)
             if run_log is not None:
                 run_log.write(row)
+            if on_step is not None:
+                on_step(row)
             done = step + 1
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 val_loss = evaluate(model, data.validation, config.batch_size, config.eval_batches)

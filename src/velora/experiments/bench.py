@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import time
 from pathlib import Path
 
 from velora.experiments.ablation import add_common_arguments, print_summary, stderr_say
+from velora.experiments.common import write_json
 
 EXPERIMENTS = {
     "subtoken": ("velora.experiments.subtoken", "VeLoRA Tab. 5b: sub-token size M = D/64 … D/8"),
@@ -43,5 +45,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     summary = module.run_experiment(args, out, stderr_say)
     summary["runtime_s"] = time.perf_counter() - started
+    record = out / "results.json"
+    if record.exists():  # the wall time goes into the record too (the experiment wrote it before it was known)
+        write_json(record, {**json.loads(record.read_text()), "runtime_s": summary["runtime_s"]})
     print_summary(summary, args.json, out)
+    if not args.json:
+        print(f"runtime {summary['runtime_s'] / 60:.1f} min")
     return 0

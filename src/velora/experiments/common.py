@@ -51,11 +51,50 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def package_versions(names: Sequence[str] = ("torch", "transformers", "peft", "tokenizers", "safetensors",
+                                             "numpy")) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def stdlib_sha256() -> str:
+    """Fingerprint of the running Python's standard library (file list and sizes), the default corpus."""
+    from velora.data import _stdlib_fingerprint, stdlib_files, stdlib_root
+
+    root = stdlib_root()
+    return _stdlib_fingerprint(root, stdlib_files(root))
+
+
 def environment() -> dict[str, Any]:
+    """What a result depends on beyond its arguments: results are bitwise only on the same CPU model and library
+    versions (float summation order differs between CPU kernels and releases)."""
     import platform
 
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "machine": platform.machine(),
+            "platform": platform.platform(), "packages": package_versions(), "python_stdlib_sha256": stdlib_sha256(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def pyplot():

@@ -27,17 +27,18 @@ import torch
 from velora.experiments.common import (
     environment,
     fresh_dir,
-    markdown_table,
-    mib,
-    pyplot,
     rows_to_console,
-    smooth,
     write_json,
 )
+from velora.experiments.compare_folder import finished_result, prepare_folder, run_folder
+from velora.experiments.compare_plot import write_plot
+from velora.experiments.compare_report import HEADERS, render_markdown, table_rows
+from velora.experiments.progress import MethodState, ProgressBoard
 from velora.registry import parse_method
 
 DEFAULT_METHODS = ("full", "velora", "lora", "galore", "flora", "gradnormlorp")
 DEFAULT_OUT = "velora-runs/compare"
+PLAIN_PROGRESS_EVERY_S = 30.0  # without a terminal: one progress line this often
 
 # the CPU-sized setting (llama-small: d=128, 4 layers, MLP 352, vocab 2048 BPE, 1.3M parameters)
 # 1000 steps x 5 x 128 tokens = 640k tokens per method. The step count is what carries full AdamW off its early
@@ -148,7 +149,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{default_jobs()}); the numbers do not depend on it")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress display (the started/finished lines are still printed on stderr)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain every method, replacing an earlier `velora compare` in --out (by default "
+                             "finished methods of the same arguments are reused)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
 
 
@@ -177,25 +182,41 @@ class Job:
     device: str = "auto"
 
 
-def train_job(job: Job) -> dict[str, Any]:
-    """Train one method and return its result without the model (runs in the caller or in a worker)."""
+def train_job(job: Job, on_step=None) -> dict[str, Any]:
+    """Train one method and return its result without the model (runs in the caller or in a worker). The
+    result, with its wall and CPU time, is also ``run_dir/result.json``: a later run reuses it."""
     from velora.train import train
 
     torch.set_num_threads(job.threads)
     began, cpu_began = time.perf_counter(), time.process_time()
-    result = train(job.config, job.run_dir, progress=job.progress, tensorboard=False, device=job.device)
+    result = train(job.config, job.run_dir, progress=job.progress, tensorboard=False, on_step=on_step,
+                   device=job.device)
     result.pop("_model")
     result["wall_s"] = time.perf_counter() - began
     result["cpu_s"] = time.process_time() - cpu_began  # this process only: less sensitive to other load than wall
+    write_json(job.run_dir / "result.json", result)
     return result
 
 
+def _step_sender(conn, every_s: float = 1.0):
+    """on_step for a worker: sends ("step", row) to the parent at most every ``every_s`` seconds."""
+    last = [0.0]
+
+    def send(row: dict[str, float]) -> None:
+        if time.perf_counter() - last[0] >= every_s:
+            last[0] = time.perf_counter()
+            conn.send(("step", row))
+
+    return send
+
+
 def _worker(conn) -> None:
-    """Worker process body: train the jobs it is sent until it receives None. Each job is answered with
-    ("ok", result) or ("error", exception or None, text, traceback); after an error the worker stops."""
+    """Worker process body: train the jobs it is sent until it receives None. Progress goes up as ("step", row);
+    each job is answered with ("ok", result) or ("error", exception or None, text, traceback); after an error
+    the worker stops."""
     while (job := conn.recv()) is not None:
         try:
-            conn.send(("ok", train_job(job)))
+            conn.send(("ok", train_job(job, on_step=_step_sender(conn))))
         except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent, which re-raises it
             trace = traceback.format_exc()
             try:
@@ -218,9 +239,11 @@ def _failure(method: str, err: BaseException | None, text: str, trace: str) -> B
     return failure
 
 
-def run_parallel(jobs: list[Job], n_jobs: int, say) -> dict[str, dict[str, Any]]:
+def run_parallel(jobs: list[Job], n_jobs: int, say, board: ProgressBoard | None = None,
+                 on_result=None) -> dict[str, dict[str, Any]]:
     """Run ``jobs`` in order on ``n_jobs`` spawned worker processes; an idle worker takes the next job.
 
+    Step rows from the workers go to ``board``; ``on_result(method, result)`` is called as each job finishes.
     A failing job stops the others (their processes are terminated) and is re-raised here.
     """
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenMP state
@@ -241,21 +264,31 @@ def run_parallel(jobs: list[Job], n_jobs: int, say) -> dict[str, dict[str, Any]]
                 conn, job = idle.pop(0), queue.pop(0)
                 conn.send(job)
                 busy[conn] = (job, time.perf_counter())
+                if board is not None:
+                    board.running(job.method)
                 say(f"started {job.method} (lr {job.config.lr:g}), {len(busy)} of {n_jobs} jobs running")
-            for conn in wait(list(busy)):
-                job, began = busy.pop(conn)
+            for conn in wait(list(busy), timeout=1.0):  # the timeout lets the plain display print on time
+                job, began = busy[conn]
                 try:
                     message = conn.recv()
                 except EOFError:  # the process died without a word (killed, out of memory, crashed)
                     workers[conn].join()
                     raise RuntimeError(f"method {job.method}: its worker process exited with code "
                                        f"{workers[conn].exitcode} before reporting a result") from None
+                if message[0] == "step":
+                    if board is not None:
+                        board.step(job.method, message[1])
+                    continue
                 if message[0] == "error":
                     raise _failure(job.method, *message[1:])
+                del busy[conn]
                 results[job.method] = message[1]
                 idle.append(conn)
-                say(f"finished {job.method}: val ppl {message[1]['val_ppl']:.2f} in "
-                    f"{time.perf_counter() - began:.0f} s ({message[1]['cpu_s']:.0f} s CPU)")
+                _announce_finished(job.method, message[1], time.perf_counter() - began, say, board)
+                if on_result is not None:
+                    on_result(job.method, message[1])
+            if board is not None:
+                board.tick()
     finally:
         for conn, process in workers.items():
             if conn in busy:  # only after a failure: its result is no longer wanted
@@ -270,6 +303,12 @@ def run_parallel(jobs: list[Job], n_jobs: int, say) -> dict[str, dict[str, Any]]
     return results
 
 
+def _announce_finished(method: str, result: dict[str, Any], wall_s: float, say, board) -> None:
+    if board is not None:
+        board.done(method, f"done: val ppl {result['val_ppl']:.2f}", wall_s=wall_s)
+    say(f"finished {method}: val ppl {result['val_ppl']:.2f} in {wall_s:.0f} s ({result['cpu_s']:.0f} s CPU)")
+
+
 def lr_source(method: str, overrides: dict[str, float]) -> str:
     """Where a method's learning rate comes from (printed beside it)."""
     if method in overrides:
@@ -282,51 +321,101 @@ def lr_source(method: str, overrides: dict[str, float]) -> str:
     return "LoRA's lr, not tuned" if name == "dora" else "not tuned"
 
 
-def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
-    from velora.train import TrainConfig, load_data
-
-    say = log or (lambda message: print(message, file=sys.stderr))
+def _check_arguments(args: argparse.Namespace) -> tuple[list[str], int, int]:
+    """(methods, jobs, threads per job) from the arguments; one-line errors for bad ones."""
     methods = [parse_method(m.strip()).name for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods is empty; pass e.g. full,velora")
     n_jobs = default_jobs() if getattr(args, "jobs", None) is None else args.jobs
     if n_jobs < 1:
         raise ValueError(f"--jobs {n_jobs} must be >= 1 (the number of methods trained at once)")
-    n_jobs = min(n_jobs, len(methods))
     threads = args.threads if args.threads is not None else 1
     if threads < 1:
         raise ValueError(f"--threads {threads} must be >= 1")
+    return methods, min(n_jobs, len(methods)), threads
+
+
+def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
+    from velora.train import TrainConfig, load_data
+
+    say = log or (lambda message: print(message, file=sys.stderr))
+    methods, n_jobs, threads = _check_arguments(args)
     lr_overrides = _parse_lrs(args.lr)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     setting = {**SETTING, "steps": args.steps, "model": args.model, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "data": args.data, "seed": args.seed,
                "warmup_steps": max(1, args.steps // 10)}
-    started = time.perf_counter()
-    jobs = []
+    configs = {}
     for method in methods:
         base = parse_method(method).base
         lr = lr_overrides.get(method, TUNED_LR.get(method, TUNED_LR.get(base, 1e-3)))
-        config = TrainConfig(method=method, lr=lr, **setting,
-                             **method_overrides(method, args.rank, args.sub_token_size, args.update_gap))
-        jobs.append(Job(method, config, fresh_dir(out / "runs" / method.replace("+", "-")), threads,
-                        progress=not args.no_progress and n_jobs == 1, device=getattr(args, "device", "auto")))
-        say(f"{method}: {describe(method, args.rank, args.sub_token_size, args.update_gap)}, lr {lr:g}")
-    if n_jobs == 1:  # train_job sets the thread count
-        finished = {}
+        configs[method] = TrainConfig(method=method, lr=lr, **setting,
+                                      **method_overrides(method, args.rank, args.sub_token_size, args.update_gap))
+    arguments = {**setting, "rank": args.rank, "sub_token_size": args.sub_token_size, "update_gap": args.update_gap,
+                 "threads_per_job": threads}
+    prepare_folder(out, arguments, {m: c.to_dict() for m, c in configs.items()}, fresh=args.fresh, say=say)
+    started = time.perf_counter()
+    finished: dict[str, dict[str, Any]] = {}
+    jobs = []
+    for method, config in configs.items():
+        say(f"{method}: {describe(method, args.rank, args.sub_token_size, args.update_gap)}, lr {config.lr:g}")
+        run_dir = run_folder(out, method)
+        earlier = finished_result(run_dir, config.to_dict())
+        if earlier is not None:
+            finished[method] = {**earlier, "reused": True}
+            say(f"{method}: reusing the finished run in {run_dir} (same arguments; --fresh retrains)")
+        else:
+            jobs.append(Job(method, config, fresh_dir(run_dir), threads, progress=False,
+                            device=getattr(args, "device", "auto")))
+    board = ProgressBoard([MethodState(m, args.steps, run_folder(out, m) / "log.csv") for m in methods],
+                          enabled=not args.no_progress, plain_every_s=PLAIN_PROGRESS_EVERY_S)
+    for method, result in finished.items():
+        board.done(method, f"reused: val ppl {result['val_ppl']:.2f}", state="reused")
+
+    def save_partial(method: str, result: dict[str, Any]) -> None:
+        finished[method] = result
+        write_results(out, summarize(args, methods, finished, setting, lr_overrides, n_jobs, threads,
+                                     time.perf_counter() - started))
+
+    board.start()
+    try:
+        _train_jobs(jobs, n_jobs, say, board, save_partial, load_data)
+    finally:
+        board.stop()
+    summary = summarize(args, methods, finished, setting, lr_overrides, n_jobs, threads,
+                        time.perf_counter() - started)
+    write_results(out, summary)
+    plot = write_plot(summary, out / "compare.png")
+    summary["plot"] = str(plot) if plot else None
+    return summary
+
+
+def _train_jobs(jobs: list[Job], n_jobs: int, say, board: ProgressBoard, on_result, load_data) -> None:
+    """Train ``jobs`` in this process (one job) or on ``n_jobs`` workers; ``on_result`` as each finishes."""
+    if not jobs:
+        return
+    if min(n_jobs, len(jobs)) == 1:  # train_job sets the thread count
         for i, job in enumerate(jobs):
             say(f"[{i + 1}/{len(jobs)}] {job.method}")
-            finished[job.method] = train_job(job)
-    else:
-        # build the tokenizer and token caches once here, so the workers only read them
-        load_data(jobs[0].config)
-        # slowest first (stable: equal costs keep the --methods order) so the workers finish together
-        queue = sorted(jobs, key=lambda job: -RELATIVE_COST.get(parse_method(job.method).base, 1.0))
-        finished = run_parallel(queue, n_jobs, say)
-    runtime = time.perf_counter() - started
-    results = {method: {**finished[method], "lr_source": lr_source(method, lr_overrides)}
-               for method in methods}  # the table keeps the --methods order whatever finished first
+            board.running(job.method)
+            began = time.perf_counter()
+            result = train_job(job, on_step=lambda row, method=job.method: board.step(method, row))
+            _announce_finished(job.method, result, time.perf_counter() - began, say, board)
+            on_result(job.method, result)
+        return
+    # build the tokenizer and token caches once here, so the workers only read them
+    say("preparing the tokenizer and token caches (cached for later runs)")
+    load_data(jobs[0].config)
+    # slowest first (stable: equal costs keep the --methods order) so the workers finish together
+    queue = sorted(jobs, key=lambda job: -RELATIVE_COST.get(parse_method(job.method).base, 1.0))
+    run_parallel(queue, min(n_jobs, len(jobs)), say, board, on_result)
 
+
+def summarize(args, methods: list[str], finished: dict[str, dict[str, Any]], setting: dict[str, Any],
+              lr_overrides: dict[str, float], n_jobs: int, threads: int, runtime: float) -> dict[str, Any]:
+    """results.json's content for the methods finished so far (kept in the --methods order)."""
+    results = {method: {**finished[method], "lr_source": lr_source(method, lr_overrides)}
+               for method in methods if method in finished}
     reference = results.get("full")
     rows = []
     for method, result in results.items():
@@ -344,6 +433,7 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
             "step_time_ratio": (result["step_time_median_s"] / reference["step_time_median_s"]) if reference else None,
             "wall_s": result["wall_s"],
             "cpu_s": result["cpu_s"],
+            "reused": bool(result.get("reused")),
             "trainable_parameters": result["trainable_parameters"],
             "initial_loss": result["initial_loss"],
             "final_loss": result["final_loss"],
@@ -351,7 +441,10 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
         }
         rows.append(row)
     first = next(iter(results.values()))
-    summary = {
+    reused = [row["method"] for row in rows if row["reused"]]
+    return {
+        "complete": len(results) == len(methods),
+        "missing": [m for m in methods if m not in results],
         "rows": rows,
         "setting": {**setting, "rank": args.rank, "sub_token_size": args.sub_token_size,
                     "update_gap": args.update_gap, "tokens_per_method": first["tokens"],
@@ -369,91 +462,18 @@ def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
         "runtime_s": runtime,
         "jobs": n_jobs,
         "threads_per_job": threads,
+        "reused": reused,
         "timing_note": f"step times are medians over steps 2..{setting['steps']} measured inside each method's own "
                        f"process while {n_jobs} job{'s' if n_jobs > 1 else ''} of {threads} thread"
-                       f"{'s' if threads > 1 else ''} ran at once",
+                       f"{'s' if threads > 1 else ''} ran at once"
+                       + (f" (reused methods {', '.join(reused)}: in their earlier run)" if reused else ""),
         "environment": environment(),
     }
+
+
+def write_results(out: Path, summary: dict[str, Any]) -> None:
     write_json(out / "results.json", summary)
     (out / "results.md").write_text(render_markdown(summary))
-    plot = write_plot(summary, out / "compare.png")
-    summary["plot"] = str(plot) if plot else None
-    return summary
-
-
-# ---- output ----------------------------------------------------------------------------------------
-
-HEADERS = ("method", "lr", "val ppl", "Δ vs full", "saved act. MiB", "peak MiB", "params", "grads", "opt. state",
-           "activations", "temporaries", "step time ×full")
-
-
-def table_rows(summary: dict[str, Any]) -> list[list[Any]]:
-    rows = []
-    for row in summary["rows"]:
-        breakdown = row["peak_breakdown"] or {}
-        delta = row["val_ppl_vs_full_pct"]
-        delta_text = "–" if delta is None or row["method"] == "full" else f"{delta:+.1f}%"
-        rows.append([row["method"], f"{row['lr']:g}", row["val_ppl"], delta_text,
-                     mib(row["activation_bytes"]), mib(row["peak_bytes"]),
-                     mib(breakdown.get("parameters")), mib(breakdown.get("gradients")),
-                     mib(breakdown.get("optimizer_state")), mib(breakdown.get("activations")),
-                     mib(breakdown.get("temporaries")),
-                     None if row["step_time_ratio"] is None else f"{row['step_time_ratio']:.2f}"])
-    return rows
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    s = summary["setting"]
-    lines = [
-        "# velora compare",
-        "",
-        f"Pre-training {s['model']} ({s['parameters'] / 1e6:.2f}M parameters) from scratch on the offline stdlib "
-        f"corpus: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens = {s['tokens_per_method']:,} tokens "
-        "per method, same seed, same batch order. Peak = measured peak of one training step, split by category "
-        f"({summary['memory_source']}). Runtime {summary['runtime_s']:.0f} s wall on "
-        f"{summary['environment']['cpu_count']} CPUs; {summary['timing_note']}.",
-        "",
-        markdown_table(HEADERS, table_rows(summary)),
-        "",
-        "Methods and learning rates (" + summary["lr_tuning"] + "):",
-        "",
-    ]
-    for row in summary["rows"]:
-        lines.append(f"- `{row['method']}` (lr {row['lr']:g}, {row['lr_source']}): {row['description']}")
-    lines += ["", "The papers' numbers (LLaMA 60M on C4; validation ppl, memory):", ""]
-    for title, table in summary["paper"].items():
-        lines.append(f"- {title}: " + ", ".join(f"{m} {v[0]} ({v[1]})" for m, v in table.items()))
-    fp = summary["data_fingerprint"]
-    lines += ["", f"Data: {fp.get('source')} (Python {fp.get('python')}, files sha256 "
-                  f"{str(fp.get('files_sha256'))[:16]}…, {fp.get('train_chars'):,} train chars); tokenizer "
-                  f"{summary['tokenizer']['name']}.", ""]
-    return "\n".join(lines)
-
-
-def write_plot(summary: dict[str, Any], path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in summary["rows"]:
-        x = mib(row["peak_bytes"])
-        if x is not None:
-            left.scatter([x], [row["val_ppl"]], s=40)
-            left.annotate(row["method"], (x, row["val_ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=9)
-        steps = [p[0] for p in row["loss_curve"]]
-        right.plot(steps, smooth([p[1] for p in row["loss_curve"]]), label=row["method"], linewidth=1.2)
-    left.set_xlabel("peak training-step memory (MiB, measured)")
-    left.set_ylabel("validation perplexity")
-    left.set_title("quality vs memory")
-    right.set_xlabel("step")
-    right.set_ylabel("training loss (10-step mean)")
-    right.set_title("loss curves")
-    right.legend(fontsize=8)
-    fig.suptitle(f"velora compare: {summary['setting']['model']}, {summary['setting']['tokens_per_method']:,} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def run(args: argparse.Namespace) -> int:

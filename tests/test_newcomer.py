@@ -1,0 +1,93 @@
+"""What a new user meets first: `velora demo`, `velora --version`, and the sub-packages reachable from
+``import velora``."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def _reference_activation_bytes(method: str, batch: int, seq: int, sub_token_size: int) -> int:
+    """The meter on a freshly built demo model, with the loss kept alive until the block ends (saved bytes
+    depend on shapes only, not on the trained weights)."""
+    from velora import VeLoRAConfig, apply_velora
+    from velora.memory import SavedActivationMeter
+    from velora.models import build_config, build_model
+
+    torch.manual_seed(0)
+    model = build_model(build_config("llama-small", vocab_size=256, max_position_embeddings=seq))
+    if method == "velora":
+        apply_velora(model, VeLoRAConfig(sub_token_size=sub_token_size, target_modules="paper"))
+    # (B, S+1) sliced to (B, S) as the demo does: the embedding keeps the ids, and the meter counts their storage
+    tokens = torch.randint(0, 256, (batch, seq + 1))[:, :-1]  # (B, S)
+    with SavedActivationMeter(model) as meter:
+        loss = model(input_ids=tokens, labels=tokens).loss
+    del loss
+    return meter.total_bytes
+
+
+def test_demo_prints_the_meters_bytes(capsys):
+    from velora.cli import main
+
+    settings = ["--steps", "5", "--batch", "2", "--seq", "32", "--sub-token-size", "32"]
+    assert main(["demo", *settings, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    measured = {row["method"]: row["activation_bytes"] for row in report["rows"]}
+    expected = {method: _reference_activation_bytes(method, 2, 32, 32) for method in ("full", "velora")}
+    assert measured == expected
+    assert expected["full"] > expected["velora"] > 2**20  # a real graph, not the few bytes of a freed one
+    assert report["activation_saving"] == pytest.approx(1 - expected["velora"] / expected["full"])
+
+    assert main(["demo", *settings]) == 0
+    table = capsys.readouterr().out
+    printed = [float(value) for value in re.findall(r"([\d.]+) MiB", table)]
+    assert printed == [round(expected["full"] / 2**20, 2), round(expected["velora"] / 2**20, 2)]
+    assert f"keeps {1 - expected['velora'] / expected['full']:.1%} fewer" in table
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch", "0", "--batch=0 must be between 1 and 64"),
+    ("--seq", "0", "--seq=0 must be between 2 and 2048"),
+    ("--seq", "1000000", "--seq=1000000 must be between 2 and 2048"),
+    ("--sub-token-size", "0", "--sub-token-size=0 must be >= 1"),
+])
+def test_demo_rejects_bad_sizes_in_one_line(flag, value, message, capsys):
+    from velora.cli import main
+
+    assert main(["demo", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_version_flag(capsys):
+    import velora
+    from velora.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"velora {velora.__version__}"
+    run = subprocess.run([sys.executable, "-m", "velora", "--version"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == f"velora {velora.__version__}"
+
+
+def test_subpackages_reachable_and_import_stays_light():
+    """``velora.hf`` / ``velora.memory`` / ``velora.optim`` resolve on first use; a bare ``import velora`` pulls
+    in neither transformers nor those sub-packages (checked in a fresh interpreter)."""
+    code = ("import sys, velora; "
+            "before = sorted(m for m in ('transformers', 'velora.hf', 'velora.memory', 'velora.optim') "
+            "if m in sys.modules); "
+            "names = (velora.hf.trainer_optimizer.__name__, velora.memory.SavedActivationMeter.__name__, "
+            "velora.optim.Flora.__name__); "
+            "print(before, names)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[] ('trainer_optimizer', 'SavedActivationMeter', 'Flora')"
+    import velora
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        velora.nope  # noqa: B018
+    assert {"hf", "memory", "optim"} <= set(dir(velora))
