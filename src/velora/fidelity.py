@@ -70,6 +70,9 @@ class FidelityReport:
                          f"| {row.z_bytes / row.x_bytes:.4f} |")
         lines.append(f"\nmedian gradient cosine {self.median('cosine'):.4f}, median energy {self.median('energy'):.4f}"
                      f" over {len(self.layers)} layer(s)")
+        if any(math.isnan(row.cosine) for row in self.layers):
+            lines.append("nan: the exact weight gradient is zero on this batch (e.g. a LoRA A while its B is still "
+                         "zero: train a few steps first)")
         if self.skipped:
             lines.append(f"not compressing on this batch (frozen or not called): {', '.join(self.skipped)}")
         return "\n".join(lines)
@@ -229,8 +232,9 @@ class DiagnosisLog:
 
     On resume, rows past the resumed step are dropped, as ``log.csv`` does."""
 
-    def __init__(self, out_dir: Path, resume_step: int = 0, scalar=None) -> None:
+    def __init__(self, out_dir: Path, every: int, resume_step: int = 0, scalar=None) -> None:
         self.path = Path(out_dir) / "diagnose.csv"
+        self.every = every
         rows = []
         if resume_step > 0 and self.path.exists():
             with open(self.path) as fh:
@@ -240,6 +244,11 @@ class DiagnosisLog:
             writer.writeheader()
             writer.writerows(rows)
         self._scalar = scalar
+
+    def after_backward(self, step: int, model: nn.Module, batch: torch.Tensor) -> None:
+        """Diagnose the step's last micro-batch with the weights and v that step used, when it is due."""
+        if step % self.every == 0:
+            self.write(step, diagnose(model, batch))
 
     def write(self, step: int, report: FidelityReport) -> None:
         with open(self.path, "a", newline="") as fh:
@@ -253,10 +262,22 @@ class DiagnosisLog:
                 self._scalar(f"fidelity/energy/{row.name}", row.energy, step)
 
 
-def check_every(every: int) -> int:
+def open_diagnosis_log(out_dir: Path | None, every: int, method: str, resume_step: int, run_log,
+                       main_process: bool = True) -> DiagnosisLog | None:
+    """The log ``velora train --diagnose-every N`` writes (None when off, or on a rank other than 0)."""
+    from velora.registry import parse_method
+
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f"diagnose_every={every!r} must be an integer >= 0 (0: off)")
-    return every
+    if not every:
+        return None
+    if not parse_method(method).velora:
+        raise ValueError(f"--diagnose-every: method {method!r} has no VeLoRA layers; use a +velora method")
+    if out_dir is None:
+        raise ValueError("--diagnose-every writes diagnose.csv into the run folder; pass --out DIR")
+    if not main_process:
+        return None
+    return DiagnosisLog(out_dir, every, resume_step, getattr(run_log, "scalar", None))
 
 
-__all__ = ["DiagnosisLog", "FidelityReport", "LayerFidelity", "diagnose"]
+__all__ = ["DiagnosisLog", "FidelityReport", "LayerFidelity", "diagnose", "open_diagnosis_log"]

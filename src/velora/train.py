@@ -470,13 +470,15 @@ def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
 
 def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
-          tensorboard: bool = True, log=None, on_model_ready=None) -> dict[str, Any]:
+          tensorboard: bool = True, log=None, on_model_ready=None, diagnose_every: int = 0) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
     ``resume=True`` continues from ``out_dir``'s latest checkpoint. Raises ``TrainingDiverged`` when the
     loss or gradient becomes NaN/Inf (the last good checkpoint stays on disk). ``on_model_ready(model)`` is
     called once the model is prepared and restored (experiments use it to attach meters or hooks).
+    ``diagnose_every=N`` logs VeLoRA's gradient fidelity every N steps to ``diagnose.csv`` (velora.fidelity);
+    it never changes the run's numbers.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
@@ -561,6 +563,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
 
     run_log = RunLog(out, start_step, tensorboard) if out is not None and is_main_process() else None
     rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
+    from velora.fidelity import open_diagnosis_log
+
+    fidelity_log = open_diagnosis_log(out, diagnose_every, config.method, start_step, run_log, is_main_process())
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     bar = _Progress(progress, config.steps, start_step, f"{config.method}")
     tokens_per_step = config.batch_size * config.accumulation_steps * config.seq_len * world_size()
@@ -585,6 +590,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
                     (loss / config.accumulation_steps).backward()
                 step_loss += float(loss.detach()) / config.accumulation_steps
             step_loss = mean_across_ranks(step_loss)  # logged: the mean over ranks
+            if fidelity_log is not None:  # on the side: the model, its grads and the RNG are left as they are
+                fidelity_log.after_backward(step + 1, model, batch)
             grad_norm = _gradient_norm(trainable, config.grad_clip)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}")

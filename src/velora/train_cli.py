@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--no-memory", action="store_true", help="skip the memory measurement at the end")
     out.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    out.add_argument("--diagnose-every", type=int, default=0,
+                     help="every N steps log each VeLoRA layer's input energy kept and gradient cosine to "
+                          "diagnose.csv (velora diagnose; does not change the run)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -126,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{config.method.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         result = train(config, out, resume=args.resume, progress=not args.no_progress,
-                       stop_at_step=args.stop_at_step, measure=not args.no_memory)
+                       stop_at_step=args.stop_at_step, measure=not args.no_memory,
+                       diagnose_every=args.diagnose_every)
     except TrainingDiverged as err:
         print(f"velora train: {err}", file=sys.stderr)
         if args.json:
