@@ -205,6 +205,26 @@ def test_fused_peft_lora_a_matches_the_real_fused_backward():
         assert row.cosine == pytest.approx(cosine, abs=1e-10)
 
 
+def test_gradient_checkpointing_gives_the_same_report():
+    """+ckpt re-runs forwards inside the backward; those re-runs must not count as extra calls."""
+    import copy
+
+    from velora.models import build_config, build_model
+
+    torch.manual_seed(0)
+    model = build_model(build_config("llama-tiny", vocab_size=64)).double()
+    apply_velora(model, VeLoRAConfig(sub_token_size=16))
+    model.train()
+    first, batch = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    model(input_ids=first, labels=first)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain_rows, ckpt_rows = velora.diagnose(model, batch).layers, velora.diagnose(checkpointed, batch).layers
+    assert [r.tokens for r in ckpt_rows] == [r.tokens for r in plain_rows] == [32] * 4
+    for a, b in zip(plain_rows, ckpt_rows):
+        assert a.name == b.name and b.cosine == pytest.approx(a.cosine, abs=1e-10)
+
+
 def test_the_model_is_left_untouched():
     directions = _orthonormal(8, 1, seed=6)
     torch.manual_seed(0)
