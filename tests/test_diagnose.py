@@ -124,6 +124,8 @@ def test_cosine_and_ratio_match_plain_autograd_with_explicit_x_hat(features, siz
     assert row.cosine == pytest.approx(cosine, abs=1e-12)
     assert row.norm_ratio == pytest.approx(float(approx.norm() / exact.norm()), abs=1e-12)
     assert 0 < row.cosine < 0.999  # random data: the reference is not trivially 1
+    if not pad:  # x̂ = x P with P an orthogonal projector, so Gᵀx̂ = (Gᵀx) P and cos = ‖(Gᵀx) P‖ / ‖Gᵀx‖
+        assert row.norm_ratio == pytest.approx(scale * row.cosine, abs=1e-12)
     rows = x.reshape(-1, features)  # (T, D)
     kept = sum(float((_pad(rows, size)[:, g * size:(g + 1) * size] @ directions).pow(2).sum())
                for g in range(-(-features // size)))
