@@ -117,8 +117,8 @@ def _plain_layers(layers: dict[str, nn.Module], calls: dict[str, list]):
     capturing = [True]  # off during backward: checkpointed regions re-run their forward there
 
     def make_hook(name: str, wrapper: type):
-        def hook(module, args, output):
-            x = args[0] if args else None
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()), None)  # layer(x) or layer(input=x)
             if not capturing[0] or not isinstance(x, torch.Tensor) or not output.requires_grad:
                 return
             if wrapper._velora_active(module, x):  # the rule the wrapped forward applies (DoRA probes, frozen)
@@ -128,7 +128,7 @@ def _plain_layers(layers: dict[str, nn.Module], calls: dict[str, list]):
     try:
         for name, layer in layers.items():
             wrappers[name] = type(layer)
-            handles.append(layer.register_forward_hook(make_hook(name, type(layer))))
+            handles.append(layer.register_forward_hook(make_hook(name, type(layer)), with_kwargs=True))
             layer.__class__ = layer._velora_base_class
         yield capturing
     finally:
