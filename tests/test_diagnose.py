@@ -261,6 +261,30 @@ def test_the_model_is_left_untouched():
     assert [m.training for m in model.modules()] == [False, False, True, False]
 
 
+def test_a_ddp_wrapped_model_is_diagnosed_without_disturbing_its_next_step(tmp_path):
+    import torch.distributed as dist
+
+    from velora.models import build_config, build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(build_config("llama-tiny", vocab_size=64))
+        apply_velora(model, VeLoRAConfig(sub_token_size=16))
+        model.train()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        first, batch = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+        ddp(input_ids=first, labels=first).loss.backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        report = velora.diagnose(ddp, batch)
+        assert [row.name for row in report.layers][0] == "model.layers.0.self_attn.v_proj"
+        ddp(input_ids=first, labels=first).loss.backward()  # the reducer is not left waiting
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_errors_are_one_line():
     model = TwoLayer(16)
     with pytest.raises(ValueError, match="no VeLoRA layers"):

@@ -192,10 +192,13 @@ def diagnose(model: nn.Module, batch: Any, loss_fn=None) -> FidelityReport:
     """Gradient fidelity of every VeLoRA layer of ``model`` on ``batch`` (see the module docstring).
 
     ``batch``: input ids (B, T) for a causal LM (labels = inputs, as ``velora train``), a dict of model
-    keyword arguments, or anything ``loss_fn(model, batch) -> scalar loss`` accepts. Uses each layer's current
+    keyword arguments, or anything ``loss_fn(model, batch) -> scalar loss`` accepts (a DDP wrapper is unwrapped:
+    this rank's module alone runs, with no collective). Uses each layer's current
     v (under ``init="ema"`` a training forward would first move it one step with this batch). The model is
     left exactly as it was: parameters, buffers, modes, no ``.grad`` written, RNG state restored.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP's forward would arm its reducer for a backward that never reaches it
     layers = velora_modules(model)
     if not layers:
         raise ValueError("diagnose: the model has no VeLoRA layers; call velora.apply_velora(model, config) first")
