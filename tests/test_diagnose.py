@@ -310,6 +310,22 @@ def test_report_serialises_and_renders():
     assert "exact weight gradient is zero" in zero_grad.to_markdown()
 
 
+def test_diagnosis_log_sends_each_layer_to_the_scalar_writer(tmp_path):
+    """The TensorBoard path: RunLog.scalar receives one cosine and one energy tag per layer per step."""
+    from velora.fidelity import DiagnosisLog
+
+    model = _wrapped(16, _orthonormal(8, 1, seed=8))
+    report = velora.diagnose(model, torch.randn(4, 16, dtype=torch.float64), loss_fn=lambda m, x: m(x).square().sum())
+    seen = []
+    log = DiagnosisLog(tmp_path, every=3, scalar=lambda tag, value, step: seen.append((tag, value, step)))
+    log.after_backward(2, model, torch.randn(4, 16, dtype=torch.float64))  # not due: nothing written
+    log.write(3, report)
+    row = report.layers[0]
+    assert seen == [("fidelity/cosine/fc", row.cosine, 3), ("fidelity/energy/fc", row.energy, 3)]
+    with open(tmp_path / "diagnose.csv") as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["3"]
+
+
 def _tiny_run(text_file, **changes) -> TrainConfig:
     settings = dict(method="velora", model="llama-tiny", data=str(text_file), tokenizer="byte", seq_len=32,
                     batch_size=4, steps=6, lr=3e-3, warmup_steps=2, eval_batches=2,
