@@ -15,6 +15,7 @@ from torch import nn
 
 import velora
 from velora import VeLoRAConfig, apply_velora
+from velora.fidelity import DiagnosisLog
 from velora.train import TrainConfig, train
 
 
@@ -312,8 +313,6 @@ def test_report_serialises_and_renders():
 
 def test_diagnosis_log_sends_each_layer_to_the_scalar_writer(tmp_path):
     """The TensorBoard path: RunLog.scalar receives one cosine and one energy tag per layer per step."""
-    from velora.fidelity import DiagnosisLog
-
     model = _wrapped(16, _orthonormal(8, 1, seed=8))
     report = velora.diagnose(model, torch.randn(4, 16, dtype=torch.float64), loss_fn=lambda m, x: m(x).square().sum())
     seen = []
@@ -324,6 +323,19 @@ def test_diagnosis_log_sends_each_layer_to_the_scalar_writer(tmp_path):
     assert seen == [("fidelity/cosine/fc", row.cosine, 3), ("fidelity/energy/fc", row.energy, 3)]
     with open(tmp_path / "diagnose.csv") as fh:
         assert [r["step"] for r in csv.DictReader(fh)] == ["3"]
+
+
+def test_diagnosis_log_never_writes_through_a_symlink(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "diagnose.csv").symlink_to(outside)
+    model = _wrapped(16, _orthonormal(8, 1, seed=9))
+    log = DiagnosisLog(run, every=1, resume_step=3)
+    log.write(4, velora.diagnose(model, torch.randn(4, 16, dtype=torch.float64), loss_fn=lambda m, x: m(x).sum()))
+    assert outside.read_text() == "keep me\n"
+    assert not (run / "diagnose.csv").is_symlink() and "fc" in (run / "diagnose.csv").read_text()
 
 
 def _tiny_run(text_file, **changes) -> TrainConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import statistics
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -239,13 +240,16 @@ class DiagnosisLog:
         self.path = Path(out_dir) / "diagnose.csv"
         self.every = every
         rows = []
-        if resume_step > 0 and self.path.exists():
+        if resume_step > 0 and self.path.is_file() and not self.path.is_symlink():
             with open(self.path) as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as fh:
+        # a fresh file renamed into place: a symlink planted at the path is replaced, never written through
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, LOG_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self.path)
         self._scalar = scalar
 
     def after_backward(self, step: int, model: nn.Module, batch: torch.Tensor) -> None:
@@ -254,7 +258,8 @@ class DiagnosisLog:
             self.write(step, diagnose(model, batch))
 
     def write(self, step: int, report: FidelityReport) -> None:
-        with open(self.path, "a", newline="") as fh:
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(descriptor, "a", newline="") as fh:
             writer = csv.DictWriter(fh, LOG_COLUMNS)
             for row in report.layers:
                 writer.writerow({"step": step, "layer": row.name, "energy": row.energy, "cosine": row.cosine,
