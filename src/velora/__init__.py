@@ -22,6 +22,9 @@ _LAZY = {
     "merge_gradnorm_lorp": "velora.gradnorm_lorp",
     "load_velora_state": "velora.persistence",
     "require_velora_state": "velora.persistence",
+    # the module is velora.fidelity: a submodule named velora.diagnose would shadow this function once imported
+    "diagnose": "velora.fidelity",
+    "FidelityReport": "velora.fidelity",
 }
 
 # sub-packages reachable as attributes (``velora.hf.trainer_optimizer``) and imported on first use, so that

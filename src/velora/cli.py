@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("velora.train_cli", "train a model with one method (full, lora, velora, galore, flora, ...)"),
     "compare": ("velora.experiments.compare", "the main job: pre-train a small LLaMA with every method, compare"),
     "bench": ("velora.experiments.bench", "reproduce one of the papers' ablation tables"),
+    "diagnose": ("velora.fidelity_cli", "how much input energy and weight gradient each VeLoRA layer keeps"),
 }
 
 

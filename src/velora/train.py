@@ -643,7 +643,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
           tensorboard: bool = True, log=None, on_model_ready=None, device: str | torch.device | None = "auto",
           allow_lr_change: bool = False, allow_data_change: bool = False, memory_check: bool = True,
-          on_step=None) -> dict[str, Any]:
+          on_step=None, diagnose_every: int = 0) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
@@ -655,6 +655,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     ``on_model_ready(model)`` is called once the model is prepared and restored (experiments use it to attach
     meters or hooks); ``on_step(row)`` after every optimizer step with the logged row (progress displays).
     ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer state live there.
+    ``diagnose_every=N`` logs VeLoRA's gradient fidelity every N steps to ``diagnose.csv`` (velora.fidelity);
+    it never changes the run's numbers.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
@@ -736,6 +738,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
 
     run_log = RunLog(out, start_step, tensorboard) if out is not None and is_main_process() else None
     rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
+    from velora.fidelity import open_diagnosis_log
+
+    fidelity_log = open_diagnosis_log(out, diagnose_every, config.method, start_step, run_log, is_main_process())
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     bar = _Progress(progress and is_main_process(), config.steps, start_step, f"{config.method}")  # rank 0 draws
     divergence = DivergenceRule(data.tokenizer.vocab_size)
@@ -764,6 +769,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
             exploded = divergence.train_loss(step + 1, step_loss)
             if exploded:
                 raise TrainingDiverged(exploded)
+            if fidelity_log is not None:  # on the side: the model, its grads and the RNG are left as they are
+                fidelity_log.after_backward(step + 1, model, batch)
             grad_norm = _gradient_norm(trainable, config.grad_clip)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}")

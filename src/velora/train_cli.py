@@ -98,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="no progress bar (under torchrun only rank 0 draws one anyway)")
     out.add_argument("--no-memory", action="store_true", help="skip the memory measurement at the end")
     out.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    out.add_argument("--diagnose-every", type=int, default=0,
+                     help="every N steps log each VeLoRA layer's input energy kept and gradient cosine to "
+                          "diagnose.csv (velora diagnose; does not change the run)")
 
 
 def _train_dtype(name: str) -> str:
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, out, resume=args.resume, progress=not args.no_progress,
                        stop_at_step=args.stop_at_step, measure=not args.no_memory, device=args.device,
                        allow_lr_change=args.allow_lr_change, allow_data_change=args.allow_data_change,
-                       memory_check=not args.ignore_memory_check)
+                       memory_check=not args.ignore_memory_check, diagnose_every=args.diagnose_every)
     except TrainingDiverged as err:
         print(f"velora train: {err}", file=sys.stderr)
         if args.json:
