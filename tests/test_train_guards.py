@@ -375,7 +375,7 @@ def test_bad_model_config_json_names_the_file(tmp_path, text_file, capsys):
 # ---- #18.15 help, dtype spellings, plan units, progress under torchrun ------------------------------------
 
 
-@pytest.mark.parametrize("command", ["train", "plan"])
+@pytest.mark.parametrize("command", ["train", "plan", "demo", "compare", "bench", "diagnose"])
 def test_help_states_every_default(command):
     import argparse
     import importlib

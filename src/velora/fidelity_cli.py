@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from velora.config import INIT_STRATEGIES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-tiny",
@@ -21,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size (default 32)")
     parser.add_argument("--rank", type=int, default=1, help="directions per layer, r (default 1, the paper's)")
-    parser.add_argument("--init", default="batch_average_once", help="batch_average_once | ema | random | svd")
+    parser.add_argument("--init", default="batch_average_once", choices=INIT_STRATEGIES,
+                        help="how v is initialised (default batch_average_once, the paper's)")
     parser.add_argument("--targets", default="paper",
                         help="comma-separated module names or 'paper' (value + MLP down projections)")
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order seed")

@@ -93,7 +93,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-steps", type=int, default=BASE_STEPS, help="pre-training steps of the base model")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see velora compare)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar per run")
 
 
 def stderr_say(message: str) -> None:

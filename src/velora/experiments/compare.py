@@ -131,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--steps", type=int, default=SETTING["steps"], help="optimizer steps per method")
     parser.add_argument("--model", default=SETTING["model"], help="model preset")
-    parser.add_argument("--batch-size", type=int, default=SETTING["batch_size"])
-    parser.add_argument("--seq-len", type=int, default=SETTING["seq_len"])
+    parser.add_argument("--batch-size", type=int, default=SETTING["batch_size"], help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=SETTING["seq_len"], help="tokens per sequence")
     parser.add_argument("--rank", type=int, default=RANK, help="rank of LoRA / GaLore / FLoRA / GradNormLoRP")
     parser.add_argument("--sub-token-size", type=int, default=SUB_TOKEN_SIZE, help="VeLoRA sub-token size M")
     parser.add_argument("--update-gap", type=int, default=UPDATE_GAP,
@@ -140,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="override a tuned learning rate, e.g. --lr velora=1e-3 (repeatable)")
     parser.add_argument("--data", default=SETTING["data"], help="corpus (default: the offline stdlib corpus)")
-    parser.add_argument("--seed", type=int, default=SETTING["seed"])
+    parser.add_argument("--seed", type=int, default=SETTING["seed"], help="model init and batch order seed")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     # methods run in parallel worker processes with one thread each: at d=128 the matmuls are too small to
     # gain from intra-op threads, and on a shared machine two spinning OpenMP threads ran 5-10x slower than one
