@@ -171,3 +171,29 @@ def test_gpt2_conv1d_lora_is_merged_in_its_transposed_layout(tmp_path, text_file
     assert seen.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(seen[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_init_from_refuses_a_tokenizer_that_maps_ids_differently_and_the_cli_takes_the_runs_own(tmp_path, text_file):
+    """A source's embeddings are indexed by its tokenizer: a BPE retrained on other --data would silently scramble
+    them, so it is refused; without --tokenizer the CLI uses the source run's tokenizer.json."""
+    import json
+
+    from velora.cli import main
+    from velora.data import load_tokenizer
+
+    source = tmp_path / "base"
+    train(tiny(text_file, method="full", tokenizer="bpe", vocab_size=300), source, measure=False, tensorboard=False,
+          log=lambda message: None)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"entirely different words number {i} " * 3 for i in range(400)))
+    with pytest.raises(ValueError, match=r"--init-from .*base.*maps ids to other strings; pass --tokenizer"):
+        train(tiny(other, method="lora", tokenizer="bpe", vocab_size=300, init_from=str(source)), None,
+              measure=False, tensorboard=False, log=lambda message: None)
+    out = tmp_path / "ft"
+    code = main(["train", "--method", "lora", "--model", "llama-tiny", "--data", str(other), "--init-from",
+                 str(source), "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--vocab-size", "300",
+                 "--out", str(out), "--no-progress", "--no-memory"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["tokenizer"] == str(source / "tokenizer.json")
+    saved = load_tokenizer(str(source / "tokenizer.json"))
+    assert load_tokenizer(str(out / "tokenizer.json")).identity() == saved.identity()

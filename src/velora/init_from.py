@@ -58,6 +58,29 @@ def _run_config(path: Path) -> dict:
     return {}
 
 
+def source_tokenizer(source) -> Path | None:
+    """The tokenizer.json a ``velora train`` run (or one of its checkpoint folders) was trained with, else None."""
+    path = Path(source)
+    for folder in (path, path.parent.parent):
+        if (folder / "tokenizer.json").is_file() and "method" in _run_config(folder):
+            return folder / "tokenizer.json"
+    return None
+
+
+def check_same_tokenizer(source, tokenizer) -> None:
+    """Refuse to start from a run whose token ids mean other strings: its embeddings and head are indexed by its
+    own tokenizer, so a tokenizer retrained on other --data would silently scramble them."""
+    from velora.data import load_tokenizer
+
+    saved = source_tokenizer(source)
+    if saved is None:
+        return
+    if load_tokenizer(str(saved)).identity() != tokenizer.identity():
+        raise ValueError(f"--init-from {source}: that run's token ids come from {saved}, and this run's tokenizer "
+                         f"({tokenizer.name}) maps ids to other strings; pass --tokenizer {saved} (the default when "
+                         "--tokenizer is not given)")
+
+
 def _step_of(path: Path) -> int | None:
     latest = path / "checkpoints" / "latest"
     name = latest.read_text().strip() if latest.exists() else path.name

@@ -685,8 +685,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     model = build_base_model(config, data.tokenizer.vocab_size).to(device)  # before qlora quantises on it
     init_source = None
     if config.init_from:  # a run of any method: its base weights, adapters merged (velora.init_from)
-        from velora.init_from import load_init_weights
+        from velora.init_from import check_same_tokenizer, load_init_weights
 
+        check_same_tokenizer(config.init_from, data.tokenizer)
         init_source = load_init_weights(model, config.init_from)
     options = config.method_options()
     method = parse_method(config.method)

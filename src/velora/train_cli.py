@@ -112,8 +112,20 @@ def _train_dtype(name: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _default_tokenizer(args: argparse.Namespace) -> str:
+    """Without --tokenizer: the --init-from run's own tokenizer.json (its embeddings are indexed by it), a
+    pretrained model's own tokenizer, else a BPE trained on --data."""
+    from velora.init_from import source_tokenizer
+    from velora.train import _is_pretrained_dir
+
+    saved = source_tokenizer(args.init_from) if args.init_from else None
+    if saved is not None:
+        return str(saved)
+    return "model" if _is_pretrained_dir(args.model) else "bpe"
+
+
 def config_from_args(args: argparse.Namespace):
-    from velora.train import TrainConfig, _is_pretrained_dir
+    from velora.train import TrainConfig
 
     options = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _h) in METHOD_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
@@ -125,7 +137,7 @@ def config_from_args(args: argparse.Namespace):
         options["flora_orthogonal"] = kinds[options["flora_orthogonal"]]
     if args.flora_accumulation:
         options["flora_accumulation"] = True
-    tokenizer = args.tokenizer or ("model" if _is_pretrained_dir(args.model) else "bpe")
+    tokenizer = args.tokenizer or _default_tokenizer(args)
     targets = args.velora_targets.split(",") if "," in args.velora_targets else args.velora_targets
     return TrainConfig(
         method=args.method, model=args.model, data=args.data, tokenizer=tokenizer, vocab_size=args.vocab_size,
