@@ -9,8 +9,9 @@ from velora.optim.quant import dequantize_blockwise, quantize_blockwise
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def check_group(optimizer_name: str, group: dict) -> None:
-    """One-line errors for a param group without params or with non-floating params."""
+def check_group(optimizer_name: str, group: dict, row_sharded_ok: bool = False) -> None:
+    """One-line errors for a param group without params or with non-floating params; DTensor (FSDP2)
+    parameters are refused, or with ``row_sharded_ok`` accepted when sharded on dim 0 (``optim.sharded``)."""
     params = group["params"]
     if len(params) == 0:
         raise ValueError(f"{optimizer_name}: a param group has no params; drop the empty group")
@@ -19,7 +20,12 @@ def check_group(optimizer_name: str, group: dict) -> None:
             kind = param.dtype if isinstance(param, torch.Tensor) else type(param).__name__
             raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
                              "only floating-point tensors can be optimised")
-        refuse_dtensor(optimizer_name, param)
+        if row_sharded_ok:
+            from velora.optim.sharded import check_row_sharded
+
+            check_row_sharded(optimizer_name, param)
+        else:
+            refuse_dtensor(optimizer_name, param)
 
 
 def refuse_dtensor(owner: str, param) -> None:
