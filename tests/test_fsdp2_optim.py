@@ -11,7 +11,7 @@ from torch import nn
 from velora.distributed import run_local
 
 WORLD, STEPS, BATCH = 2, 6, 8
-FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns projected anyway; (6, 12), (5, 6): sides switched; 5 rows: uneven
+FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6): sides switched; 5 rows: uneven
 TALL_WIDTHS = [4, 8, 10]  # weights (8, 4), (10, 8): "smaller" projects the columns, no switch
 WIDE_WIDTHS = [10, 8, 5]  # weights (8, 10), (5, 8): "smaller" would project the sharded rows, switched to columns
 FLORA_OPTIONS = dict(lr=1e-2, rank=3, kappa=2, beta1=0.9, seed=5)  # kappa=2: the projection is resampled twice
