@@ -45,18 +45,26 @@ def _column_side(param: torch.Tensor) -> str:
 
 # --- the two runs ------------------------------------------------------------------------------------
 
-def _flora_run(model: nn.Module, base: str, rank: int, world: int, project_by_param: bool) -> None:
+def _flora(model: nn.Module, base: str, project_by_param: bool = False):
     from velora.optim import Flora
 
     if project_by_param:  # one process: a group per parameter, projecting the side FSDP2 projects
         params = [dict(params=[p], project=_column_side(p)) for p in model.parameters()]
     else:
         params = list(model.parameters())
-    optimizer = Flora(params, base=base, **FLORA_OPTIONS)
-    for step in range(STEPS):
+    return Flora(params, base=base, **FLORA_OPTIONS)
+
+
+def _flora_steps(model: nn.Module, optimizer, steps: range, rank: int, world: int) -> None:
+    for step in steps:
         optimizer.zero_grad(set_to_none=True)
         model(_rank_rows(_batch(FLORA_WIDTHS, step), rank, world)).backward()
         optimizer.step()
+
+
+def _flora_run(model: nn.Module, base: str, rank: int, world: int, project_by_param: bool):
+    optimizer = _flora(model, base, project_by_param)
+    _flora_steps(model, optimizer, range(STEPS), rank, world)
     return optimizer
 
 
@@ -105,6 +113,29 @@ def _refusal(mesh) -> str:
     return "accepted"
 
 
+def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
+    """Save through DCP after half the steps and go on (uninterrupted); a fresh model and optimizer load it and
+    do the second half (resumed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    half = STEPS // 2
+    model = _sharded(FLORA_WIDTHS, mesh)
+    optimizer = _flora(model, "adafactor")
+    _flora_steps(model, optimizer, range(half), rank, world)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+    _flora_steps(model, optimizer, range(half, STEPS), rank, world)
+    resumed_model = _sharded(FLORA_WIDTHS, mesh)
+    resumed = _flora(resumed_model, "adafactor")
+    model_state, optimizer_state = get_state_dict(resumed_model, resumed)
+    loaded = {"model": model_state, "optim": optimizer_state}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    set_state_dict(resumed_model, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _flora_steps(resumed_model, resumed, range(half, STEPS), rank, world)
+    return {"uninterrupted": _full(model), "resumed": _full(resumed_model)}
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -121,6 +152,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         _accumulator_run(model, widths, "smaller", rank, world)
         results[f"accumulate_{name}"] = _full(model)
     results["refusal"] = _refusal(mesh)
+    results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint")
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -173,3 +205,11 @@ def test_a_sharding_other_than_dim_0_is_refused_in_one_line(ranks):
     for result in ranks:
         message = result["refusal"]
         assert "FSDP2" in message and "Shard(dim=1)" in message and "DDP" in message and "\n" not in message, message
+
+
+def test_flora_state_saved_through_dcp_at_2_ranks_continues_bitwise(ranks):
+    for result in ranks:
+        uninterrupted, resumed = result["dcp"]["uninterrupted"], result["dcp"]["resumed"]
+        assert uninterrupted.keys() == resumed.keys()
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name

@@ -176,7 +176,19 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         """Hook for a subclass to translate an older saved format (after the kind check)."""
         return state_dict
 
+    def state_dict(self) -> dict:
+        """torch's state_dict; under FSDP2 each rank's rows are DTensors (``optim.sharded.shard_state``) so that
+        ``torch.distributed.checkpoint`` saves and reshards them."""
+        from velora.optim.sharded import shard_state
+
+        saved = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved["state"] = {index: shard_state(params[index], state) for index, state in saved["state"].items()}
+        return saved
+
     def load_state_dict(self, state_dict: dict) -> None:
+        from velora.optim.sharded import local
+
         self._check_saved_kind(state_dict)
         state_dict = self._adapt_saved(state_dict)
         super().load_state_dict(state_dict)
@@ -186,6 +198,6 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         for pid, saved_state in state_dict["state"].items():
             param = by_id[pid]
             self.state[param] = {
-                key: value.to(device=param.device).clone() if isinstance(value, torch.Tensor) else value
+                key: local(value).to(device=param.device).clone() if isinstance(value, torch.Tensor) else value
                 for key, value in saved_state.items()
             }

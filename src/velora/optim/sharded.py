@@ -119,3 +119,29 @@ class ShardReducer:
         row_sum = row_stat.sum(dim=-2, keepdim=True)  # (..., 1, 1), this rank's rows
         dist.all_reduce(row_sum, group=self.group)
         return row_sum.div_(self.rows)
+
+
+# --- state dicts: each rank's rows as a DTensor, so torch.distributed.checkpoint can save and reshard them -------
+
+ROW_SHARDED_KEYS = ("momentum", "row_var", "exp_avg_sq", "variance")  # state laid out along the weight's rows
+
+
+def shard_state(param: torch.Tensor, state: dict) -> dict:
+    """``state`` of an FSDP2 parameter with its row-laid-out tensors wrapped as ``Shard(0)`` DTensors of the whole
+    weight's row count (what DCP's ``get_optimizer_state_dict`` expects); a plain parameter's state as it is."""
+    if not is_sharded(param):
+        return state
+    from torch.distributed.tensor import DTensor, Shard
+
+    if any(key.endswith("_codes") for key in state):
+        raise ValueError(f"a {tuple(param.shape)} FSDP2 parameter holds an 8-bit (eight_bit=True) state, whose blocks "
+                         "follow each rank's shard and cannot be resharded; use eight_bit=False under FSDP2")
+    wrapped = {}
+    for key, value in state.items():
+        if key in ROW_SHARDED_KEYS:
+            shape = (int(param.shape[0]),) + tuple(value.shape[1:])  # the whole weight's rows
+            stride = torch.empty(shape, device="meta").stride()
+            value = DTensor.from_local(value, param.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                                       stride=stride)
+        wrapped[key] = value
+    return wrapped
