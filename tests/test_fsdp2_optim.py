@@ -213,3 +213,32 @@ def test_flora_state_saved_through_dcp_at_2_ranks_continues_bitwise(ranks):
         assert uninterrupted.keys() == resumed.keys()
         for name, expected in uninterrupted.items():
             assert torch.equal(resumed[name], expected), name
+
+
+def test_a_state_recording_the_projected_columns_keeps_them_in_one_process():
+    """What a single process does with an FSDP2 state whose wide matrix had its sides switched: it goes on projecting
+    the columns (``projected_axis``) although its group says project="smaller" (which would pick the rows)."""
+    from velora.optim import Flora
+
+    def run(model: nn.Module, optimizer, steps: range) -> None:
+        for step in steps:
+            optimizer.zero_grad(set_to_none=True)
+            model(_batch(WIDE_WIDTHS, step)).backward()
+            optimizer.step()
+
+    columns = _Net(WIDE_WIDTHS)  # weights (8, 10), (5, 8): "larger" projects their columns
+    columns_optimizer = Flora(columns.parameters(), base="adamw", project="larger", **FLORA_OPTIONS)
+    run(columns, columns_optimizer, range(3))
+    saved = columns_optimizer.state_dict()
+    weights = [index for index, p in enumerate(columns.parameters()) if p.dim() == 2]
+    for index in weights:  # what an FSDP2 run saves for a matrix whose rows it could not project
+        saved["state"][index]["projected_axis"] = torch.tensor(1, dtype=torch.int64)
+    saved["param_groups"][0]["project"] = "smaller"
+    resumed = _Net(WIDE_WIDTHS)
+    resumed.load_state_dict(columns.state_dict())
+    resumed_optimizer = Flora(resumed.parameters(), base="adamw", project="smaller", **FLORA_OPTIONS)
+    resumed_optimizer.load_state_dict(saved)
+    run(columns, columns_optimizer, range(3, STEPS))
+    run(resumed, resumed_optimizer, range(3, STEPS))
+    for (name, expected), got in zip(columns.named_parameters(), resumed.parameters()):
+        assert torch.equal(got, expected), name
