@@ -153,6 +153,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         results[f"accumulate_{name}"] = _full(model)
     results["refusal"] = _refusal(mesh)
     results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint")
+    results["checkpoint"] = f"{out_dir}/checkpoint"
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -242,3 +243,21 @@ def test_a_state_recording_the_projected_columns_keeps_them_in_one_process():
     run(resumed, resumed_optimizer, range(3, STEPS))
     for (name, expected), got in zip(columns.named_parameters(), resumed.parameters()):
         assert torch.equal(got, expected), name
+
+
+def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tmp_path):
+    """Reshard 2 -> 1: DCP's own converter gives the whole tensors; one process (same options, project="smaller")
+    loads them, keeps projecting the columns the shards projected, and ends where the 2 ranks did."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(ranks[0]["checkpoint"], whole)
+    saved = torch.load(whole, weights_only=False)
+    model = _Net(FLORA_WIDTHS)
+    optimizer = _flora(model, "adafactor")
+    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    wide_weight = model.layers[1].weight  # (6, 12): "smaller" would project its rows
+    assert optimizer.state[wide_weight]["momentum"].shape == (6, FLORA_OPTIONS["rank"])
+    _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
+    _assert_equal_to(_full(model), ranks[0]["dcp"]["uninterrupted"])
