@@ -136,6 +136,19 @@ def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
     return {"uninterrupted": _full(model), "resumed": _full(resumed_model)}
 
 
+def _eight_bit_state_dict(mesh, rank: int, world: int) -> str:
+    from velora.optim import Flora
+
+    model = _sharded(FLORA_WIDTHS, mesh)
+    optimizer = Flora(model.parameters(), eight_bit=True, **FLORA_OPTIONS)
+    _flora_steps(model, optimizer, range(1), rank, world)
+    try:
+        optimizer.state_dict()
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -152,6 +165,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         _accumulator_run(model, widths, "smaller", rank, world)
         results[f"accumulate_{name}"] = _full(model)
     results["refusal"] = _refusal(mesh)
+    results["eight_bit"] = _eight_bit_state_dict(mesh, rank, world)
     results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint")
     results["checkpoint"] = f"{out_dir}/checkpoint"
     torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -206,6 +220,12 @@ def test_a_sharding_other_than_dim_0_is_refused_in_one_line(ranks):
     for result in ranks:
         message = result["refusal"]
         assert "FSDP2" in message and "Shard(dim=1)" in message and "DDP" in message and "\n" not in message, message
+
+
+def test_an_eight_bit_state_under_fsdp2_is_refused_in_one_line_when_saved(ranks):
+    for result in ranks:
+        message = result["eight_bit"]
+        assert "FSDP2" in message and "eight_bit=False" in message and "\n" not in message, message
 
 
 def test_flora_state_saved_through_dcp_at_2_ranks_continues_bitwise(ranks):
