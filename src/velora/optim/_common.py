@@ -9,8 +9,9 @@ from velora.optim.quant import dequantize_blockwise, quantize_blockwise
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def check_group(optimizer_name: str, group: dict) -> None:
-    """One-line errors for a param group without params or with non-floating params."""
+def check_group(optimizer_name: str, group: dict, row_sharded_ok: bool = False) -> None:
+    """One-line errors for a param group without params or with non-floating params; DTensor (FSDP2)
+    parameters are refused, or with ``row_sharded_ok`` accepted when sharded on dim 0 (``optim.sharded``)."""
     params = group["params"]
     if len(params) == 0:
         raise ValueError(f"{optimizer_name}: a param group has no params; drop the empty group")
@@ -19,7 +20,12 @@ def check_group(optimizer_name: str, group: dict) -> None:
             kind = param.dtype if isinstance(param, torch.Tensor) else type(param).__name__
             raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
                              "only floating-point tensors can be optimised")
-        refuse_dtensor(optimizer_name, param)
+        if row_sharded_ok:
+            from velora.optim.sharded import check_row_sharded
+
+            check_row_sharded(optimizer_name, param)
+        else:
+            refuse_dtensor(optimizer_name, param)
 
 
 def refuse_dtensor(owner: str, param) -> None:
@@ -170,7 +176,19 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         """Hook for a subclass to translate an older saved format (after the kind check)."""
         return state_dict
 
+    def state_dict(self) -> dict:
+        """torch's state_dict; under FSDP2 each rank's rows are DTensors (``optim.sharded.shard_state``) so that
+        ``torch.distributed.checkpoint`` saves and reshards them."""
+        from velora.optim.sharded import shard_state
+
+        saved = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved["state"] = {index: shard_state(params[index], state) for index, state in saved["state"].items()}
+        return saved
+
     def load_state_dict(self, state_dict: dict) -> None:
+        from velora.optim.sharded import local
+
         self._check_saved_kind(state_dict)
         state_dict = self._adapt_saved(state_dict)
         super().load_state_dict(state_dict)
@@ -180,6 +198,6 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         for pid, saved_state in state_dict["state"].items():
             param = by_id[pid]
             self.state[param] = {
-                key: value.to(device=param.device).clone() if isinstance(value, torch.Tensor) else value
+                key: local(value).to(device=param.device).clone() if isinstance(value, torch.Tensor) else value
                 for key, value in saved_state.items()
             }

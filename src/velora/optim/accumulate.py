@@ -41,7 +41,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
-from velora.optim._common import refuse_dtensor
 from velora.optim.projections import (
     CompressionPlan,
     check_project_side,
@@ -51,6 +50,7 @@ from velora.optim.projections import (
     random_projection,
     saved_project_side,
 )
+from velora.optim.sharded import check_row_sharded, column_plan, is_sharded, like, local, local_plan
 
 __all__ = ["CompressedGradAccumulator"]
 
@@ -96,8 +96,7 @@ class CompressedGradAccumulator:
         self.rank, self.accumulation_steps, self.seed = rank, accumulation_steps, int(seed)
         self.reduction, self.orthogonal, self.project = reduction, orthogonal, project
         self.plans: list[CompressionPlan | None] = [
-            compression_plan(p.shape, rank, force_compress, project) if id(p) in candidates else None
-            for p in self.params
+            _plan(p, rank, force_compress, project) if id(p) in candidates else None for p in self.params
         ]
         # float32 sums (float64 for float64 parameters: no precision is lost to the buffer)
         self.buffers: list[torch.Tensor | None] = [
@@ -266,7 +265,7 @@ class CompressedGradAccumulator:
                     param.grad.div_(self.accumulation_steps)
                 self._closed.add(index)
             return
-        grad = param.grad.to(self.buffers[index].dtype)
+        grad = local(param.grad).to(self.buffers[index].dtype)  # FSDP2: this rank's rows of the reduced gradient
         oriented = grad.T if plan.transposed else grad  # (k, p)
         projection = self.projection(index)  # (r, p)
         self.buffers[index].add_(oriented @ projection.T)  # (k, r)
@@ -274,7 +273,7 @@ class CompressedGradAccumulator:
             param.grad = None  # free the full gradient until the boundary
             return
         full = self._decompress(index, self.accumulation_steps, projection)  # (n, m), the same projection
-        param.grad.copy_(full)  # reuse the gradient's memory for the decompressed sum
+        local(param.grad).copy_(full)  # reuse the gradient's memory for the decompressed sum
         self.buffers[index].zero_()
         self._closed.add(index)
 
@@ -306,9 +305,9 @@ class CompressedGradAccumulator:
                     continue
                 full = self._decompress(index, micro_batches)  # (n, m)
                 if param.grad is None:
-                    param.grad = full.to(param.dtype)
+                    param.grad = like(param, full.to(param.dtype))
                 else:  # a .grad left by the user (e.g. zero_grad(set_to_none=False)) is added to, as autograd does
-                    param.grad.add_(full.to(param.dtype))
+                    local(param.grad).add_(full.to(param.dtype))
                 self.buffers[index].zero_()
         self._closed.clear()
         self.counts.zero_()
@@ -335,6 +334,14 @@ def _multi_process() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _plan(param: torch.Tensor, rank: int, force: bool, project: str) -> CompressionPlan | None:
+    """The compression plan of ``param`` for this rank's rows: under FSDP2 the columns are projected so each row
+    shard compresses on its own, with no gather (``optim.sharded``)."""
+    if not is_sharded(param):
+        return compression_plan(param.shape, rank, force, project)
+    return local_plan(column_plan(param.shape, rank, force, project), local(param).shape[0])
+
+
 def _buffer_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
@@ -356,5 +363,5 @@ def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:
         if not isinstance(param, torch.Tensor) or not param.is_floating_point():
             raise ValueError("CompressedGradAccumulator: got a non-floating parameter; only floating-point "
                              "tensors carry gradients")
-        refuse_dtensor("CompressedGradAccumulator", param)
+        check_row_sharded("CompressedGradAccumulator", param)
     return params, candidates

@@ -56,6 +56,7 @@ from velora.optim.projections import (
     saved_project_side,
     split_param_groups,
 )
+from velora.optim.sharded import ShardReducer, column_plan, is_sharded, local, local_plan
 
 __all__ = ["Flora"]
 
@@ -125,7 +126,7 @@ class Flora(TensorStateOptimizer):
 
     @staticmethod
     def _check_group(group: dict) -> None:
-        check_group("Flora", group)
+        check_group("Flora", group, row_sharded_ok=True)
         check_positive("lr", group["lr"], float)
         check_positive("rank", group["rank"])
         check_positive("kappa", group["kappa"])
@@ -218,28 +219,41 @@ class Flora(TensorStateOptimizer):
 
     def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
         state = self.state[param]
-        plan = (compression_plan(param.shape, group["rank"], group["force_compress"], group["project"])
-                if group["compress"] else None)
+        plan = self._plan(param, group, state)
         if not state:
-            self._init_state(state, param, group, plan, param_index)
+            self._init_state(state, local(param), group, plan, param_index)
+            if is_sharded(param) and plan is not None:
+                state["projected_axis"] = torch.tensor(1, dtype=torch.int64)  # FSDP2: the columns, see optim.sharded
         elif group["beta1"] > 0 and (plan is not None) != ("seed" in state):
             raise ValueError(f"Flora state of a {tuple(param.shape)} parameter was built with another rank/compress "
                              "setting than its group has now; restore the original rank or start a fresh state")
-        grad = working_grad(param)
-        work = working_copy(param)
+        grad = local(working_grad(param))  # FSDP2: this rank's rows
+        work = working_copy(local(param))
         steps_done = int(state["step"].item())
         direction = grad
         if group["beta1"] > 0:
             direction = self._momentum_direction(state, grad, group, plan, steps_done, param_index)
         state["step"] += 1
+        reducer = ShardReducer(param)  # whole-matrix statistics across FSDP2 shards (plain tensor: as before)
         if group["base"] == "adafactor":
-            self._adafactor_update(work, grad, direction, state, group)
+            self._adafactor_update(work, grad, direction, state, group, reducer)
         else:
-            self._adamw_update(work, grad, direction, state, group)
-        store_back(param, work)
+            self._adamw_update(work, grad, direction, state, group, reducer)
+        store_back(local(param), work)
 
     @staticmethod
-    def _adamw_update(work, grad, direction, state, group) -> None:
+    def _plan(param: torch.Tensor, group: dict, state: dict):
+        """The compression plan of ``param``, for this rank's rows; under FSDP2 (or for a state saved there) the
+        columns are projected so each row shard compresses on its own (``optim.sharded``)."""
+        if not group["compress"]:
+            return None
+        args = (param.shape, group["rank"], group["force_compress"], group["project"])
+        if not (is_sharded(param) or "projected_axis" in state):
+            return compression_plan(*args)
+        return local_plan(column_plan(*args), local(param).shape[0])
+
+    @staticmethod
+    def _adamw_update(work, grad, direction, state, group, reducer: ShardReducer) -> None:
         # the exact operation order of torch.optim.AdamW (single-tensor path)
         lr, beta1, beta2 = group["lr"], group["beta1"], group["beta2"]
         work.mul_(1 - lr * group["weight_decay"])
@@ -253,12 +267,12 @@ class Flora(TensorStateOptimizer):
         # Adafactor-style RMS clipping. Exact Adam never triggers it (|m_hat| <= sqrt(v_hat) when
         # beta1^2 <= beta2), but a decompressed random-projection momentum can exceed sqrt(v_hat)
         # by ~sqrt(p / r), which otherwise makes the AdamW base diverge at ordinary learning rates.
-        ratio_rms = (direction / denom).norm(2).item() / math.sqrt(direction.numel()) / bias_correction1
+        ratio_rms = reducer.norm(direction / denom) / math.sqrt(reducer.numel) / bias_correction1
         clip = max(1.0, ratio_rms / group["clip_threshold"])
         work.addcdiv_(direction, denom, value=-step_size / clip)
 
     @staticmethod
-    def _adafactor_update(work, grad, direction, state, group) -> None:
+    def _adafactor_update(work, grad, direction, state, group, reducer: ShardReducer) -> None:
         # the update rule of torch.optim.Adafactor, with the (decompressed) momentum as numerator
         lr = group["lr"]
         # torch's default is the parameter's eps; ours is the working precision's (float32 for 16-bit parameters)
@@ -266,22 +280,22 @@ class Flora(TensorStateOptimizer):
         step = state["step"].item()
         one_minus_beta2_t = step ** group["beta2_decay"]
         rho = min(lr, 1 / math.sqrt(step))
-        alpha = max(group["eps2"], work.norm(2).item() / math.sqrt(work.numel())) * rho
+        alpha = max(group["eps2"], reducer.norm(work) / math.sqrt(reducer.numel)) * rho
         if group["weight_decay"] != 0:
             work.mul_(1 - lr * group["weight_decay"])
         if grad.dim() >= 2:
             row_var, col_var = state["row_var"], state["col_var"]
             row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))  # (..., n, 1)
             row_var.lerp_(row_mean, one_minus_beta2_t)
-            col_mean = torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2))  # (..., 1, m)
+            col_mean = reducer.column_mean_square(grad)  # (..., 1, m), over every rank's rows
             col_var.lerp_(col_mean, one_minus_beta2_t)
             var_estimate = row_var @ col_var  # (..., n, m)
-            var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+            var_estimate.div_(reducer.row_mean(row_var).clamp_(min=eps1))
         else:
             variance = state["variance"]
             variance.lerp_(grad * grad, one_minus_beta2_t)
             var_estimate = variance.clone()
         update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
         update.mul_(direction)
-        denom = max(1.0, update.norm(2).item() / (math.sqrt(update.numel()) * group["clip_threshold"]))
+        denom = max(1.0, reducer.norm(update) / (math.sqrt(reducer.numel) * group["clip_threshold"]))
         work.add_(update, alpha=-alpha / denom)

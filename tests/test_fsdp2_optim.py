@@ -1,0 +1,283 @@
+"""Flora momentum and CompressedGradAccumulator under FSDP2 (``fully_shard``) on CPU, 2 gloo ranks spawned once for
+the module: 2 ranks x half the batch must equal one process on the whole batch (float64, every parameter, 6 steps),
+with each rank projecting only its own rows (no gradient gathered)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from velora.distributed import run_local
+
+WORLD, STEPS, BATCH = 2, 6, 8
+FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6): sides switched; 5 rows: uneven
+TALL_WIDTHS = [4, 8, 10]  # weights (8, 4), (10, 8): "smaller" projects the columns, no switch
+WIDE_WIDTHS = [10, 8, 5]  # weights (8, 10), (5, 8): "smaller" would project the sharded rows, switched to columns
+FLORA_OPTIONS = dict(lr=1e-2, rank=3, kappa=2, beta1=0.9, seed=5)  # kappa=2: the projection is resampled twice
+
+
+class _Net(nn.Module):
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(a, b).double() for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x) if index == 0 else layer(torch.tanh(x))  # (B, width)
+        return x.square().mean()
+
+
+def _batch(widths: list[int], step: int) -> torch.Tensor:
+    return torch.randn(BATCH, widths[0], dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+
+
+def _rank_rows(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    size = batch.shape[0] // world
+    return batch[rank * size:(rank + 1) * size]  # (B / world, D)
+
+
+def _column_side(param: torch.Tensor) -> str:
+    """The projection rule that projects the columns of ``param`` in one process (what FSDP2 switches to)."""
+    return "smaller" if param.dim() < 2 or param.shape[0] >= param.shape[1] else "larger"
+
+
+# --- the two runs ------------------------------------------------------------------------------------
+
+def _flora(model: nn.Module, base: str, project_by_param: bool = False):
+    from velora.optim import Flora
+
+    if project_by_param:  # one process: a group per parameter, projecting the side FSDP2 projects
+        params = [dict(params=[p], project=_column_side(p)) for p in model.parameters()]
+    else:
+        params = list(model.parameters())
+    return Flora(params, base=base, **FLORA_OPTIONS)
+
+
+def _flora_steps(model: nn.Module, optimizer, steps: range, rank: int, world: int) -> None:
+    for step in steps:
+        optimizer.zero_grad(set_to_none=True)
+        model(_rank_rows(_batch(FLORA_WIDTHS, step), rank, world)).backward()
+        optimizer.step()
+
+
+def _flora_run(model: nn.Module, base: str, rank: int, world: int, project_by_param: bool):
+    optimizer = _flora(model, base, project_by_param)
+    _flora_steps(model, optimizer, range(STEPS), rank, world)
+    return optimizer
+
+
+def _accumulator_run(model: nn.Module, widths: list[int], project: str, rank: int, world: int) -> None:
+    from velora.optim import CompressedGradAccumulator
+
+    accumulator = CompressedGradAccumulator(list(model.parameters()), rank=3, accumulation_steps=2, seed=7,
+                                            project=project)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(2):  # each micro-batch: this rank's half of it
+            model(_rank_rows(_batch(widths, 10 * step + micro), rank, world)).backward()
+        assert accumulator.cycle_complete
+        optimizer.step()
+    accumulator.remove()
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def _sharded(widths: list[int], mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Net(widths)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _refusal(mesh) -> str:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from velora.optim import Flora
+
+    model = _Net(FLORA_WIDTHS)
+    fully_shard(model, mesh=mesh, shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else Shard(0))
+    try:
+        Flora(model.parameters(), lr=1e-2, rank=2)
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
+def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
+    """Save through DCP after half the steps and go on (uninterrupted); a fresh model and optimizer load it and
+    do the second half (resumed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    half = STEPS // 2
+    model = _sharded(FLORA_WIDTHS, mesh)
+    optimizer = _flora(model, "adafactor")
+    _flora_steps(model, optimizer, range(half), rank, world)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+    _flora_steps(model, optimizer, range(half, STEPS), rank, world)
+    resumed_model = _sharded(FLORA_WIDTHS, mesh)
+    resumed = _flora(resumed_model, "adafactor")
+    model_state, optimizer_state = get_state_dict(resumed_model, resumed)
+    loaded = {"model": model_state, "optim": optimizer_state}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    set_state_dict(resumed_model, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _flora_steps(resumed_model, resumed, range(half, STEPS), rank, world)
+    return {"uninterrupted": _full(model), "resumed": _full(resumed_model)}
+
+
+def _eight_bit_state_dict(mesh, rank: int, world: int) -> str:
+    from velora.optim import Flora
+
+    model = _sharded(FLORA_WIDTHS, mesh)
+    optimizer = Flora(model.parameters(), eight_bit=True, **FLORA_OPTIONS)
+    _flora_steps(model, optimizer, range(1), rank, world)
+    try:
+        optimizer.state_dict()
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for base in ("adafactor", "adamw"):
+        model = _sharded(FLORA_WIDTHS, mesh)
+        optimizer = _flora_run(model, base, rank, world, project_by_param=False)
+        results[f"flora_{base}"] = _full(model)
+        results[f"flora_{base}_state"] = {name: {key: tuple(value.shape) for key, value in optimizer.state[p].items()}
+                                          for name, p in model.named_parameters()}
+    for name, widths in (("tall", TALL_WIDTHS), ("wide", WIDE_WIDTHS)):
+        model = _sharded(widths, mesh)
+        _accumulator_run(model, widths, "smaller", rank, world)
+        results[f"accumulate_{name}"] = _full(model)
+    results["refusal"] = _refusal(mesh)
+    results["eight_bit"] = _eight_bit_state_dict(mesh, rank, world)
+    results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint")
+    results["checkpoint"] = f"{out_dir}/checkpoint"
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp2_ranks")
+    run_local(_worker, WORLD, args=(str(out_dir),), timeout_s=240)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _assert_equal_to(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, reference in expected.items():
+        torch.testing.assert_close(got[name], reference, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("base", ["adafactor", "adamw"])
+def test_flora_under_fsdp2_equals_one_process_on_the_whole_batch(ranks, base):
+    model = _Net(FLORA_WIDTHS)
+    _flora_run(model, base, 0, 1, project_by_param=True)
+    expected = _full(model)
+    initial = _full(_Net(FLORA_WIDTHS))
+    assert all(not torch.equal(expected[n], initial[n]) for n in expected)  # every parameter moved
+    for result in ranks:
+        _assert_equal_to(result[f"flora_{base}"], expected)
+
+
+def test_flora_state_under_fsdp2_is_sharded_and_records_the_projected_side(ranks):
+    rank_rows = {0: [6, 3, 3], 1: [6, 3, 2]}  # rows 12, 6, 5 split by FSDP2 (5 -> 3 + 2)
+    for rank, result in enumerate(ranks):
+        state = result["flora_adafactor_state"]
+        for index, rows in enumerate(rank_rows[rank]):
+            weight = state[f"layers.{index}.weight"]
+            assert weight["momentum"] == (rows, FLORA_OPTIONS["rank"])  # this rank's rows x rank: nothing gathered
+            assert weight["projected_axis"] == ()  # a scalar: the columns were projected
+
+
+@pytest.mark.parametrize("layout", ["tall", "wide"])
+def test_compressed_accumulation_under_fsdp2_equals_one_process_on_the_whole_batch(ranks, layout):
+    widths = TALL_WIDTHS if layout == "tall" else WIDE_WIDTHS
+    model = _Net(widths)
+    # one process projects the same side as FSDP2 (the columns): "smaller" for tall matrices, "larger" for wide
+    _accumulator_run(model, widths, "smaller" if layout == "tall" else "larger", 0, 1)
+    expected = _full(model)
+    for result in ranks:
+        _assert_equal_to(result[f"accumulate_{layout}"], expected)
+
+
+def test_a_sharding_other_than_dim_0_is_refused_in_one_line(ranks):
+    for result in ranks:
+        message = result["refusal"]
+        assert "FSDP2" in message and "Shard(dim=1)" in message and "DDP" in message and "\n" not in message, message
+
+
+def test_an_eight_bit_state_under_fsdp2_is_refused_in_one_line_when_saved(ranks):
+    for result in ranks:
+        message = result["eight_bit"]
+        assert "FSDP2" in message and "eight_bit=False" in message and "\n" not in message, message
+
+
+def test_flora_state_saved_through_dcp_at_2_ranks_continues_bitwise(ranks):
+    for result in ranks:
+        uninterrupted, resumed = result["dcp"]["uninterrupted"], result["dcp"]["resumed"]
+        assert uninterrupted.keys() == resumed.keys()
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name
+
+
+def test_a_state_recording_the_projected_columns_keeps_them_in_one_process():
+    """What a single process does with an FSDP2 state whose wide matrix had its sides switched: it goes on projecting
+    the columns (``projected_axis``) although its group says project="smaller" (which would pick the rows)."""
+    from velora.optim import Flora
+
+    def run(model: nn.Module, optimizer, steps: range) -> None:
+        for step in steps:
+            optimizer.zero_grad(set_to_none=True)
+            model(_batch(WIDE_WIDTHS, step)).backward()
+            optimizer.step()
+
+    columns = _Net(WIDE_WIDTHS)  # weights (8, 10), (5, 8): "larger" projects their columns
+    columns_optimizer = Flora(columns.parameters(), base="adamw", project="larger", **FLORA_OPTIONS)
+    run(columns, columns_optimizer, range(3))
+    saved = columns_optimizer.state_dict()
+    weights = [index for index, p in enumerate(columns.parameters()) if p.dim() == 2]
+    for index in weights:  # what an FSDP2 run saves for a matrix whose rows it could not project
+        saved["state"][index]["projected_axis"] = torch.tensor(1, dtype=torch.int64)
+    saved["param_groups"][0]["project"] = "smaller"
+    resumed = _Net(WIDE_WIDTHS)
+    resumed.load_state_dict(columns.state_dict())
+    resumed_optimizer = Flora(resumed.parameters(), base="adamw", project="smaller", **FLORA_OPTIONS)
+    resumed_optimizer.load_state_dict(saved)
+    run(columns, columns_optimizer, range(3, STEPS))
+    run(resumed, resumed_optimizer, range(3, STEPS))
+    for (name, expected), got in zip(columns.named_parameters(), resumed.parameters()):
+        assert torch.equal(got, expected), name
+
+
+def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tmp_path):
+    """Reshard 2 -> 1: DCP's own converter gives the whole tensors; one process (same options, project="smaller")
+    loads them, keeps projecting the columns the shards projected, and ends where the 2 ranks did."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(ranks[0]["checkpoint"], whole)
+    saved = torch.load(whole, weights_only=False)
+    model = _Net(FLORA_WIDTHS)
+    optimizer = _flora(model, "adafactor")
+    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    wide_weight = model.layers[1].weight  # (6, 12): "smaller" would project its rows
+    assert optimizer.state[wide_weight]["momentum"].shape == (6, FLORA_OPTIONS["rank"])
+    _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
+    _assert_equal_to(_full(model), ranks[0]["dcp"]["uninterrupted"])
