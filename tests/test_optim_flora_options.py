@@ -125,7 +125,8 @@ def test_full_rank_orthonormal_flora_is_the_uncompressed_algorithm_it_names(base
     flora, optimizer = _run_flora(shape, rank=6, base=base, momentum=momentum, exact_current=exact_current,
                                   orthogonal=True, force_compress=True)
     state = optimizer.state[optimizer.param_groups[0]["params"][0]]
-    assert "seed" in state and state["momentum"].dtype == torch.float64  # the projection path, in float64
+    assert "seed" in state  # the projection path
+    assert all(value.dtype == torch.float64 for key, value in state.items() if key not in ("step", "seed"))
     expected = _reference(shape, base, momentum, exact_current)
     # projections are drawn in float32 and cast: orthonormal to ~1e-7
     torch.testing.assert_close(flora, expected, rtol=0, atol=1e-6)
