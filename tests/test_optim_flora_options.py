@@ -260,3 +260,18 @@ def test_presets_name_the_paper_and_the_authors_settings():
         Flora.authors_code([param], lr=LR, rank=2, momentum="gradient")
     assert "momentum='gradient'" in str(info.value) and "\n" not in str(info.value)
     Flora.paper_alg2([param], lr=LR, rank=2, orthogonal=False)  # restating the preset is fine
+
+
+def test_method_options_pass_the_momentum_options_to_flora():
+    from velora.models import build_config, build_model
+    from velora.registry import MethodOptions, build_optimizer
+
+    model = build_model(build_config("llama-tiny", vocab_size=256))
+    options = MethodOptions(lr=1e-2, optimizer="adafactor", flora_rank=4, flora_momentum="update",
+                            flora_exact_current=True, flora_momentum_orthogonal=True)
+    group = build_optimizer(model, "flora", options).param_groups[0]
+    assert (group["momentum"], group["exact_current"], group["orthogonal"]) == ("update", True, True)
+    default = build_optimizer(model, "flora", MethodOptions(lr=1e-2, flora_rank=4)).param_groups[0]
+    assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # velora train's defaults stay Alg. 2
+    with pytest.raises(ValueError, match="flora_momentum='adam'"):
+        MethodOptions(lr=1e-2, flora_momentum="adam")
