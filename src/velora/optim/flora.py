@@ -20,8 +20,8 @@ same update rule as ``torch.optim.AdamW``).
 Two momentum options (docs/optim.md, "FLoRA momentum options"); the defaults are Alg. 2 read literally:
 - ``momentum="gradient"`` (default, Alg. 2): M averages the raw gradient G; the decompressed momentum is then
   preconditioned by the base (divided by sqrt(v_hat)). ``momentum="update"`` (the authors' flora-opt package;
-  Optax's Adafactor averages its update too): M averages the preconditioned update U = G / sqrt(v_hat) and the decompressed
-  momentum is the step direction itself.
+  Optax's Adafactor averages its update too): M averages the preconditioned update U = G / sqrt(v_hat) and the
+  decompressed momentum is the step direction itself.
 - ``exact_current=False`` (default, Alg. 2): the current G (or U) is compressed with the history and the
   direction is (M_new) @ A. ``exact_current=True`` (the authors' code): only the history is compressed,
   direction = beta1 * (M_old @ A_old) + (1 - beta1) * G exactly; M is then updated as above.
