@@ -53,6 +53,12 @@ class MethodOptions:
     flora_orthogonal: bool = True
     # side of each matrix FLoRA projects (momentum and accumulation): "smaller" (FLoRA code, less noise) or "larger"
     flora_project: str = "smaller"
+    # FLoRA momentum options (velora.optim.Flora; defaults = the paper's Alg. 2): what the momentum averages
+    # ("gradient" | "update"), the current step kept exact, orthonormal momentum rows (flora_orthogonal is the
+    # accumulator's)
+    flora_momentum: str = "gradient"
+    flora_exact_current: bool = False
+    flora_momentum_orthogonal: bool = False
     accumulation_steps: int = 1
     # GradNormLoRP
     gradnorm_rank: int = 8
@@ -72,6 +78,9 @@ class MethodOptions:
         from velora.optim.projections import check_project_side
 
         check_project_side(self.flora_project)
+        if self.flora_momentum not in ("gradient", "update"):
+            raise ValueError(f"flora_momentum={self.flora_momentum!r} is not 'gradient' (Alg. 2) or 'update' "
+                             "(the FLoRA authors' package)")
         from velora.qlora import COMPUTE_DTYPES
 
         if self.qlora_compute_dtype not in COMPUTE_DTYPES:
@@ -296,7 +305,8 @@ def _flora_optimizer(model: nn.Module, options: MethodOptions):
     # pass the model, not a parameter list: Flora then compresses only attention/MLP matrices and keeps
     # embeddings and the head uncompressed (a vocabulary-wide random projection stalls training)
     return Flora(model, lr=options.lr, rank=rank, kappa=options.flora_kappa, base=base, seed=options.seed,
-                 project=options.flora_project)
+                 project=options.flora_project, momentum=options.flora_momentum,
+                 exact_current=options.flora_exact_current, orthogonal=options.flora_momentum_orthogonal)
 
 
 def _gradnorm_prepare(model: nn.Module, options: MethodOptions) -> nn.Module:

@@ -17,6 +17,15 @@ moment (default; row (rows, 1) + column (1, cols) statistics, same update rule a
 ``torch.optim.Adafactor``) or Adam's full second moment with bias corrections (``base="adamw"``,
 same update rule as ``torch.optim.AdamW``).
 
+Two momentum options (docs/optim.md, "FLoRA momentum options"); the defaults are Alg. 2 read literally:
+- ``momentum="gradient"`` (default, Alg. 2): M averages the raw gradient G; the decompressed momentum is then
+  preconditioned by the base (divided by sqrt(v_hat)). ``momentum="update"`` (the authors' flora-opt package;
+  Optax's Adafactor averages its update too): M averages the preconditioned update U = G / sqrt(v_hat) and the
+  decompressed momentum is the step direction itself.
+- ``exact_current=False`` (default, Alg. 2): the current G (or U) is compressed with the history and the
+  direction is (M_new) @ A. ``exact_current=True`` (the authors' code): only the history is compressed,
+  direction = beta1 * (M_old @ A_old) + (1 - beta1) * G exactly; M is then updated as above.
+
 Which parameters keep full state: pass the model itself (``Flora(model, ...)``) and only the
 attention/MLP matrices are candidates (``projections.projectable_parameters``: ``nn.Linear``/Conv1D
 weights minus embeddings and the output head, which project across the vocabulary). A candidate is
@@ -61,6 +70,12 @@ from velora.optim.sharded import ShardReducer, column_plan, is_sharded, local, l
 __all__ = ["Flora"]
 
 _BASES = ("adafactor", "adamw")
+_MOMENTUM_SOURCES = ("gradient", "update")
+# what a state saved before these options existed was built with
+_LEGACY_OPTIONS = {"momentum": "gradient", "exact_current": False}
+# one setting away from the constructor: the FLoRA paper's Alg. 2 read literally, and the authors' package's choices
+PAPER_ALG2 = {"momentum": "gradient", "exact_current": False, "orthogonal": False}
+AUTHORS_CODE = {"momentum": "update", "exact_current": True, "orthogonal": False, "base": "adafactor"}
 
 
 class Flora(TensorStateOptimizer):
@@ -81,6 +96,13 @@ class Flora(TensorStateOptimizer):
         project: which side of each matrix is projected: "smaller" (default, as the FLoRA reference code, less
             noise; state max(n, m) x r) or "larger" (state min(n, m) x r: less memory, more noise).
         force_compress: compress every 2-D parameter even when it saves no memory (for testing).
+        momentum: what the compressed first moment averages: "gradient" (default, the paper's Alg. 2: the raw
+            gradient, preconditioned after decompression) or "update" (the authors' package: the base's
+            preconditioned update G / sqrt(v_hat), as Optax's Adafactor momentum).
+        exact_current: keep the current step's gradient (or update) exact and compress only the history (the
+            authors' code), instead of passing it through A.T A too (default False, Alg. 2 literally).
+
+    ``Flora.paper_alg2(...)`` and ``Flora.authors_code(...)`` build the two named settings.
     """
 
     def __init__(
@@ -104,17 +126,31 @@ class Flora(TensorStateOptimizer):
         orthogonal: bool = False,
         project: str = "smaller",
         force_compress: bool = False,
+        momentum: str = "gradient",
+        exact_current: bool = False,
     ):
         defaults = dict(
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, base=base, seed=seed, beta2=beta2, eps=eps,
             beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
             weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal, project=project,
-            force_compress=force_compress, compress=True,
+            force_compress=force_compress, compress=True, momentum=momentum, exact_current=exact_current,
         )
         if isinstance(params, nn.Module):
             # a model: compress only attention/MLP matrices (see projections.projectable_parameters)
             params = split_param_groups(params, {}, {"compress": False})
         super().__init__(params, defaults)
+
+    @classmethod
+    def paper_alg2(cls, params, lr: float, rank: int, **kwargs) -> Flora:
+        """The FLoRA paper's Alg. 2 read literally: EMA of the raw gradient, the current gradient compressed
+        too, Gaussian rows N(0, 1/r) (``PAPER_ALG2``; also today's defaults). Other keywords as ``Flora``."""
+        return cls(params, lr, rank, **_with_preset("paper_alg2", PAPER_ALG2, kwargs))
+
+    @classmethod
+    def authors_code(cls, params, lr: float, rank: int, **kwargs) -> Flora:
+        """The choices of the FLoRA authors' package (flora-opt): Adafactor base, EMA of the preconditioned
+        update, the current update kept exact, Gaussian rows (``AUTHORS_CODE``). Other keywords as ``Flora``."""
+        return cls(params, lr, rank, **_with_preset("authors_code", AUTHORS_CODE, kwargs))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -135,6 +171,11 @@ class Flora(TensorStateOptimizer):
         if group["base"] not in _BASES:
             raise ValueError(f"base={group['base']!r} is not one of {_BASES}")
         check_project_side(group["project"])
+        if group["momentum"] not in _MOMENTUM_SOURCES:
+            raise ValueError(f"momentum={group['momentum']!r} is not one of {_MOMENTUM_SOURCES} (what the compressed "
+                             "first moment averages: the raw gradient or the preconditioned update)")
+        if not isinstance(group["exact_current"], bool):
+            raise ValueError(f"exact_current={group['exact_current']!r} must be True or False")
         if group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
 
@@ -142,16 +183,23 @@ class Flora(TensorStateOptimizer):
 
     @staticmethod
     def _layout(group: dict) -> dict:
-        keys = ("base", "rank", "compress", "force_compress", "eight_bit", "orthogonal")
+        keys = ("base", "rank", "compress", "force_compress", "eight_bit", "orthogonal", "exact_current")
+        # "momentum" here is on/off; the option `momentum` (what is averaged) is checked in _adapt_saved
         return {"momentum": group["beta1"] > 0, **{key: group[key] for key in keys if key in group}}
 
     def _adapt_saved(self, state_dict: dict) -> dict:
         # torch would silently replace each group's options by the saved ones; a compressed momentum
         # only makes sense with the side it was built on, so a different side is an error
         saved_groups = []
-        for current, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for index, (current, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
             saved_project = saved_project_side(saved.get("project"), current["project"], "Flora")
-            saved_groups.append({**saved, "project": saved_project})
+            saved = {**_LEGACY_OPTIONS, **saved, "project": saved_project}  # older states: Alg. 2 options
+            for key in _LEGACY_OPTIONS:
+                if saved[key] != current[key] and current["beta1"] > 0:
+                    raise ValueError(f"Flora state_dict param group {index} was saved with {key}={saved[key]!r} but "
+                                     f"this one has {key}={current[key]!r}; build it with {key}={saved[key]!r} or "
+                                     "start from a fresh state")
+            saved_groups.append(saved)
         return {**state_dict, "param_groups": saved_groups}
 
     @torch.no_grad()
@@ -191,19 +239,24 @@ class Flora(TensorStateOptimizer):
         else:
             state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=device)
 
-    def _momentum_direction(self, state, grad, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
-        """Update the (compressed) first moment with ``grad`` and return the decompressed momentum."""
+    def _momentum_direction(self, state, source, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
+        """Update the (compressed) first moment with ``source`` (the gradient or the preconditioned update) and
+        return the decompressed momentum (with ``exact_current``: the decompressed history and ``source`` exact)."""
         beta1 = group["beta1"]
         if plan is None:
-            momentum = read_moment(state, "momentum", grad.dtype)  # same shape as the param
-            momentum.lerp_(grad, 1 - beta1)
+            momentum = read_moment(state, "momentum", source.dtype)  # same shape as the param
+            momentum.lerp_(source, 1 - beta1)
             write_moment(state, "momentum", momentum, signed=True)
             return momentum
-        oriented = grad.T if plan.transposed else grad  # (k, p)
-        make = dict(n=plan.projected_dim, r=plan.rank, device=grad.device, dtype=grad.dtype,
-                    orthogonal=group["orthogonal"])  # drawn in float32, used in the gradient's (working) precision
+        oriented = source.T if plan.transposed else source  # (k, p)
+        make = dict(n=plan.projected_dim, r=plan.rank, device=source.device, dtype=source.dtype,
+                    orthogonal=group["orthogonal"])  # drawn in float32, used in the working precision
         projection = random_projection(int(state["seed"]), **make)  # (r, p)
-        momentum = read_moment(state, "momentum", grad.dtype)  # (k, r)
+        momentum = read_moment(state, "momentum", source.dtype)  # (k, r)
+        direction = None
+        if group["exact_current"]:
+            # the history, decompressed with the matrix it was stored in (before any transfer), plus the exact source
+            direction = (momentum @ projection).lerp_(oriented, 1 - beta1)  # (k, p)
         kappa = group["kappa"]
         if steps_done > 0 and steps_done % kappa == 0:
             new_seed = derive_seed(group["seed"], param_index, steps_done // kappa)
@@ -214,7 +267,8 @@ class Flora(TensorStateOptimizer):
             projection = new_projection
         momentum.lerp_(oriented @ projection.T, 1 - beta1)  # (k, r)
         write_moment(state, "momentum", momentum, signed=True)
-        direction = momentum @ projection  # (k, p)
+        if direction is None:
+            direction = momentum @ projection  # (k, p)
         return direction.T if plan.transposed else direction
 
     def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
@@ -230,15 +284,25 @@ class Flora(TensorStateOptimizer):
         grad = local(working_grad(param))  # FSDP2: this rank's rows
         work = working_copy(local(param))
         steps_done = int(state["step"].item())
-        direction = grad
-        if group["beta1"] > 0:
-            direction = self._momentum_direction(state, grad, group, plan, steps_done, param_index)
         state["step"] += 1
+        adafactor = group["base"] == "adafactor"
+        # the base's preconditioner 1 / sqrt(v_hat): Adafactor multiplies by it, AdamW divides by its inverse
         reducer = ShardReducer(param)  # whole-matrix statistics across FSDP2 shards (plain tensor: as before)
-        if group["base"] == "adafactor":
-            self._adafactor_update(work, grad, direction, state, group, reducer)
+        scale = self._adafactor_inverse_root(grad, state, group, reducer) if adafactor else self._adamw_denominator(
+            grad, state, group)
+        preconditioned = None  # the base's update of the direction below, when already computed
+        direction = grad
+        if group["beta1"] > 0 and group["momentum"] == "update":
+            source = grad * scale if adafactor else grad / scale  # U = G / sqrt(v_hat), (n, m)
+            preconditioned = self._momentum_direction(state, source, group, plan, steps_done, param_index)
+        elif group["beta1"] > 0:
+            direction = self._momentum_direction(state, grad, group, plan, steps_done, param_index)
+        if adafactor:
+            update = preconditioned if preconditioned is not None else scale.mul_(direction)
+            self._adafactor_apply(work, update, state, group, reducer)
         else:
-            self._adamw_update(work, grad, direction, state, group, reducer)
+            numerator, denom = (preconditioned, None) if preconditioned is not None else (direction, scale)
+            self._adamw_apply(work, numerator, denom, state, group, reducer)
         store_back(local(param), work)
 
     @staticmethod
@@ -253,36 +317,39 @@ class Flora(TensorStateOptimizer):
         return local_plan(column_plan(*args), local(param).shape[0])
 
     @staticmethod
-    def _adamw_update(work, grad, direction, state, group, reducer: ShardReducer) -> None:
-        # the exact operation order of torch.optim.AdamW (single-tensor path)
-        lr, beta1, beta2 = group["lr"], group["beta1"], group["beta2"]
-        work.mul_(1 - lr * group["weight_decay"])
+    def _adamw_denominator(grad, state, group) -> torch.Tensor:
+        # sqrt(v_hat) + eps, the exact operation order of torch.optim.AdamW (single-tensor path)
+        beta2 = group["beta2"]
         exp_avg_sq = state["exp_avg_sq"]
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction2 = 1 - beta2 ** state["step"].item()
+        return (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+
+    @staticmethod
+    def _adamw_apply(work, numerator, denom, state, group, reducer: ShardReducer) -> None:
+        # W <- W (1 - lr wd) - lr / bc1 * numerator / denom (denom None: numerator is already preconditioned)
+        lr, beta1 = group["lr"], group["beta1"]
+        work.mul_(1 - lr * group["weight_decay"])
         step = state["step"].item()
         bias_correction1 = 1 - beta1**step if beta1 > 0 else 1.0
-        bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
         # Adafactor-style RMS clipping. Exact Adam never triggers it (|m_hat| <= sqrt(v_hat) when
         # beta1^2 <= beta2), but a decompressed random-projection momentum can exceed sqrt(v_hat)
         # by ~sqrt(p / r), which otherwise makes the AdamW base diverge at ordinary learning rates.
-        ratio_rms = reducer.norm(direction / denom) / math.sqrt(reducer.numel) / bias_correction1
+        ratio = numerator / denom if denom is not None else numerator
+        ratio_rms = reducer.norm(ratio) / math.sqrt(reducer.numel) / bias_correction1
         clip = max(1.0, ratio_rms / group["clip_threshold"])
-        work.addcdiv_(direction, denom, value=-step_size / clip)
+        if denom is None:
+            work.add_(numerator, alpha=-step_size / clip)
+        else:
+            work.addcdiv_(numerator, denom, value=-step_size / clip)
 
     @staticmethod
-    def _adafactor_update(work, grad, direction, state, group, reducer: ShardReducer) -> None:
-        # the update rule of torch.optim.Adafactor, with the (decompressed) momentum as numerator
-        lr = group["lr"]
-        # torch's default is the parameter's eps; ours is the working precision's (float32 for 16-bit parameters)
-        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(work.dtype).eps
-        step = state["step"].item()
-        one_minus_beta2_t = step ** group["beta2_decay"]
-        rho = min(lr, 1 / math.sqrt(step))
-        alpha = max(group["eps2"], reducer.norm(work) / math.sqrt(reducer.numel)) * rho
-        if group["weight_decay"] != 0:
-            work.mul_(1 - lr * group["weight_decay"])
+    def _adafactor_inverse_root(grad, state, group, reducer: ShardReducer) -> torch.Tensor:
+        # 1 / sqrt(v_hat) of torch.optim.Adafactor's factored second moment (a fresh tensor, safe to modify)
+        # torch's default eps1 is the parameter's eps; ours is the working precision's (float32 for 16-bit params)
+        eps1 = group["eps1"] if group["eps1"] is not None else torch.finfo(grad.dtype).eps
+        one_minus_beta2_t = state["step"].item() ** group["beta2_decay"]
         if grad.dim() >= 2:
             row_var, col_var = state["row_var"], state["col_var"]
             row_mean = torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))  # (..., n, 1)
@@ -295,7 +362,23 @@ class Flora(TensorStateOptimizer):
             variance = state["variance"]
             variance.lerp_(grad * grad, one_minus_beta2_t)
             var_estimate = variance.clone()
-        update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
-        update.mul_(direction)
+        return var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
+
+    @staticmethod
+    def _adafactor_apply(work, update, state, group, reducer: ShardReducer) -> None:
+        # the update rule of torch.optim.Adafactor with ``update`` (the preconditioned direction) as its step
+        lr = group["lr"]
+        rho = min(lr, 1 / math.sqrt(state["step"].item()))
+        alpha = max(group["eps2"], reducer.norm(work) / math.sqrt(reducer.numel)) * rho
+        if group["weight_decay"] != 0:
+            work.mul_(1 - lr * group["weight_decay"])
         denom = max(1.0, reducer.norm(update) / (math.sqrt(reducer.numel) * group["clip_threshold"]))
         work.add_(update, alpha=-alpha / denom)
+
+
+def _with_preset(name: str, preset: dict, kwargs: dict) -> dict:
+    """``kwargs`` with the preset's options; a keyword that contradicts the preset is a one-line error."""
+    clashes = [f"{key}={kwargs[key]!r}" for key in preset if key in kwargs and kwargs[key] != preset[key]]
+    if clashes:
+        raise ValueError(f"Flora.{name} fixes {preset}; drop {', '.join(clashes)} or build Flora(...) directly")
+    return {**kwargs, **preset}
