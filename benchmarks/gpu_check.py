@@ -56,14 +56,15 @@ class Sizes:
     step_work: dict = field(default_factory=lambda: dict(hidden=2048, intermediate=5504, heads=16, layers=4,
                                                          vocab=1024, seq=2048, batch=2))
     step_dtype: str = "bfloat16"
-    warmup: int = 3
-    rounds: int = 10
+    warmup: int = 5
+    rounds: int = 20
+    steps_per_timing: int = 5  # back-to-back steps between two CUDA events: one step (~20 ms) jittered ~10%
 
 
 DRY = Sizes(device="cpu", test_paths=("tests/test_device.py",), test_timeout_s=120,
             plan_models=("llama-tiny",), plan_methods=("full", "qlora+velora"), plan_batch=2, plan_seq=32,
             step_work=dict(hidden=64, intermediate=192, heads=2, layers=1, vocab=128, seq=32, batch=1),
-            step_dtype="float32", warmup=0, rounds=1)
+            step_dtype="float32", warmup=0, rounds=1, steps_per_timing=1)
 
 
 class Budget:
@@ -289,17 +290,20 @@ class _Timer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Callable[[], object]) -> float:
+    def __call__(self, fn: Callable[[], object], repeats: int = 1) -> float:
+        """Seconds per call of ``fn``, over ``repeats`` calls in a row."""
         if not self.cuda:
             start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
+            for _ in range(repeats):
+                fn()
+            return (time.perf_counter() - start) / repeats
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        fn()
+        for _ in range(repeats):
+            fn()
         end.record()
         end.synchronize()
-        return begin.elapsed_time(end) / 1e3
+        return begin.elapsed_time(end) / 1e3 / repeats
 
 
 def step_time(sizes: Sizes, budget: Budget) -> dict:
@@ -322,7 +326,7 @@ def step_time(sizes: Sizes, budget: Budget) -> dict:
             break  # keep what was timed
         order = list(steps)[::-1] if round_index % 2 else list(steps)
         for name in order:
-            elapsed = timer(steps[name])
+            elapsed = timer(steps[name], sizes.steps_per_timing)
             if round_index >= sizes.warmup:
                 times[name].append(elapsed)
     rows = []
@@ -340,7 +344,8 @@ def step_time(sizes: Sizes, budget: Budget) -> dict:
     ok = sum(r["status"] == "ok" for r in rows)
     return {"workload": {**asdict(work), "dtype": sizes.step_dtype, "device": sizes.device,
                          "timing": "CUDA events" if device.type == "cuda" else "perf_counter"},
-            "rows": rows, "summary": f"{ok}/{len(rows)} variants timed over {sizes.rounds} rounds"}
+            "rows": rows, "summary": f"{ok}/{len(rows)} variants timed over {sizes.rounds} rounds of "
+                                     f"{sizes.steps_per_timing} steps"}
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -380,7 +385,7 @@ def markdown(report: dict) -> str:
             lines += [f"LLaMA layers d={w['hidden']}, {w['layers']} layers, ff={w['intermediate']}, {w['heads']} "
                       f"heads, vocab {w['vocab']}, seq {w['seq']}, batch {w['batch']}, {w['dtype']}, M="
                       f"{w['sub_token_size']}, LoRA r={w['lora_rank']}; step = zero_grad + forward + backward + "
-                      f"AdamW; {w['timing']}; ratio = median of per-round ratios.", "",
+                      f"AdamW; {w['timing']}; {data['summary']}; ratio = median of per-round ratios.", "",
                       "| variant | vs | step (ms) | step ratio | saved activations (MiB) | saved ratio | status |",
                       "|---|---|---:|---:|---:|---:|---|"]
             for r in data["rows"]:
