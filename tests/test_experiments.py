@@ -262,3 +262,35 @@ def test_bench_flora_rank_buffers_shrink_with_rank(tmp_path, tiny_ablation, caps
     # the larger side keeps min(n, m) x r instead of max(n, m) x r: smaller buffers at the same rank
     by_setting = {(r["rank"], r["side"], r["orthogonal"]): r["accumulation_buffer_bytes"] for r in rows[1:]}
     assert by_setting[(32, "larger", False)] < by_setting[(32, "smaller", False)]
+
+
+def test_ctrl_c_stops_compare_in_one_line_and_the_rerun_continues(tmp_path, text_file):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two workers train: one line saying
+    what was kept, exit 130, no worker traceback and no worker left running (the re-run's reuse is the test
+    above)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "VELORA_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "velora", "compare", "--model", "llama-tiny", "--methods", "full,velora,lora",
+               "--data", str(text_file), "--seq-len", "32", "--out", str(out), "--jobs", "2", "--no-progress"]
+    first = subprocess.Popen([*command, "--steps", "400"], stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    began = time.monotonic()
+    while not (out / "runs" / "velora" / "log.csv").exists() or not (out / "runs" / "full" / "log.csv").exists():
+        assert first.poll() is None and time.monotonic() - began < 120, "both workers should be training"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGINT)
+    err = first.communicate(timeout=60)[1]
+    assert first.returncode == 130, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert "velora compare: stopped; the methods that finished are kept in" in err
+    time.sleep(0.5)
+    alive = [line for line in subprocess.run(["pgrep", "-a", "-s", str(first.pid)], capture_output=True,
+                                             text=True).stdout.splitlines() if "<defunct>" not in line]  # exited
+    assert alive == [], f"worker processes left running: {alive}"

@@ -14,6 +14,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -205,25 +206,38 @@ def _step_sender(conn, every_s: float = 1.0):
     def send(row: dict[str, float]) -> None:
         if time.perf_counter() - last[0] >= every_s:
             last[0] = time.perf_counter()
-            conn.send(("step", row))
+            _send_or_leave(conn, ("step", row))
 
     return send
+
+
+def _send_or_leave(conn, message) -> None:
+    """Send to the parent; when the parent is gone (stopped with Ctrl-C, killed) leave quietly: nobody is left
+    to read this worker's results, and a traceback per worker would bury the parent's one line."""
+    try:
+        conn.send(message)
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        os._exit(1)
 
 
 def _worker(conn) -> None:
     """Worker process body: train the jobs it is sent until it receives None. Progress goes up as ("step", row);
     each job is answered with ("ok", result) or ("error", exception or None, text, traceback); after an error
-    the worker stops."""
+    the worker stops. Ctrl-C is the parent's to handle: it stops the workers and says what was kept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while (job := conn.recv()) is not None:
         try:
-            conn.send(("ok", train_job(job, on_step=_step_sender(conn))))
+            result = train_job(job, on_step=_step_sender(conn))
         except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent, which re-raises it
             trace = traceback.format_exc()
             try:
                 conn.send(("error", err, f"{type(err).__name__}: {err}", trace))
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                os._exit(1)
             except Exception:  # the exception itself does not pickle: send its text
-                conn.send(("error", None, f"{type(err).__name__}: {err}", trace))
+                _send_or_leave(conn, ("error", None, f"{type(err).__name__}: {err}", trace))
             break
+        _send_or_leave(conn, ("ok", result))
     conn.close()
 
 
@@ -477,7 +491,12 @@ def write_results(out: Path, summary: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_compare(args)
+    try:
+        summary = run_compare(args)
+    except KeyboardInterrupt:
+        print(f"velora compare: stopped; the methods that finished are kept in {args.out} (results.md lists them); "
+              "run the same command again to train only the rest", file=sys.stderr)
+        return 130
     if args.json:
         slim = {**summary, "rows": [{k: v for k, v in r.items() if k != "loss_curve"} for r in summary["rows"]]}
         print(json.dumps(slim, default=str))
