@@ -279,15 +279,22 @@ def test_ctrl_c_stops_compare_in_one_line_and_the_rerun_continues(tmp_path, text
     command = [sys.executable, "-m", "velora", "compare", "--model", "llama-tiny", "--methods", "full,velora,lora",
                "--data", str(text_file), "--seq-len", "32", "--out", str(out), "--jobs", "2", "--no-progress"]
     # far more steps than it runs before the signal: no method can finish first, whatever the machine's speed
+    # SIG_DFL in the child: a shell's background job (CI may run as one) inherits SIGINT ignored, and Python then
+    # never turns it into KeyboardInterrupt
     first = subprocess.Popen([*command, "--steps", "20000"], stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
-    began = time.monotonic()
-    while len(list(out.glob("runs/*/log.csv"))) < 2:  # both workers are training
-        assert first.poll() is None and time.monotonic() - began < 120, "both workers should be training"
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.killpg(first.pid, signal.SIGINT)
-    err = first.communicate(timeout=60)[1]
+                             start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        began = time.monotonic()
+        while len(list(out.glob("runs/*/log.csv"))) < 2:  # both workers are training
+            assert first.poll() is None and time.monotonic() - began < 120, "both workers should be training"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.killpg(first.pid, signal.SIGINT)
+        err = first.communicate(timeout=60)[1]
+    finally:
+        if first.poll() is None:  # never leave a 20000-step run behind
+            os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 130, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert "velora compare: stopped; the methods that finished are kept in" in err
