@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from velora.distributed import bucket_wire_bytes, register_flora_comm_hook, run_local
+from velora.integrations.distributed import bucket_wire_bytes, register_flora_comm_hook, run_local
 
 
 def _counting_allreduce(state: dict, bucket):
@@ -45,7 +45,7 @@ def _worker(process_rank: int, world: int, preset: str, ranks: list[int], steps:
             project: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     config = build_config(preset)
     generator = torch.Generator().manual_seed(process_rank)
@@ -78,8 +78,8 @@ def _worker(process_rank: int, world: int, preset: str, ranks: list[int], steps:
 
 
 def _arithmetic(presets: list[str], ranks: list[int], project: str) -> None:
-    from velora.models import build_config, build_model
     from velora.optim import projectable_parameters
+    from velora.training.models import build_config, build_model
 
     print("\nbytes per step per rank, fp32 grads (formula). 'all': every gradient (embeddings, head, norms sent "
           "whole); 'matrices': the attention/MLP weights the hook compresses")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from velora.experiments.compare import RANK, SETTING, SUB_TOKEN_SIZE, TUNED_LR, UPDATE_GAP, method_overrides
-from velora.train import TrainConfig, train
+from velora.training.loop import TrainConfig, train
 
 
 def median_table(path: Path, chance: float) -> str:

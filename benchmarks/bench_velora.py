@@ -13,11 +13,12 @@ Variants
                             M=32 on every layer (num_groups=D/32: 16 for d=512; the down_proj layers, D=1344,
                             are set to 42 groups after construction because peft takes one num_groups per adapter)
 - peft LoRA + VeLoRA        the same peft LoRA with velora-torch on every lora_A, M=32, init batch_average_once;
-                            the parent layers run velora-torch's fused LoRA node (velora.lora_fused, the default)
+                            the parent layers run velora-torch's fused LoRA node (velora.core.lora_fused, the default)
 - ... unfused               informative: the same with VeLoRAConfig(fuse_lora=False), i.e. peft's own LoRA forward
                             around velora-torch's lora_A, to show what the compression alone costs or saves
 - QLoRA                     every projection a bitsandbytes NF4 Linear4bit (double quantisation, compute dtype = the
-                            model's), peft's bnb LoRA r=8 on it (velora.qlora, what `--method qlora` trains)
+                            model's), peft's bnb LoRA r=8 on it (velora.methods.lora.qlora, what
+                            `--method qlora` trains)
 - QLoRA + VeLoRA            the same with velora-torch on every lora_A (adapter mode, M=32); peft's bnb layer runs
                             its own forward around it (the fused LoRA node needs a plain nn.Linear base)
 
@@ -145,7 +146,7 @@ def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True) -> 
 def qlora(model: nn.Module, work: Workload, velora: bool = False) -> nn.Module:
     """bitsandbytes NF4 base (double quantisation, compute dtype = the model's), peft LoRA on every projection;
     with ``velora``, velora-torch on every lora_A (peft's bnb layer runs its own forward: no fused node)."""
-    from velora.qlora import quantize_base_linears
+    from velora.methods.lora.qlora import quantize_base_linears
 
     quantize_base_linears(model)
     model = peft_lora(model, work)

@@ -176,8 +176,8 @@ def _real_step_peak(model_name: str, method: str, sizes: Sizes) -> dict:
     """Peak bytes of one bf16 training step after a warm-up step: torch.cuda.max_memory_allocated on CUDA
     (minus what was allocated before the model existed), velora.memory's tracker on the CPU dry run."""
     from velora.memory.planner import _method_options
-    from velora.models import build_config, build_model
-    from velora.registry import build_optimizer, prepare_model
+    from velora.methods.registry import build_optimizer, prepare_model
+    from velora.training.models import build_config, build_model
 
     device = torch.device(sizes.device)
     gc.collect()
@@ -235,7 +235,7 @@ def memory_vs_plan(sizes: Sizes, budget: Budget) -> dict:
                 continue
             started = time.perf_counter()
             try:
-                from velora.models import build_config
+                from velora.training.models import build_config
 
                 options = _plan_options(build_config(model_name))
                 row["sub_token_size"] = options["sub_token_size"]

@@ -15,8 +15,8 @@ pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 
 from velora import VeLoRAConfig, apply_velora  # noqa: E402
-from velora.models import build_config, build_model  # noqa: E402
 from velora.optim import CompressedGradAccumulator, projectable_parameters  # noqa: E402
+from velora.training.models import build_config, build_model  # noqa: E402
 
 VOCAB, SEQ, ACCUMULATION, STEPS = 256, 16, 3, 2
 

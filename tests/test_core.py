@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import velora
-from velora.functional import VeLoRALinearFunction, velora_linear
-from velora.subtoken import (
+from velora.core.functional import VeLoRALinearFunction, velora_linear
+from velora.core.subtoken import (
     compress,
     factored_weight_grad,
     group,
@@ -164,7 +164,7 @@ def test_rank_r_saves_r_scalars_per_subtoken():
 
 
 def test_tiny_llama_down_proj_saved_bytes_drop_exactly():
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     cfg = build_config("llama-tiny", vocab_size=256)
     torch.manual_seed(0)
@@ -420,7 +420,7 @@ def test_group_shapes():
 def test_gradnorm_lorp_layer_composes_with_velora():
     """VeLoRA on a GradNormLoRP layer: grad_W of the composed weight flows on to m, I and J; exact when the
     input's sub-tokens lie on span(v), and the layer keeps z instead of x."""
-    from velora.gradnorm_lorp import GradNormLoRPConfig, apply_gradnorm_lorp
+    from velora.methods.gradnorm_lorp.model import GradNormLoRPConfig, apply_gradnorm_lorp
 
     def build():
         torch.manual_seed(0)

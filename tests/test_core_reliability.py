@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import velora
-from velora.functional import DOUBLE_BACKWARD_REFUSED, velora_linear
-from velora.subtoken import compress, orthonormalise, reconstruct
+from velora.core.functional import DOUBLE_BACKWARD_REFUSED, velora_linear
+from velora.core.subtoken import compress, orthonormalise, reconstruct
 
 torch.set_num_threads(1)
 
@@ -433,7 +433,7 @@ def _zero_token_ranks_worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def test_zero_token_batches_on_some_ranks_neither_hang_nor_skew_v(tmp_path):
-    from velora.distributed import run_local
+    from velora.integrations.distributed import run_local
 
     run_local(_zero_token_ranks_worker, 2, args=(str(tmp_path),), timeout_s=120)
     seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -1,4 +1,4 @@
-"""Corpus split, fingerprint, tokenizers and the batch order of velora.data."""
+"""Corpus split, fingerprint, tokenizers and the batch order of velora.training.data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from velora.data import (
+from velora.training.data import (
     LOCAL_PIECE_LINES,
     ByteTokenizer,
     TokenBlocks,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from velora.device import resolve_device
-from velora.train import TrainConfig, train
+from velora.training.device import resolve_device
+from velora.training.loop import TrainConfig, train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

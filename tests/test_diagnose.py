@@ -15,8 +15,8 @@ from torch import nn
 
 import velora
 from velora import VeLoRAConfig, apply_velora
-from velora.fidelity import DiagnosisLog
-from velora.train import TrainConfig, train
+from velora.core.fidelity import DiagnosisLog
+from velora.training.loop import TrainConfig, train
 
 
 class TwoLayer(nn.Module):
@@ -181,8 +181,8 @@ def test_fused_peft_lora_a_matches_the_real_fused_backward():
 
     from peft import LoraConfig, get_peft_model
 
-    from velora.lora_fused import FusedLoRAMixin
-    from velora.models import build_config, build_model
+    from velora.core.lora_fused import FusedLoRAMixin
+    from velora.training.models import build_config, build_model
 
     torch.manual_seed(0)
     base = build_model(build_config("llama-tiny", vocab_size=64)).double()
@@ -212,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_report():
     """+ckpt re-runs forwards inside the backward; those re-runs must not count as extra calls."""
     import copy
 
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     torch.manual_seed(0)
     model = build_model(build_config("llama-tiny", vocab_size=64)).double()
@@ -265,7 +265,7 @@ def test_the_model_is_left_untouched():
 def test_a_ddp_wrapped_model_is_diagnosed_without_disturbing_its_next_step(tmp_path):
     import torch.distributed as dist
 
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

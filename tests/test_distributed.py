@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
-from velora.distributed import (
+from velora.integrations.distributed import (
     bucket_wire_bytes,
     compress_gradient,
     decompress_gradient,
@@ -101,8 +101,8 @@ def _flora(model):
 
 
 def _galore(model):
+    from velora.methods.registry import projected_linear_weights
     from velora.optim.galore import GaLoreAdamW
-    from velora.registry import projected_linear_weights
 
     projected, rest = projected_linear_weights(model)
     return GaLoreAdamW([{"params": rest}, {"params": projected, "rank": 4, "update_proj_gap": 2, "scale": 0.25}],
@@ -145,7 +145,7 @@ def _ddp(model, **kwargs):
 
 
 def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=None, comm_hook=False):
-    from velora.distributed import register_flora_comm_hook, sync_context
+    from velora.integrations.distributed import register_flora_comm_hook, sync_context
     from velora.optim.accumulate import CompressedGradAccumulator
 
     accumulator = CompressedGradAccumulator(model, rank=4, accumulation_steps=micro_batches, seed=5)
@@ -170,7 +170,7 @@ def _accumulate(model, optimizer, batches, micro_batches: int, rank=None, ddp=No
 def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
     import time
 
-    from velora.distributed import (
+    from velora.integrations.distributed import (
         broadcast_velora_state,
         main_process_first,
         mean_across_ranks,
@@ -401,8 +401,8 @@ def test_comm_hook_decompression_is_unbiased():
 
 
 def test_comm_hook_side_sets_the_bytes_sent():
-    from velora.models import build_config, build_model
     from velora.optim import projectable_parameters
+    from velora.training.models import build_config, build_model
 
     with torch.device("meta"):
         model = build_model(build_config("llama-tiny", vocab_size=256))
@@ -434,7 +434,7 @@ def test_shard_indices_equal_sizes_and_errors():
 
 
 def test_init_from_env_without_torchrun_is_a_no_op_and_bad_backends_fail(monkeypatch):
-    from velora.distributed import init_from_env
+    from velora.integrations.distributed import init_from_env
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_from_env() == torch.device("cpu") and not dist.is_initialized()
@@ -447,7 +447,7 @@ def test_init_from_env_without_torchrun_is_a_no_op_and_bad_backends_fail(monkeyp
 
 
 def test_register_flora_comm_hook_rejects_plain_module():
-    from velora.distributed import register_flora_comm_hook
+    from velora.integrations.distributed import register_flora_comm_hook
 
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         register_flora_comm_hook(_model(None), rank=4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from velora.distributed import run_local
+from velora.integrations.distributed import run_local
 
 WORLD, STEPS = 2, 3
 # per rank, which experts each micro-batch of the cycle routes to; every parameter takes part in the last one
@@ -44,7 +44,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 def _ddp_cycle(rank: int, routes, comm_hook: bool) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    from velora.distributed import register_flora_comm_hook, sync_context
+    from velora.integrations.distributed import register_flora_comm_hook, sync_context
     from velora.optim import CompressedGradAccumulator
 
     model = _Gated()

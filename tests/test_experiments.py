@@ -59,7 +59,7 @@ def test_compare_rerun_reuses_finished_methods(tmp_path, text_file, capsys, monk
     fixed) reuses them without retraining and trains the rest."""
     from velora.cli import main
     from velora.experiments import compare
-    from velora.train import TrainingDiverged
+    from velora.training.loop import TrainingDiverged
 
     monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(compare, "PLAIN_PROGRESS_EVERY_S", 0.0)
@@ -158,7 +158,7 @@ def test_compare_numbers_do_not_depend_on_jobs(tmp_path, text_file, capsys, monk
 
 def test_compare_worker_failure_fails_the_command(tmp_path, text_file, monkeypatch):
     from velora.cli import main
-    from velora.train import TrainingDiverged
+    from velora.training.loop import TrainingDiverged
 
     monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(TrainingDiverged, match="method velora: training stopped: loss is nan"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from velora.distributed import run_local
+from velora.integrations.distributed import run_local
 
 WORLD, STEPS, BATCH = 2, 6, 8
 FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6): sides switched; 5 rows: uneven

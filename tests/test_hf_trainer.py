@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from velora import VeLoRAConfig, velora_modules  # noqa: E402
-from velora.hf import ACCUMULATOR_NAME, VeLoRACallback, VeLoRATrainer, trainer_optimizer  # noqa: E402
-from velora.models import build_config, build_model  # noqa: E402
+from velora.integrations.hf import ACCUMULATOR_NAME, VeLoRACallback, VeLoRATrainer, trainer_optimizer  # noqa: E402
+from velora.training.models import build_config, build_model  # noqa: E402
 
 SEQ, VOCAB = 16, 256
 FLORA_OPTIONS = {"flora_rank": 4, "flora_kappa": 3, "flora_accumulation": True, "optimizer": "adamw"}
@@ -132,7 +132,7 @@ def test_compressed_accumulation_needs_accumulation_steps(tmp_path):
 
 
 def test_gradnormlorp_trainer_trains_factors_with_projected_optimizer(tmp_path):
-    from velora.gradnorm_lorp import gradnorm_lorp_modules
+    from velora.methods.gradnorm_lorp.model import gradnorm_lorp_modules
     from velora.optim import GaLoreAdamW
 
     trainer = VeLoRATrainer(model=_model(), args=_args(tmp_path, max_steps=2, accumulation=1, save_strategy="no"),

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("peft")
 
 from velora import merge_gradnorm_lorp, remove_velora, velora_modules  # noqa: E402
-from velora.train import TrainConfig, train  # noqa: E402
+from velora.training.loop import TrainConfig, train  # noqa: E402
 
 METHODS = ("velora", "lora", "gradnormlorp", "full")
 
@@ -90,7 +90,7 @@ def test_init_from_any_method_into_any_method_starts_training(sources, text_file
 
 def test_lora_merge_is_w_plus_scaled_b_a(sources):
     """The LoRA merge written out: W = W0 + (alpha / r) · B · A (alpha 16, r 4), against the saved factors."""
-    from velora.init_from import read_init_source
+    from velora.training.init_from import read_init_source
 
     folder, model = sources["lora"]
     init = read_init_source(folder)
@@ -143,7 +143,7 @@ def test_other_trained_methods_as_sources(tmp_path, text_file, source):
 def test_a_quantised_source_is_refused_in_one_line(tmp_path, text_file):
     from safetensors.torch import save_file
 
-    from velora.init_from import read_init_source
+    from velora.training.init_from import read_init_source
 
     checkpoint = tmp_path / "checkpoints" / "step-0000001"
     checkpoint.mkdir(parents=True)
@@ -179,7 +179,7 @@ def test_init_from_refuses_a_tokenizer_that_maps_ids_differently_and_the_cli_tak
     import json
 
     from velora.cli import main
-    from velora.data import load_tokenizer
+    from velora.training.data import load_tokenizer
 
     source = tmp_path / "base"
     train(tiny(text_file, method="full", tokenizer="bpe", vocab_size=300), source, measure=False, tensorboard=False,

@@ -1,4 +1,4 @@
-"""The fused LoRA + VeLoRA path (velora.lora_fused): same numbers as peft's unfused path and as plain autograd,
+"""The fused LoRA + VeLoRA path (velora.core.lora_fused): same numbers as peft's unfused path and as plain autograd,
 the same saved bytes, and peft's own forward whenever the case is not the plain one."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 from references import saved_activation_bytes  # noqa: E402
 
 from velora import VeLoRAConfig, apply_velora, remove_velora  # noqa: E402
-from velora.lora_fused import FusedLoRAMixin  # noqa: E402
+from velora.core.lora_fused import FusedLoRAMixin  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -110,7 +110,7 @@ def test_checkpointed_region_counts_only_what_it_keeps(use_reentrant):
 
 
 def _tiny_llama():
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     torch.manual_seed(0)
     return build_model(build_config("llama-tiny", vocab_size=256))

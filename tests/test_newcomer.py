@@ -17,7 +17,7 @@ def _reference_activation_bytes(method: str, batch: int, seq: int, sub_token_siz
     depend on shapes only, not on the trained weights)."""
     from velora import VeLoRAConfig, apply_velora
     from velora.memory import SavedActivationMeter
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     torch.manual_seed(0)
     model = build_model(build_config("llama-small", vocab_size=256, max_position_embeddings=seq))
@@ -75,12 +75,12 @@ def test_version_flag(capsys):
 
 
 def test_subpackages_reachable_and_import_stays_light():
-    """``velora.hf`` / ``velora.memory`` / ``velora.optim`` resolve on first use; a bare ``import velora`` pulls
-    in neither transformers nor those sub-packages (checked in a fresh interpreter)."""
+    """``velora.integrations`` / ``velora.memory`` / ``velora.optim`` resolve on first use; a bare ``import velora``
+    pulls in neither transformers nor those sub-packages (checked in a fresh interpreter)."""
     code = ("import sys, velora; "
-            "before = sorted(m for m in ('transformers', 'velora.hf', 'velora.memory', 'velora.optim') "
+            "before = sorted(m for m in ('transformers', 'velora.integrations.hf', 'velora.memory', 'velora.optim') "
             "if m in sys.modules); "
-            "names = (velora.hf.trainer_optimizer.__name__, velora.memory.SavedActivationMeter.__name__, "
+            "names = (velora.integrations.hf.trainer_optimizer.__name__, velora.memory.SavedActivationMeter.__name__, "
             "velora.optim.Flora.__name__); "
             "print(before, names)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -90,4 +90,4 @@ def test_subpackages_reachable_and_import_stays_light():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         velora.nope  # noqa: B018
-    assert {"hf", "memory", "optim"} <= set(dir(velora))
+    assert {"integrations", "memory", "optim"} <= set(dir(velora))

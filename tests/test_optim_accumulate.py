@@ -8,8 +8,8 @@ import pytest
 import torch
 from optim_helpers import lm_loss, toy_batch, toy_model
 
-from velora.models import build_config, build_model
 from velora.optim import CompressedGradAccumulator, Flora, random_projection
+from velora.training.models import build_config, build_model
 
 torch.set_num_threads(1)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from optim_helpers import FACTORIES, lm_loss, real_text_tokens, toy_batch, toy_model
 
-from velora.models import build_config, build_model
 from velora.optim import Flora, GaLoreAdamW, optimizer_state_bytes
 from velora.optim.projections import compression_plan
 from velora.optim.quant import quantized_bytes
+from velora.training.models import build_config, build_model
 
 torch.set_num_threads(1)
 

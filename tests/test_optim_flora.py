@@ -7,10 +7,10 @@ import io
 import pytest
 import torch
 
-from velora.models import build_config, build_model
 from velora.optim import Flora, derive_seed, random_projection
 from velora.optim.projections import compression_plan
 from velora.optim.quant import dequantize_blockwise, quantize_blockwise
+from velora.training.models import build_config, build_model
 
 torch.set_num_threads(1)
 

@@ -263,8 +263,8 @@ def test_presets_name_the_paper_and_the_authors_settings():
 
 
 def test_method_options_pass_the_momentum_options_to_flora():
-    from velora.models import build_config, build_model
-    from velora.registry import MethodOptions, build_optimizer
+    from velora.methods.registry import MethodOptions, build_optimizer
+    from velora.training.models import build_config, build_model
 
     model = build_model(build_config("llama-tiny", vocab_size=256))
     options = MethodOptions(lr=1e-2, optimizer="adafactor", flora_rank=4, flora_momentum="update",

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from velora.layers import velora_modules
-from velora.models import build_config, build_model
-from velora.registry import MethodOptions, build_optimizer, prepare_model
+from velora.core.layers import velora_modules
+from velora.methods.registry import MethodOptions, build_optimizer, prepare_model
+from velora.training.models import build_config, build_model
 
 torch.set_num_threads(1)
 
@@ -59,7 +59,7 @@ def test_cumulative_update_of_velora_layers_stays_in_span_v_per_chunk(kind):
 
 
 def test_velora_weights_get_their_gradients_side_and_rank():
-    from velora.registry import velora_gradient_subspaces
+    from velora.methods.registry import velora_gradient_subspaces
 
     model, optimizer, layers, _ = _train_galore_velora(steps=1)
     subspaces = velora_gradient_subspaces(model)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import velora
-from velora.gradnorm_lorp import GradNormLoRPLinear, gradnorm_lorp_modules
-from velora.models import build_config, build_model
+from velora.methods.gradnorm_lorp.model import GradNormLoRPLinear, gradnorm_lorp_modules
 from velora.optim import gradnorm_lorp_optimizer, optimizer_state_bytes
+from velora.training.models import build_config, build_model
 
 torch.set_num_threads(1)
 

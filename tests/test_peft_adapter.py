@@ -15,9 +15,9 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from references import capture_io, saved_activation_bytes  # noqa: E402
 
 from velora import VeLoRAConfig, apply_velora, remove_velora, velora_modules  # noqa: E402
-from velora.layers import load_peft_velora_state  # noqa: E402
-from velora.models import build_config, build_model  # noqa: E402
-from velora.subtoken import compress, reconstruct  # noqa: E402
+from velora.core.layers import load_peft_velora_state  # noqa: E402
+from velora.core.subtoken import compress, reconstruct  # noqa: E402
+from velora.training.models import build_config, build_model  # noqa: E402
 
 torch.set_num_threads(1)
 

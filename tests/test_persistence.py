@@ -22,7 +22,7 @@ from velora import (  # noqa: E402
     require_velora_state,
     velora_modules,
 )
-from velora.layers import load_peft_velora_state  # noqa: E402
+from velora.core.layers import load_peft_velora_state  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -275,7 +275,7 @@ def test_trainer_resume_restores_v_of_lora_velora(tmp_path):
     keeps the lora_A.velora_* keys because VeLoRATrainer applied VeLoRA before the checkpoint is read."""
     from safetensors.torch import load_file
 
-    from velora.hf import VeLoRATrainer
+    from velora.integrations.hf import VeLoRATrainer
 
     ids = torch.randint(1, VOCAB, (16, SEQ), generator=torch.Generator().manual_seed(0))  # (N, T)
     dataset = [{"input_ids": row, "labels": row} for row in ids]

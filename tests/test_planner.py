@@ -15,7 +15,7 @@ from velora.cli import main
 from velora.memory import measure_step_peak, plan, training_setup
 from velora.memory.nf4 import NF4Linear, dequantize_nf4, nf4_bytes_per_weight, quantize_nf4
 from velora.memory.planner import load_config
-from velora.models import build_config
+from velora.training.models import build_config
 
 BATCH, SEQ = 2, 32
 

@@ -16,10 +16,10 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from velora.layers import remove_velora, velora_modules  # noqa: E402
+from velora.core.layers import remove_velora, velora_modules  # noqa: E402
 from velora.memory.nf4 import NF4Linear  # noqa: E402
-from velora.qlora import linear4bit_bytes, quantize_base_linears  # noqa: E402
-from velora.train import TrainConfig, latest_checkpoint, train  # noqa: E402
+from velora.methods.lora.qlora import linear4bit_bytes, quantize_base_linears  # noqa: E402
+from velora.training.loop import TrainConfig, latest_checkpoint, train  # noqa: E402
 
 
 def tiny(text_file: Path, **changes) -> TrainConfig:
@@ -84,7 +84,7 @@ def test_qlora_velora_resume_is_bitwise(tmp_path, text_file):
 
 
 def test_quantised_model_reloads_strictly_and_bitwise_from_its_state_dict():
-    from velora.models import build_config, build_model
+    from velora.training.models import build_config, build_model
 
     def quantised(seed: int) -> nn.Module:
         torch.manual_seed(seed)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import velora.train as train_module
-from velora.registry import base_methods, method_names, parse_method
-from velora.train import (
+import velora.training.loop as train_module
+from velora.methods.registry import base_methods, method_names, parse_method
+from velora.training.loop import (
     TrainConfig,
     TrainingDiverged,
     latest_checkpoint,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import velora.train as train_module
-from velora.runfiles import RunFolderError
-from velora.train import TrainConfig, TrainingDiverged, latest_checkpoint, load_training_state, lr_factor, train
+import velora.training.loop as train_module
+from velora.training.loop import TrainConfig, TrainingDiverged, latest_checkpoint, load_training_state, lr_factor, train
+from velora.training.runfiles import RunFolderError
 
 
 def tiny(text_file: Path, **changes) -> TrainConfig:
@@ -49,7 +49,7 @@ def _one_line_error(code: int, err: str) -> str:
 def test_resume_uses_the_saved_tokenizer_and_refuses_changed_text(tmp_path, text_file):
     from tokenizers import Tokenizer
 
-    from velora.data import BPETokenizer, load_corpus, train_bpe
+    from velora.training.data import BPETokenizer, load_corpus, train_bpe
 
     data = tmp_path / "corpus.txt"
     shutil.copy(text_file, data)
@@ -81,9 +81,9 @@ def test_resume_refuses_the_stdlib_of_another_python(tmp_path, monkeypatch):
     config = TrainConfig(model="llama-tiny", data="stdlib", tokenizer="byte", max_train_chars=40_000,
                          max_val_chars=4_000, seq_len=32, batch_size=2, steps=3, warmup_steps=1, eval_batches=1)
     train(config, tmp_path / "run", measure=False, stop_at_step=1)
-    import velora.data
+    import velora.training.data
 
-    monkeypatch.setattr(velora.data.platform, "python_version", lambda: "3.99.0")
+    monkeypatch.setattr(velora.training.data.platform, "python_version", lambda: "3.99.0")
     with pytest.raises(ValueError, match=r"training text changed.*python: 3\.\d+\.\d+ -> 3\.99\.0"):
         train(config, tmp_path / "run", resume=True, measure=False)
 
@@ -244,7 +244,7 @@ def test_divergence_message_points_at_allow_lr_change_and_that_resume_uses_the_n
 
 
 def test_divergence_rule_tolerates_a_short_spike_and_fires_on_a_sustained_one():
-    from velora.guards import DivergenceRule
+    from velora.training.guards import DivergenceRule
 
     rule = DivergenceRule(vocab_size=257)  # ceiling ln 257 + 2 = 7.549
     assert [rule.train_loss(s, loss) for s, loss in enumerate([5.5, 9.0, 9.0, 5.0, 9.0, 9.0], 1)] == [None] * 6
@@ -290,14 +290,14 @@ def test_corrupt_checkpoint_files_are_named_with_what_to_do(tmp_path, text_file,
 
 
 def test_a_single_line_file_is_split_by_characters(tmp_path, text_file):
-    import velora.data
+    import velora.training.data
 
     one_line = tmp_path / "one-line.txt"
     text = text_file.read_text().replace("\n", " ") * 3  # ~135 KB, no newline
     one_line.write_text(text)
-    corpus = velora.data.load_corpus(str(one_line))
+    corpus = velora.training.data.load_corpus(str(one_line))
     assert corpus.train and corpus.validation
-    assert all(len(piece) <= velora.data.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
+    assert all(len(piece) <= velora.training.data.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
     assert sum(len(p) for p in corpus.train + corpus.validation) == len(text)
     result = train(tiny(one_line, steps=2), measure=False)
     assert result["status"] == "completed"
@@ -319,9 +319,9 @@ def test_a_model_far_too_large_is_refused_before_it_is_built(text_file):
 
 
 def test_memory_check_uses_the_planner_and_can_be_overridden(text_file, monkeypatch):
-    import velora.guards as guards
+    import velora.training.guards as guards
     from velora.memory.planner import plan
-    from velora.models import build_config
+    from velora.training.models import build_config
 
     planned = plan(build_config("llama-tiny", vocab_size=257), "full", batch=4, seq=32)["peak_bytes"]  # byte ids
     monkeypatch.setattr(guards, "rough_step_bytes", lambda *args: planned * 10)  # too close to skip the exact plan
@@ -395,9 +395,9 @@ def test_help_states_every_default(command):
 def test_velora_init_lists_choices_and_dtype_spellings_agree(capsys):
     import argparse
 
-    from velora.config import INIT_STRATEGIES
-    from velora.memory.cli import add_arguments as plan_arguments
-    from velora.train_cli import add_arguments as train_arguments
+    from velora.cli.plan import add_arguments as plan_arguments
+    from velora.cli.train import add_arguments as train_arguments
+    from velora.core.config import INIT_STRATEGIES
 
     train_parser, plan_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
     train_arguments(train_parser)
@@ -414,7 +414,7 @@ def test_velora_init_lists_choices_and_dtype_spellings_agree(capsys):
 
 
 def test_plan_table_picks_mib_or_gib(capsys):
-    from velora.memory.cli import render
+    from velora.cli.plan import render
     from velora.memory.peak import CATEGORIES
 
     def result(peak: int) -> dict:

@@ -11,7 +11,7 @@ from references import capture_io, saved_activation_bytes
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
-from velora.subtoken import compress, reconstruct
+from velora.core.subtoken import compress, reconstruct
 
 torch.set_num_threads(1)
 

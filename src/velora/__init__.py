@@ -1,35 +1,35 @@
 """velora-torch: train transformers in less memory.
 
-Core (this package): VeLoRA rank-1 sub-token compression of the activations saved for backward.
-Sub-packages: ``velora.memory`` (meter, peak tracker, planner), ``velora.optim`` (FLoRA, GaLore,
-GradNormLoRP optimizers). Names of optional parts are resolved lazily so ``import velora`` stays light.
+The public API is re-exported here: ``apply_velora`` / ``remove_velora`` (the VeLoRA op, ``velora.core``),
+``velora.optim`` (FLoRA, GaLore, GradNormLoRP optimizers), ``velora.memory`` (meter, peak tracker, planner).
+ARCHITECTURE.md maps the other sub-packages. Optional parts resolve lazily so ``import velora`` stays light.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from velora.config import VeLoRAConfig
-from velora.functional import velora_linear
-from velora.layers import apply_velora, is_velora_module, load_peft_velora_state, remove_velora, velora_modules
+from velora.core.config import VeLoRAConfig
+from velora.core.functional import velora_linear
+from velora.core.layers import apply_velora, is_velora_module, load_peft_velora_state, remove_velora, velora_modules
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first use)
 _LAZY = {
-    "apply_gradnorm_lorp": "velora.gradnorm_lorp",
-    "GradNormLoRPConfig": "velora.gradnorm_lorp",
-    "merge_gradnorm_lorp": "velora.gradnorm_lorp",
-    "load_velora_state": "velora.persistence",
-    "require_velora_state": "velora.persistence",
-    # the module is velora.fidelity: a submodule named velora.diagnose would shadow this function once imported
-    "diagnose": "velora.fidelity",
-    "FidelityReport": "velora.fidelity",
+    "apply_gradnorm_lorp": "velora.methods.gradnorm_lorp.model",
+    "GradNormLoRPConfig": "velora.methods.gradnorm_lorp.model",
+    "merge_gradnorm_lorp": "velora.methods.gradnorm_lorp.model",
+    "load_velora_state": "velora.core.persistence",
+    "require_velora_state": "velora.core.persistence",
+    # the module is velora.core.fidelity: a submodule named velora.diagnose would shadow this function once imported
+    "diagnose": "velora.core.fidelity",
+    "FidelityReport": "velora.core.fidelity",
 }
 
-# sub-packages reachable as attributes (``velora.hf.trainer_optimizer``) and imported on first use, so that
+# sub-packages reachable as attributes (``velora.integrations.hf.trainer_optimizer``) and imported on first use, so that
 # ``import velora`` does not import transformers
-_SUBMODULES = ("hf", "memory", "optim", "distributed", "registry", "train", "models", "data")
+_SUBMODULES = ("core", "methods", "training", "integrations", "memory", "optim", "experiments", "cli")
 
 __all__ = [
     "VeLoRAConfig",

@@ -40,7 +40,7 @@ def ensure_base(root: Path, steps: int, progress: bool, say, model: str | None =
     """The pre-trained base model (``model``, by default ``BASE["model"]``, on stdlib code), trained once and
     reused while its configuration is unchanged. Returns the run folder (holding tokenizer.json and
     checkpoints/)."""
-    from velora.train import TrainConfig, latest_checkpoint, train
+    from velora.training.loop import TrainConfig, latest_checkpoint, train
 
     model = model or BASE["model"]
     config = TrainConfig(steps=steps, **{**BASE, "model": model})
@@ -58,7 +58,7 @@ def ensure_base(root: Path, steps: int, progress: bool, say, model: str | None =
 
 def finetune_config(base: Path, method: str, velora: dict[str, Any] | None = None, **changes):
     """A fine-tuning TrainConfig on stdlib docstrings/comments starting from the base model."""
-    from velora.train import TrainConfig
+    from velora.training.loop import TrainConfig
 
     settings = {**FINETUNE, **changes}
     settings["options"] = {**FINETUNE["options"], **changes.get("options", {})}
@@ -68,7 +68,7 @@ def finetune_config(base: Path, method: str, velora: dict[str, Any] | None = Non
 
 def run_variants(variants: list[Variant], out: Path, progress: bool, say, before_each: Callable | None = None
                  ) -> list[dict[str, Any]]:
-    from velora.train import train
+    from velora.training.loop import train
 
     rows = []
     for index, variant in enumerate(variants, 1):

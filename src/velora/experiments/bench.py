@@ -17,9 +17,9 @@ from velora.experiments.ablation import add_common_arguments, print_summary, std
 from velora.experiments.common import write_json
 
 EXPERIMENTS = {
-    "subtoken": ("velora.experiments.subtoken", "VeLoRA Tab. 5b: sub-token size M = D/64 … D/8"),
+    "subtoken": ("velora.experiments.bench_subtoken", "VeLoRA Tab. 5b: sub-token size M = D/64 … D/8"),
     "init": ("velora.experiments.init", "VeLoRA Tab. 5c: random / SVD / fixed average / running average v"),
-    "layers": ("velora.experiments.layers", "VeLoRA Tab. 6: q, k, v, down combinations"),
+    "layers": ("velora.experiments.bench_layers", "VeLoRA Tab. 6: q, k, v, down combinations"),
     "convergence": ("velora.experiments.convergence", "VeLoRA Tab. 5a: LoRA vs LoRA+VeLoRA per epoch"),
     "flora-rank": ("velora.experiments.flora_rank", "FLoRA Tab. 1: compressed accumulation memory/quality vs r"),
     "flora-kappa": ("velora.experiments.flora_kappa", "FLoRA Tab. 3: momentum resampling interval kappa"),

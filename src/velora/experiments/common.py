@@ -80,7 +80,7 @@ def package_versions(names: Sequence[str] = ("torch", "transformers", "peft", "t
 
 def stdlib_sha256() -> str:
     """Fingerprint of the running Python's standard library (file list and sizes), the default corpus."""
-    from velora.data import _stdlib_fingerprint, stdlib_files, stdlib_root
+    from velora.training.data import _stdlib_fingerprint, stdlib_files, stdlib_root
 
     root = stdlib_root()
     return _stdlib_fingerprint(root, stdlib_files(root))

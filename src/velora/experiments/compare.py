@@ -35,7 +35,7 @@ from velora.experiments.compare_folder import finished_result, prepare_folder, r
 from velora.experiments.compare_plot import write_plot
 from velora.experiments.compare_report import HEADERS, render_markdown, table_rows
 from velora.experiments.progress import MethodState, ProgressBoard
-from velora.registry import parse_method
+from velora.methods.registry import parse_method
 
 DEFAULT_METHODS = ("full", "velora", "lora", "galore", "flora", "gradnormlorp")
 DEFAULT_OUT = "velora-runs/compare"
@@ -176,7 +176,7 @@ class Job:
     """One method's training run, everything a worker process needs (picklable)."""
 
     method: str
-    config: Any  # velora.train.TrainConfig
+    config: Any  # velora.training.loop.TrainConfig
     run_dir: Path
     threads: int
     progress: bool
@@ -186,7 +186,7 @@ class Job:
 def train_job(job: Job, on_step=None) -> dict[str, Any]:
     """Train one method and return its result without the model (runs in the caller or in a worker). The
     result, with its wall and CPU time, is also ``run_dir/result.json``: a later run reuses it."""
-    from velora.train import train
+    from velora.training.loop import train
 
     torch.set_num_threads(job.threads)
     began, cpu_began = time.perf_counter(), time.process_time()
@@ -350,7 +350,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[list[str], int, int]:
 
 
 def run_compare(args: argparse.Namespace, log=None) -> dict[str, Any]:
-    from velora.train import TrainConfig, load_data
+    from velora.training.loop import TrainConfig, load_data
 
     say = log or (lambda message: print(message, file=sys.stderr))
     methods, n_jobs, threads = _check_arguments(args)

@@ -20,7 +20,7 @@ PAPER_ROWS = [[1, 36.4, 36.7], [2, 37.3, 37.5], [3, 38.4, 38.1], [4, 39.1, 39.5]
 
 
 def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
-    from velora.train import load_data
+    from velora.training.loop import load_data
 
     base = ablation.ensure_base(out.parent / "shared", args.base_steps, not args.no_progress, say)
     probe = ablation.finetune_config(base, "lora", max_train_chars=TRAIN_CHARS)

@@ -42,7 +42,7 @@ PAPER_NOTE = ("FLoRA Tab. 3 (papers/flora-paper.txt; T5-small 60M on XSum, Adafa
 
 
 def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
-    from velora.train import TrainConfig
+    from velora.training.loop import TrainConfig
 
     steps = args.steps or 150
     setting = {**TUNING_SETTING, "steps": steps, "warmup_steps": max(1, steps // 10)}

@@ -51,7 +51,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load_config(model: Any, **overrides: Any):
     """A transformers config from a preset name, a config.json path/directory, or a config object."""
-    from velora.models import build_config
+    from velora.training.models import build_config
 
     if isinstance(model, str):
         return build_config(model, **overrides)
@@ -121,7 +121,7 @@ def _preset_velora_directions(model: nn.Module) -> int:
     """Give every VeLoRA layer its directions before the first step. Their data-dependent initialisation
     (mean sub-token, finiteness checks) cannot run on fake tensors and costs nothing in the measured
     second step; the directions' values do not change any byte count."""
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     modules = velora_modules(model)
     for module in modules.values():
@@ -144,7 +144,7 @@ def _default_dtype(dtype: torch.dtype):
 
 def make_batch(config, batch: int, seq: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Inputs + labels for one step of the model ``build_model(config)`` returns."""
-    from velora.models import model_family
+    from velora.training.models import model_family
 
     family = model_family(config)
     if family == "vit":
@@ -158,7 +158,7 @@ def make_batch(config, batch: int, seq: int, dtype: torch.dtype) -> dict[str, to
 
 def _check_shapes(config, batch: int, seq: int) -> Any:
     """Validate batch/seq against the config; for ViT, return the config sized to ``seq`` tokens."""
-    from velora.models import model_family
+    from velora.training.models import model_family
 
     for name, value in (("batch", batch), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -183,8 +183,8 @@ def _check_shapes(config, batch: int, seq: int) -> Any:
 
 
 def _method_options(optimizer: str, options: dict[str, Any]):
-    from velora.config import VeLoRAConfig
-    from velora.registry import MethodOptions
+    from velora.core.config import VeLoRAConfig
+    from velora.methods.registry import MethodOptions
 
     options = dict(options)
     velora_keys = {f.name for f in dataclasses.fields(VeLoRAConfig)} - {"version"}
@@ -210,8 +210,8 @@ def training_setup(config, method: str, optimizer: str = "adamw", *, batch: int,
                    dtype: str | torch.dtype = "fp32", seed: int = 0, **options: Any) -> TrainingSetup:
     """Model (after the method's surgery), optimizer and a one-step closure, on whatever tensors the
     current mode makes (real, or fake under ``FakeTensorMode``)."""
-    from velora.models import build_model
-    from velora.registry import Method, build_optimizer, check_optimizer, parse_method, prepare_model
+    from velora.methods.registry import Method, build_optimizer, check_optimizer, parse_method, prepare_model
+    from velora.training.models import build_model
 
     torch_dtype = parse_dtype(dtype)
     parsed = parse_method(method)

@@ -37,7 +37,8 @@ def refuse_dtensor(owner: str, param) -> None:
 
     if isinstance(param, DTensor):
         raise ValueError(f"{owner}: a parameter of shape {tuple(param.shape)} is a DTensor, i.e. sharded by FSDP2 "
-                         f"(fully_shard), which {owner} does not support yet; use DDP (velora.distributed.wrap_ddp) "
+                         f"(fully_shard), which {owner} does not support yet; use DDP "
+                         "(velora.integrations.distributed.wrap_ddp) "
                          "or plain torch.optim.AdamW with VeLoRA layers under FSDP2")
 
 

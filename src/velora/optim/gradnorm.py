@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from velora.gradnorm_lorp import gradnorm_lorp_modules
+from velora.methods.gradnorm_lorp.model import gradnorm_lorp_modules
 from velora.optim._common import check_positive, refuse_dtensor
 from velora.optim.galore import GaLoreAdamW
 

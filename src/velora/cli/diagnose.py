@@ -1,12 +1,12 @@
 """`velora diagnose`: build a model as `velora train` does, set v on a first batch, report on a second batch
-how much of each VeLoRA layer's input energy and weight gradient the directions keep (velora.fidelity)."""
+how much of each VeLoRA layer's input energy and weight gradient the directions keep (velora.core.fidelity)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from velora.config import INIT_STRATEGIES
+from velora.core.config import INIT_STRATEGIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from velora.registry import parse_method
-    from velora.train import TrainConfig, _is_pretrained_dir
+    from velora.methods.registry import parse_method
+    from velora.training.loop import TrainConfig, _is_pretrained_dir
 
     if not parse_method(args.method).velora:
         raise ValueError(f"--method {args.method!r} has no VeLoRA layers to diagnose; add +velora "
@@ -55,7 +55,7 @@ def _train_steps(model, config, data, steps: int) -> None:
     """Plain optimizer steps on batches 1..steps (no schedule, no clipping): enough to move LoRA's B off zero."""
     import torch
 
-    from velora.registry import build_optimizer
+    from velora.methods.registry import build_optimizer
 
     if steps < 0:
         raise ValueError(f"--train-steps={steps} must be >= 0")
@@ -71,9 +71,9 @@ def _train_steps(model, config, data, steps: int) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from velora.fidelity import diagnose
-    from velora.registry import prepare_model
-    from velora.train import build_base_model, load_data
+    from velora.core.fidelity import diagnose
+    from velora.methods.registry import prepare_model
+    from velora.training.loop import build_base_model, load_data
 
     config = _config(args)
     torch.manual_seed(config.seed)  # the model `velora train` would start from

@@ -23,7 +23,7 @@ import torch
 
 def check_model_spec(model: str) -> None:
     """Refuse a ``--model`` that cannot be a preset, a local path or a hub id, before anything is loaded."""
-    from velora.models import PRESETS
+    from velora.training.models import PRESETS
 
     if model in PRESETS or os.path.exists(model):
         return
@@ -76,7 +76,7 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
 
 def _model_config(config, vocab_size: int):
     """The transformers config ``train`` will build, or None for a hub model (not looked up)."""
-    from velora.models import PRESETS, build_config
+    from velora.training.models import PRESETS, build_config
 
     if config.model in PRESETS or config.model.endswith(".json") or Path(config.model).is_dir():
         overrides = {"vocab_size": vocab_size} if config.tokenizer != "model" else {}
@@ -91,7 +91,7 @@ def rough_step_bytes(model_config, batch: int, seq: int, bytes_per_value: int) -
     """A generous estimate (weights, gradients and two optimizer moments, plus ~40 saved values per hidden
     unit per layer and the logits thrice): below a quarter of the available memory, planning is skipped."""
     with torch.device("meta"):
-        from velora.models import build_model
+        from velora.training.models import build_model
 
         n_params = sum(p.numel() for p in build_model(model_config).parameters())
     hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 1024)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from velora.subtoken import _as, compress, factored_weight_grad
+from velora.core.subtoken import _as, compress, factored_weight_grad
 
 DOUBLE_BACKWARD_REFUSED = (
     "double backward through a VeLoRA layer's weight gradient is not supported: it is built from the compressed "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from velora.persistence import PEFT_PREFIX, VELORA_BUFFERS, _restore_layer, read_tensors
+from velora.core.persistence import PEFT_PREFIX, VELORA_BUFFERS, _restore_layer, read_tensors
 
 __all__ = ["InitSource", "read_init_source", "load_init_weights", "restore_init_velora"]
 
@@ -70,7 +70,7 @@ def source_tokenizer(source) -> Path | None:
 def check_same_tokenizer(source, tokenizer) -> None:
     """Refuse to start from a run whose token ids mean other strings: its embeddings and head are indexed by its
     own tokenizer, so a tokenizer retrained on other --data would silently scramble them."""
-    from velora.data import load_tokenizer
+    from velora.training.data import load_tokenizer
 
     saved = source_tokenizer(source)
     if saved is None:
@@ -210,7 +210,7 @@ def _base_layer_name(name: str) -> str:
 def restore_init_velora(model: nn.Module, init: InitSource) -> str:
     """After the target method prepared ``model``: restore v where the target wraps the same layer with the same
     shape; returns the one-line summary of what was taken from the source and what was left."""
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     targets = velora_modules(model)
     restored = 0

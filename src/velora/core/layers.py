@@ -16,9 +16,9 @@ import warnings
 import torch
 from torch import nn
 
-from velora.config import VeLoRAConfig
-from velora.functional import VeLoRALinearFunction
-from velora.layer_support import (
+from velora.core.config import VeLoRAConfig
+from velora.core.functional import VeLoRALinearFunction
+from velora.core.layer_support import (
     autocast_cast,
     broadcast,
     first_rank_with_tokens,
@@ -27,8 +27,8 @@ from velora.layer_support import (
     mean_over_ranks,
     projection_problem,
 )
-from velora.lora_fused import fuse, unfuse
-from velora.subtoken import compute_dtype, initial_directions, orthonormalise
+from velora.core.lora_fused import fuse, unfuse
+from velora.core.subtoken import compute_dtype, initial_directions, orthonormalise
 
 
 class VeLoRAMixin:
@@ -74,8 +74,8 @@ class VeLoRAMixin:
         if not self._velora_checked:
             self._velora_check_state()
         if not self._velora_ready:
-            if "_velora_expected_state" in self.__dict__:  # its saved v was expected (velora.persistence)
-                from velora.persistence import refuse_fresh_init
+            if "_velora_expected_state" in self.__dict__:  # its saved v was expected (velora.core.persistence)
+                from velora.core.persistence import refuse_fresh_init
 
                 refuse_fresh_init(self)
             self._velora_initialise(x)
@@ -194,7 +194,7 @@ def _is_identity(x: torch.Tensor) -> bool:
 
 
 class VeLoRALinear(VeLoRAMixin, nn.Linear):
-    _velora_fusable = True  # as a peft lora_A, its parent may run the fused LoRA path (velora.lora_fused)
+    _velora_fusable = True  # as a peft lora_A, its parent may run the fused LoRA path (velora.core.lora_fused)
 
     def _velora_weight(self) -> torch.Tensor:
         return self.weight  # (O, D)
@@ -229,7 +229,7 @@ class _GradNormLoRPWeight:
 
 
 def _gradnorm_class():
-    from velora.gradnorm_lorp import GradNormLoRPLinear  # lazy: gradnorm_lorp is an optional part
+    from velora.methods.gradnorm_lorp.model import GradNormLoRPLinear  # lazy: gradnorm_lorp is an optional part
 
     return GradNormLoRPLinear
 
@@ -245,7 +245,7 @@ def __getattr__(name: str):
             return _wrapper_class_for(conv1d)
     if name == "VeLoRAGradNormLoRPLinear":
         return _wrapper_class_for(_gradnorm_class())
-    raise AttributeError(f"module 'velora.layers' has no attribute {name!r}")
+    raise AttributeError(f"module 'velora.core.layers' has no attribute {name!r}")
 
 
 def _wrapper_class_for(cls: type) -> type | None:
@@ -368,7 +368,7 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
         for layer in lora_layers:
             fuse(layer)  # peft's forward still runs whenever the fused path does not apply
     _mark_dora_probes(model)
-    from velora.persistence import flag_saved_state
+    from velora.core.persistence import flag_saved_state
 
     flag_saved_state(model)  # loaded from a folder that holds v: warn before a batch starts a new one
     return model
@@ -428,6 +428,6 @@ def load_peft_velora_state(model: nn.Module, path: str, adapter_name: str = "def
     Kept for existing code: ``velora.load_velora_state(model, path, adapter_name=...)`` does the same for
     every save format (and peft models with ``modules_to_save``). Returns ``model``.
     """
-    from velora.persistence import load_velora_state
+    from velora.core.persistence import load_velora_state
 
     return load_velora_state(model, path, adapter_name=adapter_name)

@@ -42,9 +42,9 @@ def _stdlib_bytes(limit: int = 400_000) -> torch.Tensor:
 
 def _run(method: str, tokens: torch.Tensor, args) -> dict:
     from velora import VeLoRAConfig, apply_velora
-    from velora.device import resolve_device
     from velora.memory import SavedActivationMeter
-    from velora.models import build_config, build_model
+    from velora.training.device import resolve_device
+    from velora.training.models import build_config, build_model
 
     device = resolve_device(getattr(args, "device", "auto"))
 

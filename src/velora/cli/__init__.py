@@ -13,12 +13,12 @@ import sys
 
 # name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("velora.demo", "train a tiny LLaMA with and without VeLoRA and print the memory saved"),
-    "plan": ("velora.memory.cli", "predict peak training memory for a model/method on fake tensors"),
-    "train": ("velora.train_cli", "train a model with one method (full, lora, velora, galore, flora, ...)"),
+    "demo": ("velora.cli.demo", "train a tiny LLaMA with and without VeLoRA and print the memory saved"),
+    "plan": ("velora.cli.plan", "predict peak training memory for a model/method on fake tensors"),
+    "train": ("velora.cli.train", "train a model with one method (full, lora, velora, galore, flora, ...)"),
     "compare": ("velora.experiments.compare", "the main job: pre-train a small LLaMA with every method, compare"),
     "bench": ("velora.experiments.bench", "reproduce one of the papers' ablation tables"),
-    "diagnose": ("velora.fidelity_cli", "how much input energy and weight gradient each VeLoRA layer keeps"),
+    "diagnose": ("velora.cli.diagnose", "how much input energy and weight gradient each VeLoRA layer keeps"),
 }
 
 

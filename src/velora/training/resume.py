@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from velora.runfiles import STEP_FOLDER, write_atomic
+from velora.training.runfiles import STEP_FOLDER, write_atomic
 
 LR_FIELDS = ("lr", "warmup_steps")
 # fingerprint entries that say where the text lies, not what it is
@@ -90,7 +90,7 @@ def check_same_data(out: Path, fingerprint: dict[str, Any], allow_data_change: b
 def saved_tokenizer(out: Path):
     """The tokenizer the run was trained with (``out/tokenizer.json``), under its recorded name; None for a
     run folder that has none yet."""
-    from velora.data import load_tokenizer
+    from velora.training.data import load_tokenizer
 
     path = out / "tokenizer.json"
     if not path.exists():

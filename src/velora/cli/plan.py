@@ -18,7 +18,7 @@ SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def _plan_dtype(name: str) -> str:
-    from velora.models import canonical_dtype
+    from velora.training.models import canonical_dtype
 
     try:
         return SHORT_DTYPE[canonical_dtype(name)]

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora.layers import velora_modules
-from velora.subtoken import compress, reconstruct
+from velora.core.layers import velora_modules
+from velora.core.subtoken import compress, reconstruct
 
 
 @dataclass
@@ -273,7 +273,7 @@ class DiagnosisLog:
 def open_diagnosis_log(out_dir: Path | None, every: int, method: str, resume_step: int, run_log,
                        main_process: bool = True) -> DiagnosisLog | None:
     """The log ``velora train --diagnose-every N`` writes (None when off, or on a rank other than 0)."""
-    from velora.registry import parse_method
+    from velora.methods.registry import parse_method
 
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f"diagnose_every={every!r} must be an integer >= 0 (0: off)")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora.config import VeLoRAConfig
+from velora.core.config import VeLoRAConfig
 
 OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
 
@@ -81,7 +81,7 @@ class MethodOptions:
         if self.flora_momentum not in ("gradient", "update"):
             raise ValueError(f"flora_momentum={self.flora_momentum!r} is not 'gradient' (Alg. 2) or 'update' "
                              "(the FLoRA authors' package)")
-        from velora.qlora import COMPUTE_DTYPES
+        from velora.methods.lora.qlora import COMPUTE_DTYPES
 
         if self.qlora_compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"qlora_compute_dtype={self.qlora_compute_dtype!r} is unknown; choose one of "
@@ -173,7 +173,7 @@ def prepare_model(model: nn.Module, method: Method | str, options: MethodOptions
     check_optimizer(method, options.optimizer)
     model = base.prepare(model, options)
     if method.velora:
-        from velora.layers import apply_velora
+        from velora.core.layers import apply_velora
 
         apply_velora(model, options.velora)
     if method.checkpointing:
@@ -254,7 +254,7 @@ def velora_gradient_subspaces(model: nn.Module) -> dict[int, tuple[int, str]]:
     (D, O)) lie in span(v) per chunk, a space of dimension ceil(D/M)·r. Projecting that side ("right" for Linear,
     "left" for Conv1D) on at most that many singular vectors keeps every update in it; more vectors add
     zero-singular-value directions whose rounding noise Adam normalises into full-size steps."""
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     subspaces = {}
     for layer in velora_modules(model).values():
@@ -310,7 +310,7 @@ def _flora_optimizer(model: nn.Module, options: MethodOptions):
 
 
 def _gradnorm_prepare(model: nn.Module, options: MethodOptions) -> nn.Module:
-    from velora.gradnorm_lorp import GradNormLoRPConfig, apply_gradnorm_lorp
+    from velora.methods.gradnorm_lorp.model import GradNormLoRPConfig, apply_gradnorm_lorp
 
     return apply_gradnorm_lorp(model, GradNormLoRPConfig(rank=options.gradnorm_rank, alpha=options.gradnorm_alpha))
 
@@ -324,7 +324,7 @@ def _gradnorm_optimizer(model: nn.Module, options: MethodOptions):
 
 
 def _qlora_prepare(model: nn.Module, options: MethodOptions) -> nn.Module:
-    from velora.qlora import quantize_base_linears
+    from velora.methods.lora.qlora import quantize_base_linears
 
     quantize_base_linears(model, options.qlora_compute_dtype)  # frozen base -> bitsandbytes NF4 Linear4bit
     return _peft_lora(False)(model, options)  # peft wraps each Linear4bit with its bnb LoRA layer

@@ -1,4 +1,4 @@
-"""Helpers of the VeLoRA layer (velora.layers) that know nothing of its surgery: autocast's casting rule, the
+"""Helpers of the VeLoRA layer (velora.core.layers) that know nothing of its surgery: autocast's casting rule, the
 checkpoint-recompute test, the one-time check of a loaded v, and rank synchronisation of v's statistics."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from velora.subtoken import compute_dtype, mean_sub_token
+from velora.core.subtoken import compute_dtype, mean_sub_token
 
 # ---- guards --------------------------------------------------------------------------------------------
 

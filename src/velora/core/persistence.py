@@ -145,7 +145,7 @@ def _find_saved(name: str, saved: dict[str, dict]) -> str | None:
 
 
 def _target_layers(model: nn.Module, adapter_name: str | None) -> dict[str, nn.Module]:
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     layers = velora_modules(model)
     if not layers:
@@ -235,7 +235,7 @@ def require_velora_state(model: nn.Module, required: bool = True) -> nn.Module:
     an error (``required=False`` undoes it, and drops the warning of ``flag_saved_state``). Call it after
     ``apply_velora`` when resuming: a model reloaded without its v then stops at the first batch instead of
     training on a new v. ``load_velora_state`` and loading a state dict with v clear it layer by layer."""
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     layers = velora_modules(model)
     if not layers:
@@ -252,7 +252,7 @@ def require_velora_state(model: nn.Module, required: bool = True) -> nn.Module:
 def flag_saved_state(model: nn.Module) -> None:
     """Called by ``apply_velora``: when ``model`` was loaded by ``from_pretrained`` from a local folder whose
     weights hold VeLoRA state, mark the layers it has v for, so initialising them from a batch warns."""
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     folder = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not folder or not isinstance(folder, str) or not Path(folder).is_dir():

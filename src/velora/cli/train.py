@@ -9,8 +9,8 @@ import os
 import sys
 import time
 
-from velora.config import INIT_STRATEGIES
-from velora.registry import method_names
+from velora.core.config import INIT_STRATEGIES
+from velora.methods.registry import method_names
 
 # CLI flag -> registry.MethodOptions field (only flags the user actually passes are forwarded)
 METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_dtype(name: str) -> str:
-    from velora.models import canonical_dtype
+    from velora.training.models import canonical_dtype
 
     try:
         return canonical_dtype(name, ("float32", "bfloat16"))
@@ -115,8 +115,8 @@ def _train_dtype(name: str) -> str:
 def _default_tokenizer(args: argparse.Namespace) -> str:
     """Without --tokenizer: the --init-from run's own tokenizer.json (its embeddings are indexed by it), a
     pretrained model's own tokenizer, else a BPE trained on --data."""
-    from velora.init_from import source_tokenizer
-    from velora.train import _is_pretrained_dir
+    from velora.training.init_from import source_tokenizer
+    from velora.training.loop import _is_pretrained_dir
 
     saved = source_tokenizer(args.init_from) if args.init_from else None
     if saved is not None:
@@ -125,7 +125,7 @@ def _default_tokenizer(args: argparse.Namespace) -> str:
 
 
 def config_from_args(args: argparse.Namespace):
-    from velora.train import TrainConfig
+    from velora.training.loop import TrainConfig
 
     options = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _h) in METHOD_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
@@ -153,7 +153,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from velora.train import TrainingDiverged, public_result, train
+    from velora.training.loop import TrainingDiverged, public_result, train
 
     if args.threads is not None:
         if args.threads < 1:

@@ -9,7 +9,7 @@ Three entry points, from lightest to fullest:
   built from the Trainer's own settings (learning_rate, weight_decay, adam_beta1/2, seed), for
   ``Trainer(optimizers=trainer_optimizer(...))``.
 - ``VeLoRATrainer(model=..., args=..., method="flora+velora")``: a thin ``Trainer`` subclass doing both
-  through ``velora.registry`` (model surgery + optimizer), plus FLoRA compressed gradient accumulation
+  through ``velora.methods.registry`` (model surgery + optimizer), plus FLoRA compressed gradient accumulation
   driven by ``gradient_accumulation_steps`` (``MethodOptions(flora_accumulation=True)``), with the
   accumulator state saved in and restored from Trainer checkpoints.
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from velora.config import VeLoRAConfig
-from velora.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
+from velora.core.config import VeLoRAConfig
+from velora.methods.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
 
 __all__ = ["VeLoRACallback", "VeLoRATrainer", "method_options_from_args", "trainer_optimizer",
            "ACCUMULATOR_NAME", "COMM_HOOK_NAME"]
@@ -59,7 +59,7 @@ class VeLoRACallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("VeLoRACallback: the Trainer has no model yet; pass model= to Trainer(...)")
-        from velora.layers import apply_velora
+        from velora.core.layers import apply_velora
 
         apply_velora(model, self.config, self.filter_fn)
         return control
@@ -91,13 +91,13 @@ def trainer_optimizer(model: nn.Module, args, method: str = "full",
     """``(optimizer, None)`` for ``Trainer(optimizers=...)``: the method's optimizer (Flora for "flora",
     GaLoreAdamW for "galore", the GradNormLoRP optimizer for "gradnormlorp", AdamW/Adafactor otherwise)
     with the Trainer's learning rate, weight decay, betas and seed. The Trainer adds its usual scheduler.
-    The model must already be prepared for the method (``velora.registry.prepare_model``)."""
+    The model must already be prepared for the method (``velora.methods.registry.prepare_model``)."""
     options = method_options_from_args(args, method_options)
     return build_optimizer(model, parse_method(method), options), None
 
 
 class VeLoRATrainer(Trainer):
-    """``transformers.Trainer`` that trains with a ``velora.registry`` method.
+    """``transformers.Trainer`` that trains with a ``velora.methods.registry`` method.
 
     ``VeLoRATrainer(model=model, args=args, train_dataset=ds, method="flora+velora",
     method_options={"flora_rank": 8, "flora_accumulation": True})`` prepares the model (VeLoRA,
@@ -110,7 +110,7 @@ class VeLoRATrainer(Trainer):
     come from ``args``).
 
     ``comm_hook_rank=r`` (multi-process runs, e.g. ``torchrun``): all-reduce FLoRA-projected gradients of
-    the attention/MLP matrices instead of full ones (``velora.distributed.flora_comm_hook``; seeds from
+    the attention/MLP matrices instead of full ones (``velora.integrations.distributed.flora_comm_hook``; seeds from
     ``args.seed``); with ``flora_accumulation`` the accumulated matrices are sent as the accumulator's own
     (k × flora_rank) sums instead, which is exact (no second projection). Its step counter is saved
     with each checkpoint. A single-process run with ``comm_hook_rank`` raises at the first step (there is
@@ -176,7 +176,7 @@ class VeLoRATrainer(Trainer):
         # `model` is what the Trainer trains: the DDP wrapper accelerate built (registered before 1st backward)
         from torch.nn.parallel import DistributedDataParallel
 
-        from velora.distributed import register_flora_comm_hook
+        from velora.integrations.distributed import register_flora_comm_hook
 
         if not isinstance(model, DistributedDataParallel):
             raise ValueError(f"comm_hook_rank={self.velora_comm_hook_rank} needs multi-process DDP training (e.g. "

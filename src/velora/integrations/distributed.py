@@ -188,7 +188,7 @@ _VELORA_BUFFERS = ("velora_v", "velora_initialised", "velora_running_mean")
 
 
 def _velora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from velora.layers import velora_modules
+    from velora.core.layers import velora_modules
 
     return velora_modules(model)
 
@@ -292,8 +292,8 @@ def _accumulator_projection(state: FloraCommState, index: int, device) -> tuple[
     accumulator = state.accumulator
     if not accumulator._in_last_micro_batch():
         raise ValueError("flora_comm_hook(accumulator=...) saw DDP synchronise in the middle of an accumulation "
-                         "cycle; run every micro-batch but the last under ddp.no_sync() (velora.distributed."
-                         "sync_context) so gradients are all-reduced once per cycle")
+                         "cycle; run every micro-batch but the last under ddp.no_sync() "
+                         "(velora.integrations.distributed.sync_context) so gradients are all-reduced once per cycle")
     plan = accumulator.plans[index]
     cycle = int(accumulator.cycles[index])  # the cycle closes at the end of this backward
     # in the accumulator's own dtype (float64 buffers for float64 parameters)

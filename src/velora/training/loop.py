@@ -1,11 +1,11 @@
-"""One training loop every method plugs into (through ``velora.registry``).
+"""One training loop every method plugs into (through ``velora.methods.registry``).
 
     config -> corpus + tokenizer -> model (preset or pretrained) -> registry.prepare_model / build_optimizer
            -> steps (micro-batches, optional FLoRA compressed accumulation, clipping, cosine schedule)
            -> CSV / TensorBoard log, atomic checkpoints -> validation ppl + measured memory -> result dict
 
 Resuming is bitwise identical on CPU: the batch order is a pure function of the step (see
-``velora.data.TokenBlocks``), the learning rate is a pure function of the step, and a checkpoint holds
+``velora.training.data.TokenBlocks``), the learning rate is a pure function of the step, and a checkpoint holds
 the model (safetensors, VeLoRA buffers included), the optimizer state, the accumulator state and the
 torch RNG state.
 
@@ -25,17 +25,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from velora.config import VeLoRAConfig, reject_unknown_keys
-from velora.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
-from velora.device import resolve_device
-from velora.distributed import (
+from velora.integrations.distributed import (
     init_from_env,
     is_distributed,
     is_main_process,
@@ -47,9 +44,12 @@ from velora.distributed import (
     world_size,
     wrap_ddp,
 )
-from velora.guards import DivergenceRule, check_memory_fits, check_model_spec
-from velora.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
-from velora.resume import (
+from velora.methods.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
+from velora.training.config import TrainConfig, lr_factor, perplexity
+from velora.training.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
+from velora.training.device import resolve_device
+from velora.training.guards import DivergenceRule, check_memory_fits, check_model_spec
+from velora.training.resume import (
     check_not_finished,
     check_resume_arguments,
     check_same_data,
@@ -58,7 +58,7 @@ from velora.resume import (
     record_run,
     saved_tokenizer,
 )
-from velora.runfiles import (
+from velora.training.runfiles import (
     RunFolderError,
     ensure_folder,
     open_for_append,
@@ -78,100 +78,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that determines a run's numbers. Saved as ``config.json``; ``--resume`` checks it."""
-
-    method: str = "full"
-    model: str = "llama-tiny"
-    data: str = "stdlib"
-    tokenizer: str = "bpe"  # bpe | byte | path to tokenizer.json | model (the pretrained model's own)
-    vocab_size: int = 2048  # BPE vocabulary (ignored by byte / pretrained tokenizers)
-    bpe_train_chars: int = 1_000_000
-    max_train_chars: int | None = 3_000_000
-    max_val_chars: int | None = 300_000
-    val_fraction: float = 0.05
-    seq_len: int = 128
-    batch_size: int = 8
-    accumulation_steps: int = 1
-    steps: int = 100
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    eval_batches: int = 8  # validation batches per evaluation; 0: the whole validation split
-    eval_every: int = 0  # 0: evaluate at the end only
-    save_every: int = 0  # 0: checkpoint at the end only
-    init_from: str | None = None  # a run / checkpoint folder of any method to start from (fine-tuning)
-    dtype: str = "float32"
-    # method hyper-parameters (registry.MethodOptions fields) and the VeLoRA config, as plain JSON
-    options: dict[str, Any] = field(default_factory=dict)
-    velora: dict[str, Any] = field(default_factory=lambda: {"sub_token_size": 32, "target_modules": "paper"})
-
-    def __post_init__(self) -> None:
-        parse_method(self.method)  # one-line error for unknown methods
-        # JSON-normalise (tuples -> lists) so a config read back from config.json compares equal
-        self.options = json.loads(json.dumps(self.options))
-        self.velora = json.loads(json.dumps(self.velora))
-        for name in ("seq_len", "batch_size", "accumulation_steps", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not isinstance(self.eval_batches, int) or self.eval_batches < 0:
-            raise ValueError(f"eval_batches={self.eval_batches!r} must be a positive integer, or 0 for the whole "
-                             "validation split")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr={self.lr} must be a positive finite number")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        from velora.models import canonical_dtype
-
-        self.dtype = canonical_dtype(self.dtype, ("float32", "bfloat16"))  # bf16 / fp32 spellings too
-        known = {f.name for f in fields(MethodOptions)} - {"velora", "lr", "weight_decay", "accumulation_steps"}
-        unknown = sorted(set(self.options) - known)
-        if unknown:
-            raise ValueError(f"unknown method option(s) {unknown}; known: {sorted(known)}")
-        self.velora_config()  # validate
-
-    def velora_config(self) -> VeLoRAConfig:
-        return VeLoRAConfig.from_dict(self.velora)
-
-    def method_options(self) -> MethodOptions:
-        options = dict(self.options)
-        if "betas" in options:
-            options["betas"] = tuple(options["betas"])
-        return MethodOptions(lr=self.lr, weight_decay=self.weight_decay, accumulation_steps=self.accumulation_steps,
-                             velora=self.velora_config(), seed=self.seed, **options)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        reject_unknown_keys(cls, data)
-        return cls(**data)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to ``min_lr_ratio``; a pure function of the step."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 # ---- data + model ----------------------------------------------------------------------------------
 
 
@@ -186,7 +92,7 @@ class RunData:
 def load_data(config: TrainConfig, cache_dir: Path | None = None, run_folder: Path | None = None,
               allow_data_change: bool = False) -> RunData:
     """Corpus, tokenizer and token streams. With ``run_folder`` (a resume) the run's saved tokenizer is used
-    and changed text is refused unless ``allow_data_change`` (see ``velora.resume``)."""
+    and changed text is refused unless ``allow_data_change`` (see ``velora.training.resume``)."""
     corpus = load_corpus(config.data, config.val_fraction, config.max_train_chars, config.max_val_chars)
     if not corpus.train or not corpus.validation:
         raise ValueError(f"--data {config.data!r} gave an empty train or validation split; add more text")
@@ -211,7 +117,7 @@ def _is_pretrained_dir(path: str) -> bool:
 
 def build_base_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """A preset / config.json built with random init, or a pretrained model via ``from_pretrained``."""
-    from velora.models import PRESETS, build_config, build_model
+    from velora.training.models import PRESETS, build_config, build_model
 
     dtype = getattr(torch, config.dtype)
     if config.model in PRESETS or config.model.endswith(".json") or (
@@ -260,7 +166,7 @@ def _write_training_state(state: dict[str, Any], path: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text)  # no-follow temporary, fsync, rename (velora.runfiles)
+    write_atomic(path, text)  # no-follow temporary, fsync, rename (velora.training.runfiles)
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, accumulator=None,
@@ -596,7 +502,7 @@ def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
 
 def _open_run_folder(config: TrainConfig, out: Path, resume: bool, stop_at_step: int | None,
                      allow_lr_change: bool, allow_data_change: bool) -> tuple[Path | None, dict[str, Any]]:
-    """Check the run folder (resume rules in ``velora.resume``), remove stale temporaries, write config.json.
+    """Check the run folder (resume rules in ``velora.training.resume``), remove stale temporaries, write config.json.
     Returns the checkpoint to resume from (None for a fresh run) and the changes the flags allowed."""
     if resume and not out.is_dir():
         raise ValueError(f"--resume: {out} does not exist; pass the --out folder of the run to continue")
@@ -651,16 +557,16 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     ``allow_lr_change`` lets ``lr`` / ``warmup_steps`` differ on resume, ``allow_data_change`` lets the
     training text differ (both recorded in ``run.json``). ``memory_check`` refuses a run whose planned peak
     exceeds the available memory. Raises ``TrainingDiverged`` when the loss or gradient becomes NaN/Inf or
-    the loss explodes (``velora.guards.DivergenceRule``; the last good checkpoint stays on disk).
+    the loss explodes (``velora.training.guards.DivergenceRule``; the last good checkpoint stays on disk).
     ``on_model_ready(model)`` is called once the model is prepared and restored (experiments use it to attach
     meters or hooks); ``on_step(row)`` after every optimizer step with the logged row (progress displays).
-    ``device``: auto | cpu | cuda | cuda:N (velora.device); the model, batches and optimizer state live there.
-    ``diagnose_every=N`` logs VeLoRA's gradient fidelity every N steps to ``diagnose.csv`` (velora.fidelity);
+    ``device``: auto | cpu | cuda | cuda:N (velora.training.device); the model, batches and optimizer state live there.
+    ``diagnose_every=N`` logs VeLoRA's gradient fidelity every N steps to ``diagnose.csv`` (velora.core.fidelity);
     it never changes the run's numbers.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     # torchrun: join the process group (gloo on CPU, nccl on GPUs); rank 0 alone logs and writes files,
-    # rank r trains on batches r, N + r, ... of the single-process order (velora.distributed)
+    # rank r trains on batches r, N + r, ... of the single-process order (velora.integrations.distributed)
     device = resolve_device(device)
     init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
     if not is_main_process():
@@ -684,8 +590,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         torch.manual_seed(config.seed)  # planning draws random numbers on fake tensors
     model = build_base_model(config, data.tokenizer.vocab_size).to(device)  # before qlora quantises on it
     init_source = None
-    if config.init_from:  # a run of any method: its base weights, adapters merged (velora.init_from)
-        from velora.init_from import check_same_tokenizer, load_init_weights
+    if config.init_from:  # a run of any method: its base weights, adapters merged (velora.training.init_from)
+        from velora.training.init_from import check_same_tokenizer, load_init_weights
 
         check_same_tokenizer(config.init_from, data.tokenizer)
         init_source = load_init_weights(model, config.init_from)
@@ -693,7 +599,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     method = parse_method(config.method)
     model = prepare_model(model, method, options)
     if init_source is not None:
-        from velora.init_from import restore_init_velora
+        from velora.training.init_from import restore_init_velora
 
         say(restore_init_velora(model, init_source))  # v where the target wraps the same layers; one line
     optimizer = build_optimizer(model, method, options)
@@ -739,7 +645,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
 
     run_log = RunLog(out, start_step, tensorboard) if out is not None and is_main_process() else None
     rows: list[dict[str, float]] = list(run_log.rows) if run_log is not None else []
-    from velora.fidelity import open_diagnosis_log
+    from velora.core.fidelity import open_diagnosis_log
 
     fidelity_log = open_diagnosis_log(out, diagnose_every, config.method, start_step, run_log, is_main_process())
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
@@ -863,7 +769,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         _write_text_atomic(out / "result.json", json.dumps(result, indent=2))
     if is_distributed():
         del ddp_model
-        shutdown()  # barrier, then leave the process group (see velora.distributed.shutdown)
+        shutdown()  # barrier, then leave the process group (see velora.integrations.distributed.shutdown)
     result["_tokenizer"] = data.tokenizer
     result["_model"] = model  # in-process callers (experiments) may inspect it; dropped from JSON output
     return result

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_mod
 
-from velora.functional import refuse_double_backward
-from velora.subtoken import _as, compress, factored_weight_grad
+from velora.core.functional import refuse_double_backward
+from velora.core.subtoken import _as, compress, factored_weight_grad
 
 _FUSED_CLASSES: dict[type, type] = {}
 
@@ -188,7 +188,7 @@ def __getattr__(name: str):
         cls = fused_class_for(_peft_linear_class())
         if cls is not None:
             return cls
-    raise AttributeError(f"module 'velora.lora_fused' has no attribute {name!r}")
+    raise AttributeError(f"module 'velora.core.lora_fused' has no attribute {name!r}")
 
 
 def fuse(layer: nn.Module) -> bool:

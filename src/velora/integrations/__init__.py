@@ -1,0 +1,14 @@
+"""Integrations with the wider stack: ``hf`` (transformers Trainer, peft) and ``distributed`` (DDP, FSDP2, the
+FLoRA comm hook). Each resolves on first use so ``import velora.integrations`` stays light."""
+
+from __future__ import annotations
+
+import importlib
+
+_SUBMODULES = ("hf", "distributed")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"velora.integrations.{name}")
+    raise AttributeError(f"module 'velora.integrations' has no attribute {name!r}")
