@@ -267,11 +267,11 @@ def test_method_options_pass_the_momentum_options_to_flora():
     from velora.training.models import build_config, build_model
 
     model = build_model(build_config("llama-tiny", vocab_size=256))
-    options = MethodOptions(lr=1e-2, optimizer="adafactor", flora_rank=4, flora_momentum="update",
-                            flora_exact_current=True, flora_momentum_orthogonal=True)
+    options = MethodOptions.from_flat(dict(lr=1e-2, optimizer="adafactor", flora_rank=4, flora_momentum="update",
+                                           flora_exact_current=True, flora_momentum_orthogonal=True))
     group = build_optimizer(model, "flora", options).param_groups[0]
     assert (group["momentum"], group["exact_current"], group["orthogonal"]) == ("update", True, True)
-    default = build_optimizer(model, "flora", MethodOptions(lr=1e-2, flora_rank=4)).param_groups[0]
+    default = build_optimizer(model, "flora", MethodOptions.from_flat({"lr": 1e-2, "flora_rank": 4})).param_groups[0]
     assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # velora train's defaults stay Alg. 2
     with pytest.raises(ValueError, match="flora_momentum='adam'"):
-        MethodOptions(lr=1e-2, flora_momentum="adam")
+        MethodOptions.from_flat({"lr": 1e-2, "flora_momentum": "adam"})

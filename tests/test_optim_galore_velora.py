@@ -32,7 +32,7 @@ def _model(kind: str) -> torch.nn.Module:
 
 
 def _train_galore_velora(steps: int, kind: str = "llama"):
-    options = MethodOptions(lr=3e-3, update_proj_gap=3)
+    options = MethodOptions.from_flat({"lr": 3e-3, "update_proj_gap": 3})
     model = prepare_model(_model(kind), "galore+velora", options)
     optimizer = build_optimizer(model, "galore+velora", options)
     layers = velora_modules(model)
@@ -59,7 +59,7 @@ def test_cumulative_update_of_velora_layers_stays_in_span_v_per_chunk(kind):
 
 
 def test_velora_weights_get_their_gradients_side_and_rank():
-    from velora.methods.registry import velora_gradient_subspaces
+    from velora.methods.galore.method import velora_gradient_subspaces
 
     model, optimizer, layers, _ = _train_galore_velora(steps=1)
     subspaces = velora_gradient_subspaces(model)

@@ -10,27 +10,8 @@ import sys
 import time
 
 from velora.core.config import INIT_STRATEGIES
+from velora.methods.options import add_option_flags, options_from_flags
 from velora.methods.registry import method_names
-
-# CLI flag -> registry.MethodOptions field (only flags the user actually passes are forwarded)
-METHOD_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--optimizer": ("optimizer", str, "base optimizer: adamw | adafactor | adamw8bit (default adamw)"),
-    "--lora-rank": ("lora_rank", int, "LoRA/DoRA rank (default 8)"),
-    "--lora-alpha": ("lora_alpha", float, "LoRA/DoRA alpha (default 16)"),
-    "--lora-dropout": ("lora_dropout", float, "LoRA dropout (default 0; >0 keeps a full-size mask)"),
-    "--galore-rank": ("galore_rank", int, "GaLore rank (default: a quarter of each weight's smaller side)"),
-    "--update-proj-gap": ("update_proj_gap", int, "GaLore subspace refresh interval (default 200)"),
-    "--galore-scale": ("galore_scale", float, "GaLore update scale (default 0.25)"),
-    "--flora-rank": ("flora_rank", int, "FLoRA projection rank (default: a quarter of the smaller side)"),
-    "--flora-kappa": ("flora_kappa", int, "FLoRA momentum resampling interval kappa (default 1000)"),
-    "--flora-project": ("flora_project", str, "side of each matrix FLoRA projects: smaller (default, as the FLoRA "
-                        "reference code: less noise) or larger (less memory, more noise)"),
-    "--flora-projection": ("flora_orthogonal", str, "rows of FLoRA's accumulation projection: "
-                           "orthonormal (default: less noise at the same memory) or gaussian (the paper's)"),
-    "--gradnorm-rank": ("gradnorm_rank", int, "GradNormLoRP LoRA rank (default 8)"),
-    "--gradnorm-proj-rank": ("gradnorm_proj_rank", int, "GradNormLoRP gradient projection rank (default 4)"),
-    "--gradnorm-update-proj-gap": ("gradnorm_update_proj_gap", int, "GradNormLoRP SVD refresh interval (default 250)"),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     run.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     run.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--flora-accumulation", action="store_true",
-                     help="FLoRA compressed gradient accumulation across --accumulation-steps (rank --flora-rank)")
     run.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     run.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
     run.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule floor as a fraction of --lr")
@@ -76,9 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the projection vector v is initialised")
     velora.add_argument("--velora-targets", default="paper",
                         help="comma-separated module names or 'paper' (value + MLP down projections)")
-    method = parser.add_argument_group("method options")
-    for flag, (_field, kind, help_text) in METHOD_FLAGS.items():
-        method.add_argument(flag, type=kind, default=None, help=help_text)
+    # one flag per option of the method configs (velora.methods.options), generated from their declarations
+    add_option_flags(parser.add_argument_group("method options"))
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>)")
     out.add_argument("--resume", action="store_true",
@@ -127,16 +105,7 @@ def _default_tokenizer(args: argparse.Namespace) -> str:
 def config_from_args(args: argparse.Namespace):
     from velora.training.loop import TrainConfig
 
-    options = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _k, _h) in METHOD_FLAGS.items()}
-    options = {k: v for k, v in options.items() if v is not None}
-    if "flora_orthogonal" in options:  # --flora-projection orthonormal | gaussian
-        kinds = {"orthonormal": True, "gaussian": False}
-        if options["flora_orthogonal"] not in kinds:
-            raise ValueError(f"--flora-projection={options['flora_orthogonal']!r} is not a projection kind; use "
-                             "orthonormal (default, less noise) or gaussian (the FLoRA paper's)")
-        options["flora_orthogonal"] = kinds[options["flora_orthogonal"]]
-    if args.flora_accumulation:
-        options["flora_accumulation"] = True
+    options = options_from_flags(args)
     tokenizer = args.tokenizer or _default_tokenizer(args)
     targets = args.velora_targets.split(",") if "," in args.velora_targets else args.velora_targets
     return TrainConfig(

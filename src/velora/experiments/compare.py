@@ -35,7 +35,7 @@ from velora.experiments.compare_folder import finished_result, prepare_folder, r
 from velora.experiments.compare_plot import write_plot
 from velora.experiments.compare_report import HEADERS, render_markdown, table_rows
 from velora.experiments.progress import MethodState, ProgressBoard
-from velora.methods.registry import parse_method
+from velora.methods.registry import base_methods, parse_method
 
 DEFAULT_METHODS = ("full", "velora", "lora", "galore", "flora", "gradnormlorp")
 DEFAULT_OUT = "velora-runs/compare"
@@ -83,19 +83,9 @@ PAPER = {
 
 
 def method_overrides(method: str, rank: int, sub_token_size: int, update_gap: int) -> dict[str, Any]:
-    """TrainConfig fields (options / velora) a method needs beyond the shared setting."""
-    base = parse_method(method).base
-    options: dict[str, Any] = {}
-    if base in ("lora", "dora"):
-        # pre-training from scratch: adapters on every linear layer, embeddings / norms / head trainable
-        options = {"lora_rank": rank, "lora_alpha": float(rank), "lora_unfreeze": ["embed_tokens", "norm", "lm_head"]}
-    elif base == "galore":
-        options = {"galore_rank": rank, "update_proj_gap": update_gap, "galore_scale": 0.25}
-    elif base == "flora":
-        options = {"flora_rank": rank, "flora_kappa": update_gap}
-    elif base == "gradnormlorp":
-        options = {"gradnorm_rank": rank, "gradnorm_alpha": float(rank), "gradnorm_proj_rank": rank // 2,
-                   "gradnorm_update_proj_gap": update_gap, "gradnorm_scale": 0.25}
+    """TrainConfig fields (options / velora) a method needs beyond the shared setting: its options at rank r and
+    refresh interval T, as its registry entry sizes them (``BaseMethod.sized``)."""
+    options = base_methods()[parse_method(method).base].sized(rank, update_gap)
     return {"options": options, "velora": {"sub_token_size": sub_token_size, "target_modules": "paper"}}
 
 

@@ -10,20 +10,19 @@ Three entry points, from lightest to fullest:
   ``Trainer(optimizers=trainer_optimizer(...))``.
 - ``VeLoRATrainer(model=..., args=..., method="flora+velora")``: a thin ``Trainer`` subclass doing both
   through ``velora.methods.registry`` (model surgery + optimizer), plus FLoRA compressed gradient accumulation
-  driven by ``gradient_accumulation_steps`` (``MethodOptions(flora_accumulation=True)``), with the
+  driven by ``gradient_accumulation_steps`` (``method_options={"flora_accumulation": True}``), with the
   accumulator state saved in and restored from Trainer checkpoints.
 
 Which Trainer settings are used (and never overridden by ``MethodOptions``): ``learning_rate`` -> lr,
 ``weight_decay``, ``(adam_beta1, adam_beta2)`` -> betas, ``gradient_accumulation_steps`` -> the
 accumulation cycle, ``seed`` -> the FLoRA projection seeds. The scheduler, clipping, logging and
 checkpointing are the Trainer's. Not used: ``optim`` / ``optim_args`` (the method decides the optimizer;
-``MethodOptions.optimizer`` picks its base) and ``adam_epsilon`` (the optimizers' default eps).
+the ``optimizer`` option picks its base) and ``adam_epsilon`` (the optimizers' default eps).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from velora.core.config import VeLoRAConfig
-from velora.methods.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
+from velora.methods.registry import MethodOptions, build_optimizer, parse_method, prepare_model
 
 __all__ = ["VeLoRACallback", "VeLoRATrainer", "method_options_from_args", "trainer_optimizer",
            "ACCUMULATOR_NAME", "COMM_HOOK_NAME"]
@@ -67,23 +66,20 @@ class VeLoRACallback(TrainerCallback):
 
 def method_options_from_args(args, options: MethodOptions | dict[str, Any] | None = None) -> MethodOptions:
     """``MethodOptions`` whose lr / weight decay / betas / accumulation steps / seed come from
-    ``TrainingArguments``. A dict of overrides may set any other ``MethodOptions`` field."""
+    ``TrainingArguments``. A dict may set any other flat option key (``flora_rank``, ``lora_alpha``, ``optimizer``,
+    ``velora``: a VeLoRAConfig, ...; velora.methods.options.OPTION_KEYS); an unknown key is a one-line error."""
     trainer_values = dict(lr=args.learning_rate, weight_decay=args.weight_decay,
                           betas=(args.adam_beta1, args.adam_beta2),
                           accumulation_steps=args.gradient_accumulation_steps, seed=args.seed)
-    if options is None:
-        options = MethodOptions(**trainer_values)
-    elif isinstance(options, dict):
-        clashes = sorted(set(options) & set(_FROM_TRAINING_ARGS))
+    if options is None or isinstance(options, dict):
+        clashes = sorted(set(options or {}) & set(_FROM_TRAINING_ARGS))
         if clashes:
             raise ValueError(f"method options {clashes} come from TrainingArguments (learning_rate, weight_decay, "
                              "adam_beta1/2, gradient_accumulation_steps, seed); set them there instead")
-        options = MethodOptions(**{**trainer_values, **options})
-    elif isinstance(options, MethodOptions):
-        options = replace(options, **trainer_values)
-    else:
-        raise ValueError(f"method_options must be a MethodOptions or a dict, got {type(options).__name__}")
-    return options
+        return MethodOptions.from_flat({**(options or {}), **trainer_values})
+    if isinstance(options, MethodOptions):
+        return MethodOptions.from_flat(trainer_values, base=options)
+    raise ValueError(f"method_options must be a MethodOptions or a dict, got {type(options).__name__}")
 
 
 def trainer_optimizer(model: nn.Module, args, method: str = "full",
@@ -131,7 +127,7 @@ class VeLoRATrainer(Trainer):
         model = prepare_model(model, self.velora_method, self.velora_options)
         super().__init__(model=model, args=args, **kwargs)
         self.velora_accumulator = None
-        if self.velora_options.flora_accumulation:
+        if self.velora_options.flora.accumulation:
             self.velora_accumulator = self._build_accumulator()
         if comm_hook_rank is not None and (isinstance(comm_hook_rank, bool) or not isinstance(comm_hook_rank, int)
                                            or comm_hook_rank < 1):
@@ -149,19 +145,16 @@ class VeLoRATrainer(Trainer):
 
     # ---- FLoRA compressed accumulation --------------------------------------------------------------
     def _build_accumulator(self):
-        from velora.optim import CompressedGradAccumulator, projectable_parameters
+        from velora.methods.flora.method import compressed_accumulator
+        from velora.optim import projectable_parameters
 
         steps = self.args.gradient_accumulation_steps
         if steps < 2:
             raise ValueError(f"flora_accumulation needs gradient_accumulation_steps > 1 (got {steps}): with one "
                              "micro-batch there is nothing to accumulate and the projection only adds noise")
-        matrices = projectable_parameters(self.model)
-        if not matrices:
+        if not projectable_parameters(self.model):
             raise ValueError("flora_accumulation found no projectable matrices (attention/MLP linears) to compress")
-        rank = flora_rank(self.velora_options, matrices)
-        return CompressedGradAccumulator(self.model, rank=rank, accumulation_steps=steps,
-                                         seed=self.velora_options.seed, orthogonal=self.velora_options.flora_orthogonal,
-                                         project=self.velora_options.flora_project)
+        return compressed_accumulator(self.model, self.velora_options, steps)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.velora_comm_hook_rank is not None and self.velora_comm_state is None:

@@ -183,8 +183,10 @@ def _check_shapes(config, batch: int, seq: int) -> Any:
 
 
 def _method_options(optimizer: str, options: dict[str, Any]):
+    """``MethodOptions`` from plan()'s flat ``options`` (velora.methods.options.OPTION_KEYS) plus
+    ``velora_<VeLoRAConfig field>`` / ``sub_token_size`` for the VeLoRA config."""
     from velora.core.config import VeLoRAConfig
-    from velora.methods.registry import MethodOptions
+    from velora.methods.options import MethodOptions, default_velora, known_keys
 
     options = dict(options)
     velora_keys = {f.name for f in dataclasses.fields(VeLoRAConfig)} - {"version"}
@@ -192,17 +194,15 @@ def _method_options(optimizer: str, options: dict[str, Any]):
                       if key.startswith("velora_") and key[len("velora_"):] in velora_keys}
     if "sub_token_size" in options:
         velora_changes["sub_token_size"] = options.pop("sub_token_size")
-    known = {f.name for f in dataclasses.fields(MethodOptions)}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - set(known_keys()))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; plan() takes MethodOptions fields {sorted(known)} "
-                         "or velora_<VeLoRAConfig field> / sub_token_size")
-    method_options = MethodOptions(optimizer=optimizer, **options)
+        raise ValueError(f"unknown option(s) {unknown}; plan() takes {known_keys()} or velora_<VeLoRAConfig field> "
+                         "/ sub_token_size")
+    method_options = MethodOptions.from_flat({**options, "optimizer": optimizer})
     if velora_changes:
-        base = method_options.velora.to_dict()
-        base.update(velora_changes)
-        base.pop("version", None)
-        method_options.velora = VeLoRAConfig(**base)
+        velora = {**default_velora().to_dict(), **velora_changes}
+        velora.pop("version", None)
+        method_options.velora = VeLoRAConfig(**velora)
     return method_options
 
 
@@ -216,7 +216,7 @@ def training_setup(config, method: str, optimizer: str = "adamw", *, batch: int,
     torch_dtype = parse_dtype(dtype)
     parsed = parse_method(method)
     method_options = _method_options(optimizer, options)
-    check_optimizer(parsed, method_options.optimizer)
+    check_optimizer(parsed, method_options.optim.name)
     config = _check_shapes(config, batch, seq)
     notes: list[str] = []
     torch.manual_seed(seed)
@@ -292,10 +292,10 @@ def plan(model: Any, method: str = "full", optimizer: str = "adamw", batch: int 
          dtype: str = "fp32", *, full_warmup: bool = False, **options: Any) -> dict[str, Any]:
     """Predicted peak memory (bytes) of training ``model`` with ``method``; no real allocation.
 
-    ``model``: preset name, config.json path or transformers config. ``options``: MethodOptions fields
-    (``lora_rank``, ``galore_rank``, ``lora_targets`` ...) and ``sub_token_size`` /
-    ``velora_<VeLoRAConfig field>``. Returns ``peak_bytes`` and ``breakdown`` (parameters, gradients,
-    optimizer_state, activations, temporaries at the peak moment) plus what was planned.
+    ``model``: preset name, config.json path or transformers config. ``options``: flat method options
+    (velora.methods.options.OPTION_KEYS: ``lora_rank``, ``galore_rank``, ``lora_targets`` ...) and
+    ``sub_token_size`` / ``velora_<VeLoRAConfig field>``. Returns ``peak_bytes`` and ``breakdown``
+    (parameters, gradients, optimizer_state, activations, temporaries at the peak moment) plus what was planned.
 
     The peak is that of the second training step. By default the first step is replaced by one optimizer
     step on zero gradients (same optimizer state, half the tracing time); ``full_warmup=True`` traces a

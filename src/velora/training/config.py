@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from velora.core.config import VeLoRAConfig, reject_unknown_keys
-from velora.methods.registry import MethodOptions, parse_method
+from velora.methods.options import OPTION_KEYS, MethodOptions
+from velora.methods.registry import parse_method
+
+# MethodOptions keys a TrainConfig holds as its own fields, never in ``options``
+TOP_LEVEL_FIELDS = ("lr", "weight_decay")
 
 
 @dataclass
@@ -39,7 +43,8 @@ class TrainConfig:
     save_every: int = 0  # 0: checkpoint at the end only
     init_from: str | None = None  # a run / checkpoint folder of any method to start from (fine-tuning)
     dtype: str = "float32"
-    # method hyper-parameters (registry.MethodOptions fields) and the VeLoRA config, as plain JSON
+    # method options by flat key (velora.methods.options.OPTION_KEYS: lora_rank, flora_kappa, betas, ...) and the
+    # VeLoRA config, as plain JSON
     options: dict[str, Any] = field(default_factory=dict)
     velora: dict[str, Any] = field(default_factory=lambda: {"sub_token_size": 32, "target_modules": "paper"})
 
@@ -67,21 +72,22 @@ class TrainConfig:
         from velora.training.models import canonical_dtype
 
         self.dtype = canonical_dtype(self.dtype, ("float32", "bfloat16"))  # bf16 / fp32 spellings too
-        known = {f.name for f in fields(MethodOptions)} - {"velora", "lr", "weight_decay", "accumulation_steps"}
-        unknown = sorted(set(self.options) - known)
+        known = sorted(set(OPTION_KEYS) - set(TOP_LEVEL_FIELDS))
+        unknown = sorted(set(self.options) - set(known))
         if unknown:
-            raise ValueError(f"unknown method option(s) {unknown}; known: {sorted(known)}")
-        self.velora_config()  # validate
+            raise ValueError(f"unknown method option(s) {unknown}; known: {known} (lr, weight_decay, seed and "
+                             "accumulation_steps are TrainConfig fields)")
+        self.method_options()  # validate every value now, in one line, not when training starts
 
     def velora_config(self) -> VeLoRAConfig:
         return VeLoRAConfig.from_dict(self.velora)
 
     def method_options(self) -> MethodOptions:
-        options = dict(self.options)
-        if "betas" in options:
-            options["betas"] = tuple(options["betas"])
-        return MethodOptions(lr=self.lr, weight_decay=self.weight_decay, accumulation_steps=self.accumulation_steps,
-                             velora=self.velora_config(), seed=self.seed, **options)
+        """The ``MethodOptions`` of this run: ``options`` (flat keys) with this config's lr, weight decay, seed,
+        accumulation steps and VeLoRA config."""
+        top = {"lr": self.lr, "weight_decay": self.weight_decay, "seed": self.seed,
+               "accumulation_steps": self.accumulation_steps, "velora": self.velora_config()}
+        return MethodOptions.from_flat({**self.options, **top})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from velora.core.persistence import PEFT_PREFIX, VELORA_BUFFERS, _restore_layer, read_tensors
+from velora.methods.options import MethodOptions
 
 __all__ = ["InitSource", "read_init_source", "load_init_weights", "restore_init_velora"]
 
-_DEFAULT_ALPHA = 16.0  # registry.MethodOptions lora_alpha / gradnorm_alpha defaults
 
 
 @dataclass
@@ -133,7 +133,8 @@ def read_init_source(source, transposed: frozenset[str] = frozenset()) -> InitSo
         raise ValueError(f"--init-from {str(path)!r} does not exist; pass a run folder or a checkpoint folder")
     tensors, where = read_tensors(path)
     run_config = _run_config(path)
-    options = run_config.get("options", {})
+    # the alphas the source trained with (its saved flat options over the method configs' defaults)
+    saved_options = MethodOptions.from_flat(run_config.get("options", {}))
     method = f"{run_config['method']} run" if run_config else "saved model"
     plain: dict[str, torch.Tensor] = {}
     velora: dict[str, dict[str, torch.Tensor]] = {}
@@ -155,7 +156,7 @@ def read_init_source(source, transposed: frozenset[str] = frozenset()) -> InitSo
                          "base weights are not quantised")
     merged: dict[str, int] = {}
     for layer, factors in lora.items():
-        alpha = float(options.get("lora_alpha", _DEFAULT_ALPHA))
+        alpha = float(saved_options.lora.alpha)
         weight = plain[f"{layer}.weight"]
         flip = layer in transposed  # merge in (out, in), store back as (in, out)
         merged_weight, kind = _merge_lora(weight.t() if flip else weight, factors, alpha)
@@ -165,7 +166,7 @@ def read_init_source(source, transposed: frozenset[str] = frozenset()) -> InitSo
         if "lora_I" not in parts:  # a parameter that happens to be named 'magnitude': a plain weight
             plain.update({f"{layer}.{tensor}": value for tensor, value in gradnorm.pop(layer).items()})
     for layer, parts in gradnorm.items():
-        alpha = float(options.get("gradnorm_alpha", _DEFAULT_ALPHA))
+        alpha = float(saved_options.gradnorm_lorp.alpha)
         plain[f"{layer}.weight"] = _merge_gradnorm(plain[f"{layer}.weight"], parts, alpha)
         merged["GradNormLoRP"] = merged.get("GradNormLoRP", 0) + 1
     return InitSource(path=str(path), method=method, step=_step_of(path), base=plain, velora=velora, merged=merged)

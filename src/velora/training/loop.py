@@ -44,7 +44,7 @@ from velora.integrations.distributed import (
     world_size,
     wrap_ddp,
 )
-from velora.methods.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
+from velora.methods.registry import MethodOptions, build_optimizer, parse_method, prepare_model
 from velora.training.config import TrainConfig, lr_factor, perplexity
 from velora.training.data import Corpus, TokenBlocks, cached_token_stream, load_corpus, load_tokenizer
 from velora.training.device import resolve_device
@@ -606,8 +606,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     accumulator = None
-    if options.flora_accumulation:
-        from velora.optim import CompressedGradAccumulator
+    if options.flora.accumulation:
+        from velora.methods.flora.method import compressed_accumulator
         from velora.optim.projections import projectable_parameters
 
         # attention/MLP matrices only: embeddings and the head accumulate plainly (a random projection
@@ -616,10 +616,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         if not params:
             raise ValueError(f"flora_accumulation: {config.model!r} has no trainable attention/MLP matrices to "
                              "compress; drop --flora-accumulation")
-        rank = flora_rank(options, params)
-        accumulator = CompressedGradAccumulator(params, rank=rank, accumulation_steps=config.accumulation_steps,
-                                                seed=config.seed, orthogonal=options.flora_orthogonal,
-                                                project=options.flora_project)
+        accumulator = compressed_accumulator(params, options, config.accumulation_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     start_step = 0
