@@ -77,7 +77,8 @@ class OptimizerSettings(ConfigBase):
     lr, weight_decay: peak learning rate and decoupled weight decay (AdamW's, lr-scaled).
     betas: (beta1, beta2). Adafactor has no betas: the plain Adafactor rejects non-default ones, and FLoRA's
         Adafactor base uses beta1 for its compressed momentum and rejects a non-default beta2.
-    eps: Adam's eps; None keeps each optimizer's own default (1e-8), which Adafactor requires.
+    eps: Adam's eps; None keeps each optimizer's own default (1e-8). Adafactor (plain or FLoRA's base) rejects
+        one, since it does not use it.
     """
 
     prefix = ""
@@ -98,9 +99,6 @@ class OptimizerSettings(ConfigBase):
         self.betas = (float(betas[0]), float(betas[1]))
         if self.eps is not None:
             check_number("eps", self.eps)
-        if self.name == "adafactor" and (self.betas != DEFAULT_BETAS or self.eps is not None):
-            raise ValueError(f"betas={self.betas} / eps={self.eps} do not apply to optimizer='adafactor' (it keeps "
-                             "no Adam moments); drop them or use optimizer='adamw'")
 
     def adam_kwargs(self) -> dict[str, Any]:
         """lr, betas, weight_decay (and eps when set) as Adam-style optimizers take them."""
@@ -134,6 +132,9 @@ def standard_optimizer(params, settings: OptimizerSettings) -> torch.optim.Optim
     if settings.name == "adamw":
         return torch.optim.AdamW(params, **settings.adam_kwargs())
     if settings.name == "adafactor":
+        if settings.betas != DEFAULT_BETAS or settings.eps is not None:
+            raise ValueError(f"betas={settings.betas} / eps={settings.eps} do not apply to optimizer='adafactor' (it "
+                             "keeps no Adam moments); drop them or use optimizer='adamw'")
         return torch.optim.Adafactor(params, lr=settings.lr, weight_decay=settings.weight_decay)
     from velora.optim import GaLoreAdamW  # adamw8bit: GaLoreAdamW without projected groups, 8-bit moments
 

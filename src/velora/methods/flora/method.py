@@ -17,9 +17,9 @@ def flora_optimizer(model: nn.Module, options: MethodOptions):
 
     config, settings = options.flora, options.optim
     beta1, beta2 = settings.betas
-    if settings.name == "adafactor" and beta2 != DEFAULT_BETAS[1]:
-        raise ValueError(f"betas[1]={beta2} does not apply to FLoRA's Adafactor base (its second moment decays by "
-                         "beta2_decay); keep beta2=0.999 or use optimizer='adamw'")
+    if settings.name == "adafactor" and (beta2 != DEFAULT_BETAS[1] or settings.eps is not None):
+        raise ValueError(f"betas[1]={beta2} / eps={settings.eps} do not apply to FLoRA's Adafactor base (its second "
+                         "moment decays by beta2_decay); keep beta2=0.999, no eps, or use optimizer='adamw'")
     extra = {"eps": settings.eps} if settings.eps is not None else {}
     # pass the model, not a parameter list: Flora then compresses only attention/MLP matrices and keeps
     # embeddings and the head uncompressed (a vocabulary-wide random projection stalls training)

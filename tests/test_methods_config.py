@@ -1,0 +1,240 @@
+"""Method configs and the one option translation (issue #14): weight decay and betas reach every method's
+optimizer, each config validates and round-trips through JSON, and the CLI / TrainConfig / planner / HF spellings
+all land in the same config field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from velora.methods.registry import build_optimizer, prepare_model
+from velora.training.config import TrainConfig
+from velora.training.models import build_config, build_model
+
+DECAY, BETAS = 0.5, (0.8, 0.95)
+# method, options; flora on an Adafactor base uses beta1 only (its second moment decays by beta2_decay)
+METHODS = [
+    ("full", {}, BETAS),
+    ("lora", {"lora_rank": 4}, BETAS),
+    ("dora", {"lora_rank": 4}, BETAS),
+    ("qlora", {"lora_rank": 4}, BETAS),
+    ("galore", {"galore_rank": 4, "update_proj_gap": 2}, BETAS),
+    ("flora", {"flora_rank": 4, "optimizer": "adamw"}, BETAS),
+    ("flora", {"flora_rank": 4, "optimizer": "adafactor"}, (0.8, 0.999)),
+    ("gradnormlorp", {"gradnorm_rank": 4, "gradnorm_proj_rank": 2}, BETAS),
+]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(build_config("llama-tiny", vocab_size=128))
+
+
+def _two_steps(method: str, options: dict, weight_decay: float, betas) -> tuple[torch.optim.Optimizer, list]:
+    """The optimizer built through TrainConfig (what `velora train` does) and the trainable weights after two
+    steps on a fixed batch (two, so that Adam's betas matter: its first bias-corrected step does not see them)."""
+    config = TrainConfig(method=method, lr=1e-2, weight_decay=weight_decay, options={**options, "betas": list(betas)})
+    method_options = config.method_options()
+    model = prepare_model(_model(), method, method_options)
+    optimizer = build_optimizer(model, method, method_options)
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))  # (B, T)
+    for _ in range(2):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def _group_betas(group: dict) -> tuple[float, float]:
+    return tuple(group["betas"]) if "betas" in group else (group["beta1"], group["beta2"])
+
+
+@pytest.mark.parametrize("method, options, betas", METHODS, ids=lambda v: v if isinstance(v, str) else None)
+def test_weight_decay_and_betas_reach_every_optimizer_and_change_the_step(method, options, betas):
+    optimizer, decayed = _two_steps(method, options, DECAY, betas)
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == DECAY and _group_betas(group) == betas, (method, group.keys())
+    _, plain = _two_steps(method, options, 0.0, betas)
+    assert any(not torch.equal(a, b) for a, b in zip(decayed, plain)), f"{method}: weight decay changed nothing"
+    if betas != (0.8, 0.999):  # Adafactor-based FLoRA: beta1 alone differs, checked by the group above
+        _, default_betas = _two_steps(method, options, DECAY, (0.9, 0.999))
+        assert any(not torch.equal(a, b) for a, b in zip(decayed, default_betas)), f"{method}: betas changed nothing"
+
+
+def test_flora_decay_and_betas_equal_torch_adamw_where_nothing_is_projected():
+    """Flora (AdamW base) on vectors (never projected) is AdamW: decoupled decay and betas as torch's."""
+    from velora.optim import Flora
+
+    torch.manual_seed(0)
+    start = [torch.randn(7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    ours = [p.clone().requires_grad_(True) for p in start]
+    reference = [p.clone().requires_grad_(True) for p in start]
+    flora = Flora(ours, lr=1e-2, rank=2, base="adamw", beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.1)
+    adamw = torch.optim.AdamW(reference, lr=1e-2, betas=BETAS, weight_decay=0.1, foreach=False)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in start]
+        for params in (ours, reference):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        flora.step()
+        adamw.step()
+        for a, b in zip(ours, reference):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"step {step}")
+
+
+def test_cli_weight_decay_and_betas_change_a_flora_and_a_gradnormlorp_run(tmp_path, text_file):
+    from safetensors.torch import load_file
+
+    from velora.cli import main
+
+    def final_weights(method: str, name: str, *flags: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"{method}-{name}"
+        assert main(["train", "--method", method, "--data", str(text_file), "--tokenizer", "byte", "--steps", "2",
+                     "--seq-len", "16", "--batch-size", "2", "--eval-batches", "1", "--warmup-steps", "0",
+                     "--flora-rank", "4", "--gradnorm-rank", "4", "--gradnorm-proj-rank", "2", "--optimizer",
+                     "adamw", "--no-progress", "--no-memory", "--out", str(out), *flags]) == 0
+        return load_file(str(next(out.rglob("model.safetensors"))))
+
+    for method in ("flora", "gradnormlorp"):
+        plain = final_weights(method, "plain")
+        for name, flags in (("decay", ("--weight-decay", "0.5")), ("betas", ("--betas", "0.5", "0.9"))):
+            changed = final_weights(method, name, *flags)
+            assert any(not torch.equal(plain[k], changed[k]) for k in plain), f"{method} {flags} changed nothing"
+
+
+# ---- the configs and the translation -------------------------------------------------------------------------
+
+
+def test_every_option_key_round_trips_through_trainconfig_json_and_lands_in_its_config():
+    from velora.methods.options import OPTION_KEYS, MethodOptions
+
+    changed = {"optimizer": "adafactor", "lora_rank": 3, "lora_unfreeze": ["norm"], "qlora_compute_dtype": "bfloat16",
+               "galore_rank": 5, "update_proj_gap": 7, "flora_rank": 6, "flora_momentum": "update",
+               "flora_exact_current": True, "flora_orthogonal": False, "gradnorm_proj_rank": 3}
+    config = TrainConfig(method="flora", options=changed)
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    options = again.method_options()
+    assert (options.optim.name, options.lora.rank, options.lora.unfreeze) == ("adafactor", 3, ("norm",))
+    assert (options.galore.rank, options.galore.update_proj_gap, options.flora.rank) == (5, 7, 6)
+    assert (options.flora.momentum, options.flora.exact_current, options.flora.orthogonal) == ("update", True, False)
+    assert options.gradnorm_lorp.proj_rank == 3 and options.lora.compute_dtype == "bfloat16"
+    flat = options.to_flat()
+    assert set(OPTION_KEYS) <= set(flat)
+    assert MethodOptions.from_flat(flat) == options  # the flat spelling is lossless
+
+
+@pytest.mark.parametrize("section", ["optim", "lora", "galore", "flora", "gradnorm_lorp"])
+def test_each_config_round_trips_through_json_and_rejects_unknown_keys(section):
+    from velora.methods.options import SECTIONS
+
+    cls = SECTIONS[section]
+    config = cls()
+    assert cls.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match=r"unknown .* keys \['bogus'\]; known keys are") as info:
+        cls.from_dict({**config.to_dict(), "bogus": 1})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lora_rank": 0}, "lora_rank=0 must be an integer >= 1"),
+    ({"flora_kappa": 2.5}, "flora_kappa=2.5 must be an integer >= 1"),
+    ({"flora_project": "middle"}, "project='middle' is not a projection side"),
+    ({"galore_scale": -1.0}, "galore_scale=-1.0 must be a finite number > 0"),
+    ({"betas": [0.9, 1.5]}, r"betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
+    ({"flora_exact_current": "yes"}, "flora_exact_current='yes' must be True or False"),
+    ({"lora_rnak": 4}, r"unknown method option\(s\) \['lora_rnak'\]; known: \[.*'lora_rank'"),
+    ({"seed": 3}, r"unknown method option\(s\) \['seed'\].*TrainConfig fields"),
+])
+def test_bad_options_are_one_line_errors_when_the_config_is_made(options, message):
+    with pytest.raises(ValueError, match=message) as info:
+        TrainConfig(method="full", options=options)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("full", {"optimizer": "adafactor", "betas": [0.8, 0.99]}, r"betas=\(0.8, 0.99\) / eps=None do not apply to "
+     "optimizer='adafactor'"),
+    ("full", {"optimizer": "adafactor", "eps": 1e-6}, "eps=1e-06 do not apply to optimizer='adafactor'"),
+    ("flora", {"optimizer": "adafactor", "betas": [0.8, 0.99]}, r"betas\[1\]=0.99 / eps=None do not apply to "
+     "FLoRA's Adafactor base"),
+])
+def test_adafactor_rejects_the_betas_and_eps_it_would_ignore(method, options, message):
+    method_options = TrainConfig(method=method, options=options).method_options()
+    with pytest.raises(ValueError, match=message) as info:
+        build_optimizer(_model(), method, method_options)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_flags_are_generated_from_the_configs_and_keep_the_old_names():
+    import argparse
+
+    from velora.cli.train import add_arguments
+    from velora.methods.options import OPTION_KEYS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    old = {"--optimizer", "--lora-rank", "--lora-alpha", "--lora-dropout", "--galore-rank", "--update-proj-gap",
+           "--galore-scale", "--flora-rank", "--flora-kappa", "--flora-project", "--flora-projection",
+           "--gradnorm-rank", "--gradnorm-proj-rank", "--gradnorm-update-proj-gap", "--flora-accumulation"}
+    new = {"--betas", "--eps", "--flora-momentum", "--flora-exact-current", "--flora-momentum-orthogonal",
+           "--gradnorm-alpha", "--gradnorm-scale", "--qlora-compute-dtype"}
+    assert old | new <= flags
+    assert {spec.flag for spec in OPTION_KEYS.values() if spec.flag} <= flags
+    args = parser.parse_args(["--flora-momentum", "update", "--flora-exact-current", "--betas", "0.8", "0.9",
+                              "--flora-projection", "gaussian", "--gradnorm-alpha", "4"])
+    from velora.cli.train import config_from_args
+
+    args.tokenizer = "byte"
+    options = config_from_args(args).method_options()
+    assert (options.flora.momentum, options.flora.exact_current, options.flora.orthogonal) == ("update", True, False)
+    assert options.optim.betas == (0.8, 0.9) and options.gradnorm_lorp.alpha == 4.0
+
+
+def test_planner_and_hf_take_the_same_keys():
+    from velora.memory.planner import _method_options
+    from velora.methods.options import MethodOptions
+
+    planned = _method_options("adamw", {"flora_rank": 4, "betas": (0.8, 0.9), "velora_sub_token_size": 16})
+    assert (planned.flora.rank, planned.optim.betas, planned.velora.sub_token_size) == (4, (0.8, 0.9), 16)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['flora_rnak'\]; plan\(\) takes \[.*'flora_rank'"):
+        _method_options("adamw", {"flora_rnak": 4})
+    transformers = pytest.importorskip("transformers")
+    from velora.integrations.hf import method_options_from_args
+
+    args = transformers.TrainingArguments(output_dir="unused", learning_rate=2e-3, weight_decay=0.3,
+                                          adam_beta1=0.7, adam_beta2=0.9, report_to=[])
+    options = method_options_from_args(args, {"flora_rank": 4})
+    assert (options.optim.lr, options.optim.weight_decay, options.optim.betas) == (2e-3, 0.3, (0.7, 0.9))
+    assert options.flora.rank == 4
+    assert method_options_from_args(args, MethodOptions.from_flat({"flora_rank": 5})).optim.betas == (0.7, 0.9)
+    with pytest.raises(ValueError, match=r"unknown method option\(s\) \['flora_rnak'\]"):
+        method_options_from_args(args, {"flora_rnak": 4})
+
+
+def test_flora_default_rank_comes_from_the_projectable_matrices_only():
+    """A quarter of the smallest attention/MLP side, never the embeddings': the optimizer and the compressed
+    accumulator agree."""
+    from velora.methods.flora.method import compressed_accumulator
+    from velora.optim.projections import projectable_parameters
+
+    model = build_model(build_config("llama-tiny", vocab_size=16))  # embeddings (16, 64): the smallest side
+    options = TrainConfig(method="flora", options={"optimizer": "adamw"}).method_options()
+    expected = max(1, min(min(p.shape) for p in projectable_parameters(model)) // 4)
+    optimizer = build_optimizer(model, "flora", options)
+    assert expected == 16 and {g["rank"] for g in optimizer.param_groups} == {expected}
+    assert compressed_accumulator(model, options, 2).rank == expected
+
+
+def test_compare_sizes_each_method_through_the_registry():
+    from velora.experiments.compare import method_overrides
+
+    assert method_overrides("galore+velora", 8, 32, 50)["options"] == {"galore_rank": 8, "update_proj_gap": 50,
+                                                                        "galore_scale": 0.25}
+    assert method_overrides("flora", 8, 32, 50)["options"] == {"flora_rank": 8, "flora_kappa": 50}
+    assert method_overrides("velora", 8, 32, 50)["options"] == {}
+    for method in ("full", "lora", "dora", "galore", "flora", "gradnormlorp"):
+        TrainConfig(method=method, **method_overrides(method, 8, 32, 50))  # every override is a valid option
