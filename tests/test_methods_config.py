@@ -238,3 +238,68 @@ def test_compare_sizes_each_method_through_the_registry():
     assert method_overrides("velora", 8, 32, 50)["options"] == {}
     for method in ("full", "lora", "dora", "galore", "flora", "gradnormlorp"):
         TrainConfig(method=method, **method_overrides(method, 8, 32, 50))  # every override is a valid option
+
+
+# ---- core's layer hook: a method's layer type is wrapped without core knowing it ------------------------------
+
+
+class _ScaledLinear(torch.nn.Module):
+    """A layer whose weight is computed (s * W0, s trainable): the shape of a method's reparameterised linear."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.in_features = d_in
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in, dtype=torch.float64), requires_grad=False)
+        self.bias = None
+        self.scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.scale * self.weight)  # (..., d_out)
+
+
+class _ScaledLayout:
+    def _velora_weight(self):
+        return self.scale * self.weight  # (O, D)
+
+    def _velora_in_features(self):
+        return self.in_features
+
+    def _velora_active(self, x):
+        return self.training and torch.is_grad_enabled() and self.scale.requires_grad
+
+
+def test_a_registered_layer_type_is_wrapped_and_its_gradient_flows_through_the_layout():
+    import velora
+    from velora.core.layers import register_layer_type
+    from velora.core.subtoken import orthonormalise
+
+    wrapper = register_layer_type(_ScaledLinear, _ScaledLayout, "VeLoRAScaledLinear")
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(_ScaledLinear(16, 8))
+    model = torch.nn.Sequential(_ScaledLinear(16, 8))
+    model.load_state_dict(plain.state_dict())
+    v = orthonormalise(torch.randn(8, 1, dtype=torch.float64))[:, 0]  # (M,)
+    velora.apply_velora(model, velora.VeLoRAConfig(sub_token_size=8, init=v, target_modules="0"))
+    assert type(model[0]) is wrapper
+    x = torch.randn(5, 2, 1, dtype=torch.float64) * v  # (5, D/M, M): every sub-token on span(v)
+    x = x.reshape(5, 16)  # (T, D)
+    out, ref = model(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(model[0].scale.grad, plain[0].scale.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_a_velora_wrapped_gradnorm_lorp_model_pickles(tmp_path):
+    import velora
+    from velora.methods.gradnorm_lorp.model import GradNormLoRPConfig, apply_gradnorm_lorp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    apply_gradnorm_lorp(model, GradNormLoRPConfig(rank=4, target_modules=["0"]))
+    velora.apply_velora(model, velora.VeLoRAConfig(sub_token_size=8, target_modules="0"))
+    torch.save(model, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(again[0]) is type(model[0]) and type(model[0]).__name__ == "VeLoRAGradNormLoRPLinear"
+    x = torch.randn(3, 32)
+    assert torch.equal(again.eval()(x), model.eval()(x))

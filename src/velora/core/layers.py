@@ -213,55 +213,39 @@ class _Conv1DWeight:
         return self.weight.t()  # Conv1D stores (D, O); the function wants (O, D)
 
 
-class _GradNormLoRPWeight:
-    """GradNormLoRP layer: W = m ⊙ (W0 + s·IJ)/‖W0 + s·IJ‖_c is built every forward; W0 is frozen, so
-    VeLoRA is active when m, I or J train, and grad_W flows on to them through autograd."""
-
-    def _velora_weight(self) -> torch.Tensor:
-        return self.merged_weight()  # (O, D)
-
-    def _velora_in_features(self) -> int:
-        return self.in_features
-
-    def _velora_active(self, x: torch.Tensor) -> bool:
-        trains = self.magnitude.requires_grad or self.lora_I.requires_grad or self.lora_J.requires_grad
-        return self.training and torch.is_grad_enabled() and trains
-
-
-def _gradnorm_class():
-    from velora.methods.gradnorm_lorp.model import GradNormLoRPLinear  # lazy: gradnorm_lorp is an optional part
-
-    return GradNormLoRPLinear
-
-
 _WRAPPED_CLASSES: dict[type, type] = {}
 
 
+def register_layer_type(base_class: type, layout: type, name: str | None = None) -> type:
+    """Let ``apply_velora`` wrap layers of ``base_class`` (a layer type defined outside core, e.g. a method's
+    reparameterised linear). ``layout`` is a mixin that tells VeLoRA what the layer computes, overriding the
+    VeLoRAMixin hooks: ``_velora_weight()`` -> the (O, D) weight the forward multiplies its input by (may be built
+    from parameters), ``_velora_in_features()`` -> D, and ``_velora_active(x)`` -> whether this call trains (so z
+    is kept). Returns the wrapper class, named ``name`` (default ``VeLoRA<base>``) in ``layout``'s module: bind it
+    there under that name so pickle finds it. Registering the same base twice returns the first wrapper."""
+    if base_class not in _WRAPPED_CLASSES:
+        name = name or f"VeLoRA{base_class.__name__}"
+        _WRAPPED_CLASSES[base_class] = type(name, (layout, VeLoRAMixin, base_class), {"__module__": layout.__module__})
+    return _WRAPPED_CLASSES[base_class]
+
+
 def __getattr__(name: str):
-    # lets pickle find the wrappers that are built on first use
+    # lets pickle find the Conv1D wrapper, which is built on first use
     if name == "VeLoRAConv1D":
         conv1d = _conv1d_class()
         if conv1d is not None:
             return _wrapper_class_for(conv1d)
-    if name == "VeLoRAGradNormLoRPLinear":
-        return _wrapper_class_for(_gradnorm_class())
     raise AttributeError(f"module 'velora.core.layers' has no attribute {name!r}")
 
 
 def _wrapper_class_for(cls: type) -> type | None:
     if cls is nn.Linear:
         return VeLoRALinear
-    if cls.__name__ == "GradNormLoRPLinear" and cls is _gradnorm_class():
-        if cls not in _WRAPPED_CLASSES:
-            _WRAPPED_CLASSES[cls] = type("VeLoRAGradNormLoRPLinear", (_GradNormLoRPWeight, VeLoRAMixin, cls),
-                                         {"__module__": __name__})
+    if cls in _WRAPPED_CLASSES:
         return _WRAPPED_CLASSES[cls]
     conv1d = _conv1d_class()
     if conv1d is not None and cls is conv1d:
-        if conv1d not in _WRAPPED_CLASSES:
-            wrapped = type("VeLoRAConv1D", (_Conv1DWeight, VeLoRAMixin, conv1d), {"__module__": __name__})
-            _WRAPPED_CLASSES[conv1d] = wrapped
-        return _WRAPPED_CLASSES[conv1d]
+        return register_layer_type(conv1d, _Conv1DWeight)
     return None
 
 
@@ -290,7 +274,8 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     wrapper = _wrapper_class_for(type(module))
     if wrapper is None:
         raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear, transformers Conv1D, "
-                         "GradNormLoRP or peft LoRA layer; narrow target_modules to its linear children")
+                         "registered layer type (register_layer_type) or peft LoRA layer; narrow target_modules to "
+                         "its linear children")
     base_class = type(module)
     module.__class__ = wrapper
     try:

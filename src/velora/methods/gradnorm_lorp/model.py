@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from velora.core.layers import register_layer_type
+
 __all__ = [
     "GradNormLoRPConfig",
     "GradNormLoRPLinear",
@@ -126,6 +128,26 @@ class GradNormLoRPLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class _VeLoRALayout:
+    """What VeLoRA needs to wrap a GradNormLoRP layer (velora.core.layers.register_layer_type): its weight
+    W = m ⊙ (W0 + s·IJ)/‖W0 + s·IJ‖_c is built every forward; W0 is frozen, so VeLoRA is active when m, I or J
+    train, and grad_W flows on to them through autograd."""
+
+    def _velora_weight(self) -> torch.Tensor:
+        return self.merged_weight()  # (O, D)
+
+    def _velora_in_features(self) -> int:
+        return self.in_features
+
+    def _velora_active(self, x: torch.Tensor) -> bool:
+        trains = self.magnitude.requires_grad or self.lora_I.requires_grad or self.lora_J.requires_grad
+        return self.training and torch.is_grad_enabled() and trains
+
+
+# apply_velora wraps GradNormLoRP layers through this (bound here under its own name, so pickle finds it)
+VeLoRAGradNormLoRPLinear = register_layer_type(GradNormLoRPLinear, _VeLoRALayout, "VeLoRAGradNormLoRPLinear")
 
 
 def gradnorm_lorp_modules(model: nn.Module) -> dict[str, GradNormLoRPLinear]:
