@@ -303,3 +303,20 @@ def test_a_velora_wrapped_gradnorm_lorp_model_pickles(tmp_path):
     assert type(again[0]) is type(model[0]) and type(model[0]).__name__ == "VeLoRAGradNormLoRPLinear"
     x = torch.randn(3, 32)
     assert torch.equal(again.eval()(x), model.eval()(x))
+
+
+def test_velora_plan_takes_the_generated_flags_and_checks_them_in_one_line(capsys):
+    import argparse
+
+    from velora.cli import main
+    from velora.cli.plan import _options, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "llama-tiny", "--flora-rank", "4", "--flora-momentum", "update",
+                              "--gradnorm-proj-rank", "2", "--betas", "0.8", "0.9"])
+    assert _options(args) == {"flora_rank": 4, "flora_momentum": "update", "gradnorm_proj_rank": 2,
+                              "betas": [0.8, 0.9]}
+    assert main(["plan", "--model", "llama-tiny", "--method", "flora", "--flora-rank", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "flora_rank=0 must be an integer >= 1" in err and len(err.strip().splitlines()) == 1

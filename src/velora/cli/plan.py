@@ -10,10 +10,11 @@ import argparse
 import json
 
 from velora.memory.peak import CATEGORIES
-from velora.optim.projections import PROJECT_SIDES
+from velora.methods.options import add_option_flags, options_from_flags
 
 GIB = 2**30
 MIB = 2**20
+_NOT_PLAN_FLAGS = ("optimizer", "flora_accumulation")
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -42,28 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", type=_plan_dtype, metavar="{fp32,bf16,fp16}",
                         help="weights, activations and optimizer state dtype (float32 / bfloat16 / float16 "
                              "spellings accepted too; default fp32)")
-    parser.add_argument("--lora-rank", type=int, default=None, help="LoRA/DoRA/QLoRA rank (default 8)")
-    parser.add_argument("--galore-rank", type=int, default=None, help="GaLore rank (default min side / 4)")
-    parser.add_argument("--flora-rank", type=int, default=None, help="FLoRA rank (default min side / 4)")
-    parser.add_argument("--flora-project", default=None, choices=PROJECT_SIDES,
-                        help="side of each matrix FLoRA projects (default smaller: state max side x rank)")
     parser.add_argument("--sub-token-size", type=int, default=None, help="VeLoRA sub-token size M (default 32)")
     parser.add_argument("--velora-targets", default=None,
                         help="comma-separated VeLoRA target modules (default 'paper' = value + MLP down proj)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    # the method options, generated from the method configs as for `velora train` (--optimizer is plan()'s own;
+    # the planner models one micro-batch step, so compressed accumulation has no flag here)
+    add_option_flags(parser.add_argument_group("method options"), skip=_NOT_PLAN_FLAGS)
 
 
 def _options(args: argparse.Namespace) -> dict:
-    options = {}
-    for flag, key in (("lora_rank", "lora_rank"), ("galore_rank", "galore_rank"), ("flora_rank", "flora_rank"),
-                      ("sub_token_size", "sub_token_size")):
-        value = getattr(args, flag)
-        if value is not None:
-            if value <= 0:
-                raise ValueError(f"--{flag.replace('_', '-')}={value} must be a positive integer")
-            options[key] = value
-    if args.flora_project is not None:
-        options["flora_project"] = args.flora_project
+    options = options_from_flags(args, skip=_NOT_PLAN_FLAGS)  # values are checked by the method configs
+    if args.sub_token_size is not None:
+        if args.sub_token_size <= 0:
+            raise ValueError(f"--sub-token-size={args.sub_token_size} must be a positive integer")
+        options["sub_token_size"] = args.sub_token_size
     if args.velora_targets is not None:
         targets = [t.strip() for t in args.velora_targets.split(",") if t.strip()]
         if not targets:

@@ -130,13 +130,14 @@ class MethodOptions:
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 
-def add_option_flags(group) -> None:
-    """One argparse flag per option with a flag; every default is None so only flags the user passes are
-    forwarded (``options_from_flags``). Booleans get --x / --no-x; word choices and (BETA1 BETA2) as declared."""
+def add_option_flags(group, skip: tuple[str, ...] = ()) -> None:
+    """One argparse flag per option with a flag (but the keys in ``skip``); every default is None so only flags
+    the user passes are forwarded (``options_from_flags``). Booleans get --x / --no-x; word choices and
+    (BETA1 BETA2) as declared."""
     import argparse
 
     for spec in OPTION_KEYS.values():
-        if not spec.flag:
+        if not spec.flag or spec.key in skip:
             continue
         dest = spec.key
         if spec.choices:  # checked in options_from_flags, with a one-line error
@@ -153,11 +154,11 @@ def add_option_flags(group) -> None:
             group.add_argument(spec.flag, dest=dest, type=spec.kind, default=None, help=spec.help)
 
 
-def options_from_flags(args) -> dict[str, Any]:
+def options_from_flags(args, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Flat options of the flags the user passed (argparse namespace from ``add_option_flags``)."""
     options = {}
     for spec in OPTION_KEYS.values():
-        value = getattr(args, spec.key, None) if spec.flag else None
+        value = getattr(args, spec.key, None) if spec.flag and spec.key not in skip else None
         if value is None:
             continue
         if spec.choices and value not in spec.choices:
