@@ -5,7 +5,7 @@ spellings users type — CLI flags, ``TrainConfig.options`` keys, planner ``**op
 A flat key is ``<config prefix>_<field>`` (``lora_rank``, ``flora_kappa``, ``gradnorm_proj_rank``) unless the
 field declares another (``optimizer``, ``betas``, ``update_proj_gap``, ``qlora_compute_dtype``); its CLI flag is
 the key with dashes unless declared (``--flora-projection``). Adding a field to a method's config adds its key
-and its flag.
+and its flag; adding a method's config is one ``MethodOptions`` field.
 """
 
 from __future__ import annotations
@@ -20,17 +20,67 @@ from velora.methods.galore.config import GaLoreConfig
 from velora.methods.gradnorm_lorp.config import GradNormLoRPMethodConfig
 from velora.methods.lora.config import LoRAConfig
 
-# section of MethodOptions -> its config class (the sections the flat keys address)
-SECTIONS: dict[str, type[ConfigBase]] = {
-    "optim": OptimizerSettings, "lora": LoRAConfig, "galore": GaLoreConfig, "flora": FloraConfig,
-    "gradnorm_lorp": GradNormLoRPMethodConfig,
-}
-# flat keys that are not inside a section
+# flat keys that are MethodOptions fields themselves, not inside a method's config
 TOP_LEVEL_KEYS = ("seed", "accumulation_steps", "velora")
 
 
 def default_velora() -> VeLoRAConfig:
     return VeLoRAConfig(sub_token_size=32, target_modules="paper")
+
+
+@dataclass
+class MethodOptions:
+    """Everything a method reads: the shared optimizer settings, the VeLoRA config, each method's own config
+    (one field per config: its ``SECTIONS`` entry and flat keys follow), the seed (projections) and the
+    accumulation steps. Each method reads its own section."""
+
+    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
+    velora: VeLoRAConfig = field(default_factory=default_velora)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
+    flora: FloraConfig = field(default_factory=FloraConfig)
+    gradnorm_lorp: GradNormLoRPMethodConfig = field(default_factory=GradNormLoRPMethodConfig)
+    seed: int = 0
+    accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        for name, cls in {**SECTIONS, "velora": VeLoRAConfig}.items():  # SECTIONS: defined after this class
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise TypeError(f"MethodOptions.{name} must be a {cls.__name__}, got {type(value).__name__}")
+        check_int("seed", self.seed, 0)
+        check_int("accumulation_steps", self.accumulation_steps)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any] | None = None, base: MethodOptions | None = None) -> MethodOptions:
+        """Options from flat keys (``{"lr": 1e-2, "flora_rank": 4, "velora": VeLoRAConfig(...)}``) over ``base``
+        (default: the defaults). One-line error naming the accepted keys for an unknown key."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(OPTION_KEYS) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise ValueError(f"unknown method option(s) {unknown}; known: {known_keys()}")
+        base = base or cls()
+        changes: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            if key in OPTION_KEYS:
+                spec = OPTION_KEYS[key]
+                changes.setdefault(spec.section, {})[spec.field] = value
+        top = {key: values[key] for key in TOP_LEVEL_KEYS if key in values}
+        if isinstance(top.get("velora"), dict):
+            top["velora"] = VeLoRAConfig.from_dict(top["velora"])
+        sections = {name: replace(getattr(base, name), **change) for name, change in changes.items()}
+        return replace(base, **sections, **top)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every flat key -> its value (JSON-ready except ``velora``, a VeLoRAConfig)."""
+        flat = {key: getattr(getattr(self, spec.section), spec.field) for key, spec in OPTION_KEYS.items()}
+        flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
+        return {**flat, "seed": self.seed, "accumulation_steps": self.accumulation_steps, "velora": self.velora}
+
+
+# section of MethodOptions -> its config class: every field holding a method config (or the optimizer settings)
+SECTIONS: dict[str, type[ConfigBase]] = {f.name: f.default_factory for f in fields(MethodOptions)
+                                         if f.name not in TOP_LEVEL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -76,55 +126,6 @@ OPTION_KEYS: dict[str, OptionKey] = _option_keys()
 
 def known_keys() -> list[str]:
     return sorted([*OPTION_KEYS, *TOP_LEVEL_KEYS])
-
-
-@dataclass
-class MethodOptions:
-    """Everything a method reads: the shared optimizer settings, the VeLoRA config, each method's own config,
-    the seed (projections) and the accumulation steps. Each method reads its own section."""
-
-    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
-    velora: VeLoRAConfig = field(default_factory=default_velora)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
-    flora: FloraConfig = field(default_factory=FloraConfig)
-    gradnorm_lorp: GradNormLoRPMethodConfig = field(default_factory=GradNormLoRPMethodConfig)
-    seed: int = 0
-    accumulation_steps: int = 1
-
-    def __post_init__(self) -> None:
-        for name, cls in {**SECTIONS, "velora": VeLoRAConfig}.items():
-            value = getattr(self, name)
-            if not isinstance(value, cls):
-                raise TypeError(f"MethodOptions.{name} must be a {cls.__name__}, got {type(value).__name__}")
-        check_int("seed", self.seed, 0)
-        check_int("accumulation_steps", self.accumulation_steps)
-
-    @classmethod
-    def from_flat(cls, values: dict[str, Any] | None = None, base: MethodOptions | None = None) -> MethodOptions:
-        """Options from flat keys (``{"lr": 1e-2, "flora_rank": 4, "velora": VeLoRAConfig(...)}``) over ``base``
-        (default: the defaults). One-line error naming the accepted keys for an unknown key."""
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(OPTION_KEYS) - set(TOP_LEVEL_KEYS))
-        if unknown:
-            raise ValueError(f"unknown method option(s) {unknown}; known: {known_keys()}")
-        base = base or cls()
-        changes: dict[str, dict[str, Any]] = {}
-        for key, value in values.items():
-            if key in OPTION_KEYS:
-                spec = OPTION_KEYS[key]
-                changes.setdefault(spec.section, {})[spec.field] = value
-        top = {key: values[key] for key in TOP_LEVEL_KEYS if key in values}
-        if isinstance(top.get("velora"), dict):
-            top["velora"] = VeLoRAConfig.from_dict(top["velora"])
-        sections = {name: replace(getattr(base, name), **change) for name, change in changes.items()}
-        return replace(base, **sections, **top)
-
-    def to_flat(self) -> dict[str, Any]:
-        """Every flat key -> its value (JSON-ready except ``velora``, a VeLoRAConfig)."""
-        flat = {key: getattr(getattr(self, spec.section), spec.field) for key, spec in OPTION_KEYS.items()}
-        flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
-        return {**flat, "seed": self.seed, "accumulation_steps": self.accumulation_steps, "velora": self.velora}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
 """Training methods as data: one registry maps a method name to how it prepares a model and builds its
-optimizer. The training loop, the planner and the experiment harness all go through it.
+optimizer. The training loop, the planner, the HF trainer and the experiment harness all go through it; this
+module is generic and names no method.
 
 A method name is a base method optionally joined with modifiers by ``+``:
     base      full | lora | dora | qlora | galore | flora | gradnormlorp
     modifiers velora (compress saved activations), ckpt (gradient checkpointing)
 e.g. ``velora`` (= full+velora), ``lora+velora``, ``galore+velora+ckpt``.
+
+Adding a method: a folder ``methods/<name>/`` with ``config.py`` (its options, declared with ``common.option``)
+and ``method.py`` (prepare + optimizer, ending in ``register(BaseMethod(...))``), one import line in
+``methods/__init__.py`` and one ``MethodOptions`` field for its config; its CLI flags and option keys follow.
 """
 
 from __future__ import annotations
