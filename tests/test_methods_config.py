@@ -63,6 +63,14 @@ def test_weight_decay_and_betas_reach_every_optimizer_and_change_the_step(method
         assert any(not torch.equal(a, b) for a, b in zip(decayed, default_betas)), f"{method}: betas changed nothing"
 
 
+@pytest.mark.parametrize("method, options", [(m, o) for m, o, _ in METHODS if o.get("optimizer") != "adafactor"])
+def test_eps_reaches_every_adam_style_optimizer(method, options):
+    config = TrainConfig(method=method, options={**options, "eps": 1e-6})
+    method_options = config.method_options()
+    optimizer = build_optimizer(prepare_model(_model(), method, method_options), method, method_options)
+    assert {group["eps"] for group in optimizer.param_groups} == {1e-6}
+
+
 def test_flora_decay_and_betas_equal_torch_adamw_where_nothing_is_projected():
     """Flora (AdamW base) on vectors (never projected) is AdamW: decoupled decay and betas as torch's."""
     from velora.optim import Flora

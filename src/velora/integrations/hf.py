@@ -17,7 +17,8 @@ Which Trainer settings are used (and never overridden by ``MethodOptions``): ``l
 ``weight_decay``, ``(adam_beta1, adam_beta2)`` -> betas, ``gradient_accumulation_steps`` -> the
 accumulation cycle, ``seed`` -> the FLoRA projection seeds. The scheduler, clipping, logging and
 checkpointing are the Trainer's. Not used: ``optim`` / ``optim_args`` (the method decides the optimizer;
-the ``optimizer`` option picks its base) and ``adam_epsilon`` (the optimizers' default eps).
+the ``optimizer`` option picks its base) and ``adam_epsilon`` (the optimizers' default eps;
+``method_options={"eps": ...}`` sets one).
 """
 
 from __future__ import annotations
