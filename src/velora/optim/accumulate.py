@@ -168,8 +168,8 @@ class CompressedGradAccumulator:
         index = self._index_of[id(param)]
         if int(self.counts[index]) > 0 and index not in self._closed:
             self._refuse_local_sums([index])
-        summed = self.buffers[index]  # (k, r)
-        compressed = summed / self.accumulation_steps if self.reduction == "mean" else summed
+        summed = self.buffers[index]  # (k, r); a copy goes out: the buffer is zeroed when the backward ends
+        compressed = summed / self.accumulation_steps if self.reduction == "mean" else summed.clone()
         return CompressedGrad(self.plans[index], compressed, self.projection(index))
 
     def flush(self) -> None:
