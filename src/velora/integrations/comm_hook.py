@@ -18,21 +18,16 @@ from torch import nn
 from velora.core.runtime import work_dtype
 from velora.optim.projections import (
     check_project_side,
-    compress,
     compression_plan,
-    decompress,
     derive_seed,
     projectable_parameters,
     random_projection,
 )
+from velora.optim.projections import compress as compress_gradient  # (rows, cols) -> (kept_dim, r)
+from velora.optim.projections import decompress as decompress_gradient  # (kept_dim, r) -> (rows, cols)
 
 __all__ = ["FloraCommState", "flora_comm_hook", "register_flora_comm_hook", "bucket_wire_bytes",
            "compress_gradient", "decompress_gradient"]
-
-# the hook's (rows, cols) <-> (kept_dim, r) maps, under the names this module always exported
-compress_gradient = compress
-decompress_gradient = decompress
-
 
 @dataclass
 class FloraCommState:
@@ -98,7 +93,7 @@ def _sent_form(state: FloraCommState, grad: torch.Tensor, param: torch.Tensor) -
     seed = derive_seed(state.seed, index, state.step)
     projection = random_projection(seed, plan.projected_dim, plan.rank, device=grad.device, dtype=dtype,
                                    orthogonal=state.orthogonal)  # (r, projected_dim)
-    compressed = compress(grad.to(dtype), projection, plan.transposed)  # (kept_dim, r)
+    compressed = compress_gradient(grad.to(dtype), projection, plan.transposed)  # (kept_dim, r)
     return _Sent(grad, compressed.reshape(-1).to(grad.dtype), plan, projection)  # (kept_dim * r,)
 
 
@@ -112,7 +107,7 @@ def _write_back(sent: list[_Sent], reduced: torch.Tensor) -> None:
             piece.grad.copy_(chunk.view_as(piece.grad))
         else:
             compressed = chunk.view(piece.plan.kept_dim, piece.plan.rank).to(piece.projection.dtype)  # (k, r)
-            piece.grad.copy_(decompress(compressed, piece.projection, piece.plan.transposed))  # (rows, cols)
+            piece.grad.copy_(decompress_gradient(compressed, piece.projection, piece.plan.transposed))  # (rows, cols)
 
 
 def flora_comm_hook(state: FloraCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

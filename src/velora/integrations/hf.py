@@ -161,8 +161,8 @@ class VeLoRATrainer(Trainer):
         matrices = projectable_parameters(self.model)
         if not matrices:
             raise ValueError("flora_accumulation found no projectable matrices (attention/MLP linears) to compress")
-        rank = flora_rank(self.velora_options, matrices)
-        return CompressedGradAccumulator(self.model, rank=rank, accumulation_steps=steps,
+        projection_rank = flora_rank(self.velora_options, matrices)
+        return CompressedGradAccumulator(self.model, rank=projection_rank, accumulation_steps=steps,
                                          seed=self.velora_options.seed, orthogonal=self.velora_options.flora_orthogonal,
                                          project=self.velora_options.flora_project)
 

@@ -114,6 +114,15 @@ def write_moment(state: dict, name: str, value: torch.Tensor, signed: bool) -> N
     state[name + "_codes"], state[name + "_absmax"] = quantize_blockwise(value, signed)
 
 
+def closure_loss(closure):
+    """torch's closure convention: the loss re-evaluated with gradients enabled (``step`` runs under no_grad), or
+    None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Sum of the bytes of every tensor in ``optimizer.state`` (what checkpoints and memory hold)."""
     total = 0
@@ -151,6 +160,19 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     """
 
     _IDENTITY_KEYS: tuple[str, ...] = ()
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        """One-line errors for a param group this optimizer cannot run (override per optimizer)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, then ``_check_group``; a refused group leaves the optimizer as it was."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _layout(group: dict) -> dict:

@@ -372,12 +372,12 @@ def _check_accumulator_state(state) -> None:
                      f"{list(_STATE_KEYS)}); pass what CompressedGradAccumulator.state_dict() returned")
 
 
-def _plan(param: torch.Tensor, rank: int, force: bool, project: str) -> CompressionPlan | None:
+def _plan(param: torch.Tensor, projection_rank: int, force: bool, project: str) -> CompressionPlan | None:
     """The compression plan of ``param`` for this rank's rows: under FSDP2 the columns are projected so each row
     shard compresses on its own, with no gather (``optim.sharded``)."""
     if not is_sharded(param):
-        return compression_plan(param.shape, rank, force, project)
-    return local_plan(column_plan(param.shape, rank, force, project), local(param).shape[0])
+        return compression_plan(param.shape, projection_rank, force, project)
+    return local_plan(column_plan(param.shape, projection_rank, force, project), local(param).shape[0])
 
 
 def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:

@@ -51,6 +51,7 @@ from velora.optim._common import (
     check_group,
     check_positive,
     check_unit_interval,
+    closure_loss,
     init_moment,
     read_moment,
     store_back,
@@ -156,14 +157,6 @@ class Flora(TensorStateOptimizer):
         update, the current update kept exact, Gaussian rows (``AUTHORS_CODE``). Other keywords as ``Flora``."""
         return cls(params, lr, rank, **_with_preset("authors_code", AUTHORS_CODE, kwargs))
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
-
     @staticmethod
     def _check_group(group: dict) -> None:
         check_group("Flora", group, row_sharded_ok=True)
@@ -208,10 +201,7 @@ class Flora(TensorStateOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         param_index = -1  # global position of the parameter: part of its projection seed
         for group in self.param_groups:
             for param in group["params"]:

@@ -28,6 +28,7 @@ from velora.optim._common import (
     check_group,
     check_positive,
     check_unit_interval,
+    closure_loss,
     init_moment,
     read_moment,
     store_back,
@@ -78,14 +79,6 @@ class GaLoreAdamW(TensorStateOptimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
-
     _IDENTITY_KEYS = ("proj_type", "update_proj_gap")
 
     @staticmethod
@@ -114,10 +107,7 @@ class GaLoreAdamW(TensorStateOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -151,8 +141,8 @@ class GaLoreAdamW(TensorStateOptimizer):
     def _projected_step(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
-        rank = min(group["rank"], *param.shape)
-        low_shape = (rank, param.shape[1]) if side == "left" else (param.shape[0], rank)
+        projection_rank = min(group["rank"], *param.shape)
+        low_shape = (projection_rank, param.shape[1]) if side == "left" else (param.shape[0], projection_rank)
         eight_bit, dtype = group["eight_bit"], state_dtype(param.dtype)
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -162,7 +152,7 @@ class GaLoreAdamW(TensorStateOptimizer):
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         steps_done = int(state["step"].item())
         if steps_done % group["update_proj_gap"] == 0:
-            new_projector = svd_projector(grad, rank, side)  # (n, r) or (m, r)
+            new_projector = svd_projector(grad, projection_rank, side)  # (n, r) or (m, r)
             old_projector = state.get("projector")
             if group["reproject_moments"] and old_projector is not None:
                 change = new_projector.T @ old_projector  # (r, r): old coordinates -> new coordinates
