@@ -165,9 +165,8 @@ class CompressedGradAccumulator:
                              "cycle; run every micro-batch but the last under ddp.no_sync() "
                              "(velora.integrations.distributed.sync_context) so gradients are all-reduced once per "
                              "cycle")
+        # a parameter that skipped this micro-batch is refused in one line when the backward ends (_close_cycle)
         index = self._index_of[id(param)]
-        if int(self.counts[index]) > 0 and index not in self._closed:
-            self._refuse_local_sums([index])
         summed = self.buffers[index]  # (k, r); a copy goes out: the buffer is zeroed when the backward ends
         compressed = summed / self.accumulation_steps if self.reduction == "mean" else summed.clone()
         return CompressedGrad(self.plans[index], compressed, self.projection(index))
