@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 from velora.core.functional import refuse_double_backward
+from velora.core.observer import is_observer  # hooks the memory meter marks as watch-only
 from velora.core.subtoken import _as, compress, factored_weight_grad
-from velora.memory.observer import is_observer  # hooks the memory meter marks as watch-only
 
 _FUSED_CLASSES: dict[type, type] = {}
 

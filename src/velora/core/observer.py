@@ -1,8 +1,7 @@
-"""The marker of a forward hook that only watches, owned by the memory meter that installs such hooks.
+"""The marker of a forward hook that only watches, shared by the memory meter (which marks its hooks) and the fused
+LoRA kernel (which may skip marked hooks on the children it runs inline, and must run every other hook).
 
-A kernel that skips module calls (the fused LoRA path runs a peft layer's children inline) must still run every
-hook that can change a result; it may skip only hooks marked here. Torch-free and import-light, so ``velora.core``
-can ask without importing the meter.
+Torch-free, so the kernel asks without importing the meter and ``import velora`` stays light.
 """
 
 from __future__ import annotations
