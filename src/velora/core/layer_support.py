@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from velora.core.runtime import is_distributed
 from velora.core.subtoken import compute_dtype, mean_sub_token
 
 # ---- guards --------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def projection_problem(v: torch.Tensor) -> str | None:
 
 
 def distributed(enabled: bool) -> bool:
-    return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return enabled and is_distributed()
 
 
 def local_mean(x: torch.Tensor, sub_token_size: int, has_tokens: bool) -> torch.Tensor:

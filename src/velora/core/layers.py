@@ -83,7 +83,13 @@ class VeLoRAMixin:
             self._velora_ema_update(x)  # a recompute skips it: the original forward took this step's step
 
     # ---- v -------------------------------------------------------------------------------------
-    def _velora_set_directions(self, directions: torch.Tensor) -> None:
+    @property
+    def velora_ready(self) -> bool:
+        """True once v is set (from data, a seed, given directions or a loaded checkpoint)."""
+        return self._velora_ready
+
+    def set_velora_directions(self, directions: torch.Tensor) -> None:
+        """Use ``directions`` (M, r), orthonormal columns, as v from now on and mark the layer initialised."""
         if directions.shape != self.velora_v.shape:  # v's shape is part of the checkpoint format
             raise ValueError(f"VeLoRA directions of shape {tuple(directions.shape)} for {self._velora_name!r} "
                              f"must be {tuple(self.velora_v.shape)}")
@@ -114,7 +120,7 @@ class VeLoRAMixin:
                     self.velora_running_mean = mean.to(self.velora_running_mean)
         except ValueError as err:  # e.g. NaN/Inf in the first batch: say which layer
             raise ValueError(f"VeLoRA init of {self._velora_name!r}: {err}") from None
-        self._velora_set_directions(directions)
+        self.set_velora_directions(directions)
 
     @torch.no_grad()
     def _velora_ema_update(self, x: torch.Tensor) -> None:
@@ -142,7 +148,7 @@ class VeLoRAMixin:
         self._velora_ready = False
         fixed = _fixed_directions(self.velora_config, self.velora_sub_token_size, device, self._velora_name)
         if fixed is not None:
-            self._velora_set_directions(fixed)
+            self.set_velora_directions(fixed)
         self._velora_checked = not self.velora_v.is_meta
 
     def reset_parameters(self) -> None:
@@ -297,7 +303,7 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     if config.init == "ema":
         module.register_buffer("velora_running_mean", torch.zeros(size, device=weight.device, dtype=dtype))
     if fixed is not None:  # data-independent: set now so the directions exist before the first batch
-        module._velora_set_directions(fixed)
+        module.set_velora_directions(fixed)
     return True
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.modules import module as module_mod
 
 from velora.core.functional import refuse_double_backward
+from velora.core.observer import is_observer  # hooks the memory meter marks as watch-only
 from velora.core.subtoken import _as, compress, factored_weight_grad
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -89,27 +90,16 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-def mark_observer(hook):
-    """Mark a forward hook that only watches (the library's memory meter): the fused path may skip it on the
-    children it does not call. Returns the hook, so it works as a decorator."""
-    hook._velora_observer = True
-    return hook
-
-
-def _observer(hook) -> bool:
-    return getattr(getattr(hook, "__func__", hook), "_velora_observer", False)
-
-
 def _hooked(module: nn.Module) -> bool:
     if "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None:  # e.g. accelerate offload
         return True
     hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
-    return not all(_observer(hook) for hook in hooks)
+    return not all(is_observer(hook) for hook in hooks)
 
 
 def _global_hooks() -> bool:
     hooks = list(module_mod._global_forward_hooks.values()) + list(module_mod._global_forward_pre_hooks.values())
-    return not all(_observer(hook) for hook in hooks)
+    return not all(is_observer(hook) for hook in hooks)
 
 
 class FusedLoRAMixin:

@@ -11,12 +11,8 @@ import math
 
 import torch
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision for projections and statistics: fp32 for half inputs, the input dtype otherwise."""
-    return torch.float32 if dtype in _HALF else dtype
+from velora.core.runtime import state_dtype
+from velora.core.runtime import work_dtype as compute_dtype  # fp32 for half inputs, the input dtype otherwise
 
 
 def num_groups(in_features: int, sub_token_size: int) -> int:
@@ -142,7 +138,7 @@ def top_right_singular(rows: torch.Tensor, rank: int) -> torch.Tensor:
 
 def _spanned_directions(rows: torch.Tensor, rank: int) -> torch.Tensor:
     """The top right singular vectors of (N, M) rows with a non-zero singular value, at most ``rank``: (M, ≤rank)."""
-    work = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    work = rows.to(state_dtype(rows.dtype))
     try:
         _, singular, vh = torch.linalg.svd(work, full_matrices=False)  # (k,), (k, M)
     except RuntimeError:  # ill-conditioned input: the Gram matrix is small (M×M) and eigh is robust

@@ -1,11 +1,12 @@
-"""Integrations with the wider stack: ``hf`` (transformers Trainer, peft) and ``distributed`` (DDP, FSDP2, the
-FLoRA comm hook). Each resolves on first use so ``import velora.integrations`` stays light."""
+"""Integrations with the wider stack: ``hf`` (transformers Trainer, peft) and ``distributed`` (DDP, FSDP2, process
+groups; it re-exports ``comm_hook``, the FLoRA-compressed all-reduce, and ``launch``, the local multi-process
+launcher). Each resolves on first use so ``import velora.integrations`` stays light."""
 
 from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("hf", "distributed")
+_SUBMODULES = ("hf", "distributed", "comm_hook", "launch")
 
 
 def __getattr__(name: str):

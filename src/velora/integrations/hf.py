@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from velora.core.config import VeLoRAConfig
 from velora.methods.registry import MethodOptions, build_optimizer, parse_method, prepare_model
@@ -136,6 +137,8 @@ class VeLoRATrainer(Trainer):
         self.velora_comm_hook_rank = comm_hook_rank
         self.velora_comm_state = None
         self._velora_comm_resume: dict[str, torch.Tensor] | None = None
+        self._velora_resume_dir: str | None = None
+        self.add_callback(_VeLoRAStateCallback(self))  # public Trainer extension point for save/resume
 
     # ---- optimizer ----------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -181,22 +184,31 @@ class VeLoRATrainer(Trainer):
         if self._velora_comm_resume is not None:
             self.velora_comm_state.load_state_dict(self._velora_comm_resume)
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.velora_comm_state is not None and self.args.should_save:
-            torch.save(self.velora_comm_state.state_dict(), os.path.join(output_dir, COMM_HOOK_NAME))
-        if self.velora_accumulator is not None and self.args.should_save:
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``; the checkpoint it resumes from (``True``: the last one in ``output_dir``) is remembered
+        so the accumulator and comm-hook states are restored from it when training begins."""
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # None: Trainer's own error
+        self._velora_resume_dir = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_velora_state(self, output_dir: str) -> None:
+        """Write the comm-hook and accumulator states into the checkpoint folder (whole files or nothing)."""
+        if self.velora_comm_state is not None:
+            _save_atomically(self.velora_comm_state.state_dict(), os.path.join(output_dir, COMM_HOOK_NAME))
+        if self.velora_accumulator is not None:
             state = self.velora_accumulator.state_dict()
             state["accumulation_steps"] = self.args.gradient_accumulation_steps  # not a shortened last cycle
-            torch.save(state, os.path.join(output_dir, ACCUMULATOR_NAME))
+            _save_atomically(state, os.path.join(output_dir, ACCUMULATOR_NAME))
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.velora_comm_hook_rank is not None:
+    def _load_velora_state(self, checkpoint: str) -> None:
+        if self.velora_comm_hook_rank is not None:
             path = os.path.join(checkpoint, COMM_HOOK_NAME)
             if os.path.exists(path):  # applied when the hook is registered at the first step
                 self._velora_comm_resume = torch.load(path, map_location="cpu", weights_only=True)
-        if checkpoint is None or self.velora_accumulator is None:
+        if self.velora_accumulator is None:
             return
         path = os.path.join(checkpoint, ACCUMULATOR_NAME)
         if not os.path.exists(path):
@@ -204,3 +216,31 @@ class VeLoRATrainer(Trainer):
                              "flora_accumulation, so resume it without flora_accumulation")
         self.velora_accumulator.accumulation_steps = self.args.gradient_accumulation_steps
         self.velora_accumulator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class _VeLoRAStateCallback(TrainerCallback):
+    """Saves ``VeLoRATrainer``'s accumulator and comm-hook states next to each checkpoint's optimizer and restores
+    them when a resumed run begins (after the Trainer restored its own optimizer and zeroed the gradients)."""
+
+    def __init__(self, trainer: VeLoRATrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        # the folder Trainer._save_checkpoint just wrote (outside a hyperparameter search); save_only_model
+        # checkpoints hold no optimizer either, so they cannot be resumed and get no accumulator
+        if args.should_save and not args.save_only_model:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.trainer._save_velora_state(folder)
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        checkpoint = getattr(self.trainer, "_velora_resume_dir", None)
+        if checkpoint is not None:
+            self.trainer._load_velora_state(checkpoint)
+        return control
+
+
+def _save_atomically(state: dict, path: str) -> None:
+    partial = path + ".partial"
+    torch.save(state, partial)
+    os.replace(partial, path)  # a crash mid-write leaves the previous file (or none), never half of one

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import nn
 
-from velora.core.lora_fused import mark_observer
+from velora.core.observer import mark_observer
 
 OUTSIDE = "(outside modules)"
 ROOT = "(model)"

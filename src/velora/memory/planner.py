@@ -125,9 +125,9 @@ def _preset_velora_directions(model: nn.Module) -> int:
 
     modules = velora_modules(model)
     for module in modules.values():
-        if not module._velora_ready:
-            size, rank = module.velora_v.shape
-            module._velora_set_directions(torch.eye(size, rank))  # (M, r), orthonormal columns
+        if not module.velora_ready:
+            sub_token_size, velora_rank = module.velora_v.shape
+            module.set_velora_directions(torch.eye(sub_token_size, velora_rank))  # (M, r), orthonormal columns
     return len(modules)
 
 
@@ -309,7 +309,9 @@ def plan(model: Any, method: str = "full", optimizer: str = "adamw", batch: int 
     parse_dtype(dtype)
     if not isinstance(full_warmup, bool):
         raise ValueError(f"full_warmup={full_warmup!r} must be True or False")
-    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+    # every process-wide change below is undone on the way out, also on an error: the RNG (training_setup seeds the
+    # build), Module.to, transformers' is_tracing and the default dtype (each patched in its own context manager)
+    with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation chatter from peft
         with _module_to_replaces_parameters(), _fake_scalars():
             setup = training_setup(config, method, optimizer, batch=batch, seq=seq, dtype=dtype, **options)

@@ -116,12 +116,9 @@ def projected_linear_weights(model: nn.Module) -> tuple[list[nn.Parameter], list
     """(matrices to project, everything else trainable) — the GaLore/FLoRA split: trainable weights of
     nn.Linear and GPT-2 Conv1D layers; embeddings and the LM head keep full optimizer state, as in the
     GaLore and FLoRA papers (velora.optim.projections.projectable_parameters)."""
-    from velora.optim.projections import projectable_parameters
+    from velora.optim.projections import projectable_split
 
-    projected = projectable_parameters(model)
-    chosen = {id(p) for p in projected}
-    rest = [p for p in trainable_parameters(model) if id(p) not in chosen]
-    return projected, rest
+    return projectable_split(model)
 
 
 def standard_optimizer(params, settings: OptimizerSettings) -> torch.optim.Optimizer:

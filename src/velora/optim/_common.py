@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from velora.core.runtime import work_dtype
 from velora.optim.quant import dequantize_blockwise, quantize_blockwise
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def check_group(optimizer_name: str, group: dict, row_sharded_ok: bool = False) -> None:
@@ -55,17 +54,9 @@ def check_unit_interval(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """The precision the update and its state are computed in: float32, or float64 for float64 parameters
-    (narrower ones are widened to float32; a wider parameter is never computed below its own precision)."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
 def working_copy(param: torch.Tensor) -> torch.Tensor:
-    """The tensor the update is computed on: float32 for 16-bit params, the param itself otherwise."""
-    if param.dtype in _LOW_PRECISION:
-        return param.detach().float()
-    return param.detach()
+    """The tensor the update is computed on: a float32 copy of a 16-bit param, the param itself otherwise."""
+    return param.detach().to(work_dtype(param.dtype))
 
 
 def store_back(param: torch.Tensor, work: torch.Tensor) -> None:
@@ -79,8 +70,22 @@ def working_grad(param: torch.Tensor, maximize: bool = False) -> torch.Tensor:
     grad = param.grad.detach()
     if grad.is_sparse:
         raise ValueError("sparse gradients are not supported; use dense embeddings (sparse=False)")
-    grad = grad.float() if grad.dtype in _LOW_PRECISION else grad
+    grad = grad.to(work_dtype(grad.dtype))  # float32 for 16-bit gradients, itself otherwise
     return -grad if maximize else grad
+
+
+def adam_moments(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, grad: torch.Tensor, betas: tuple[float, float],
+                 eps: float, step: float) -> tuple[torch.Tensor, float]:
+    """Adam's moment update in place, in ``torch.optim.AdamW``'s single-tensor operation order (so an unprojected
+    step is bitwise AdamW's). ``exp_avg`` None updates only the second moment (FLoRA keeps its first moment
+    compressed). Returns (sqrt(v_hat) + eps, the first moment's bias correction 1 - beta1^step)."""
+    beta1, beta2 = betas
+    if exp_avg is not None:
+        exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)  # same shape as grad
+    return denom, 1 - beta1**step
 
 
 # --- moments stored either as float32 or as block-wise 8-bit codes ----------------------------------
@@ -107,6 +112,15 @@ def write_moment(state: dict, name: str, value: torch.Tensor, signed: bool) -> N
             state[name] = value
         return
     state[name + "_codes"], state[name + "_absmax"] = quantize_blockwise(value, signed)
+
+
+def closure_loss(closure):
+    """torch's closure convention: the loss re-evaluated with gradients enabled (``step`` runs under no_grad), or
+    None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -146,6 +160,19 @@ class TensorStateOptimizer(torch.optim.Optimizer):
     """
 
     _IDENTITY_KEYS: tuple[str, ...] = ()
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        """One-line errors for a param group this optimizer cannot run (override per optimizer)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, then ``_check_group``; a refused group leaves the optimizer as it was."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @staticmethod
     def _layout(group: dict) -> dict:

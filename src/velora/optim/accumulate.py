@@ -36,15 +36,19 @@ a p x r QR each time the projection is regenerated.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from velora.core.runtime import is_distributed, state_dtype
 from velora.optim.projections import (
     CompressionPlan,
     check_project_side,
+    compress,
     compression_plan,
+    decompress,
     derive_seed,
     projectable_parameters,
     random_projection,
@@ -52,9 +56,17 @@ from velora.optim.projections import (
 )
 from velora.optim.sharded import check_row_sharded, column_plan, is_sharded, like, local, local_plan
 
-__all__ = ["CompressedGradAccumulator"]
+__all__ = ["CompressedGradAccumulator", "CompressedGrad"]
 
 _SALT = 0xACC  # keeps accumulation projections independent of Flora momentum projections
+
+
+class CompressedGrad(NamedTuple):
+    """A parameter's gradient in compressed form: ``decompress(compressed, projection, plan.transposed)`` (n, m)."""
+
+    plan: CompressionPlan
+    compressed: torch.Tensor  # (k, r)
+    projection: torch.Tensor  # (r, p)
 
 
 class CompressedGradAccumulator:
@@ -100,9 +112,10 @@ class CompressedGradAccumulator:
         ]
         # float32 sums (float64 for float64 parameters: no precision is lost to the buffer)
         self.buffers: list[torch.Tensor | None] = [
-            None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=_buffer_dtype(p), device=p.device)
+            None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=state_dtype(p.dtype), device=p.device)
             for p, plan in zip(self.params, self.plans)
         ]  # (k, r) each
+        self._index_of = {id(p): index for index, p in enumerate(self.params)}
         self.counts = torch.zeros(len(self.params), dtype=torch.int64)  # gradients received in the open cycle
         self.cycles = torch.zeros(len(self.params), dtype=torch.int64)  # completed cycles (the same for all)
         self.micro_batches = torch.zeros((), dtype=torch.int64)  # backward passes counted in the open cycle
@@ -124,14 +137,39 @@ class CompressedGradAccumulator:
         if plan is None:
             shape = tuple(self.params[param_index].shape)
             raise ValueError(f"parameter {param_index} of shape {shape} is not compressed; it has no projection")
-        return random_projection(self.seed_for(param_index, int(self.cycles[param_index])), plan.projected_dim,
-                                 plan.rank, self.params[param_index].device, _buffer_dtype(self.params[param_index]),
-                                 self.orthogonal)
+        param = self.params[param_index]
+        seed = self.seed_for(param_index, int(self.cycles[param_index]))
+        return random_projection(seed, plan.projected_dim, plan.rank, param.device, state_dtype(param.dtype),
+                                 self.orthogonal)  # (r, p)
 
     @property
     def cycle_complete(self) -> bool:
         """True when no micro-batch is pending: every ``.grad`` is either None or decompressed."""
         return int(self.micro_batches) == 0
+
+    def compresses(self, param: torch.Tensor) -> bool:
+        """True when ``param``'s gradient is accumulated in a compressed (k, r) buffer here."""
+        index = self._index_of.get(id(param))
+        return index is not None and self.plans[index] is not None
+
+    def compressed_grad(self, param: torch.Tensor) -> CompressedGrad:
+        """For a DDP communication hook during the backward of a cycle's last micro-batch: ``param``'s gradient as
+        the (k, r) sum (divided by the micro-batch count for ``reduction="mean"``) and projection whose
+        decompression the accumulator has just written into ``.grad``. All-reducing the (k, r) sum instead of
+        ``.grad`` sends k x r numbers and adds no second projection."""
+        if not self.compresses(param):
+            raise ValueError(f"a parameter of shape {tuple(param.shape)} is not compressed by this accumulator; "
+                             "check compresses(param) first and send its .grad as it is")
+        if not self._in_last_micro_batch():
+            raise ValueError("a communication hook asked for a compressed gradient in the middle of an accumulation "
+                             "cycle; run every micro-batch but the last under ddp.no_sync() "
+                             "(velora.integrations.distributed.sync_context) so gradients are all-reduced once per "
+                             "cycle")
+        # a parameter that skipped this micro-batch is refused in one line when the backward ends (_close_cycle)
+        index = self._index_of[id(param)]
+        summed = self.buffers[index]  # (k, r); a copy goes out: the buffer is zeroed when the backward ends
+        compressed = summed / self.accumulation_steps if self.reduction == "mean" else summed.clone()
+        return CompressedGrad(self.plans[index], compressed, self.projection(index))
 
     def flush(self) -> None:
         """End the open cycle now: write the decompressed partial sums (or means) into ``.grad``."""
@@ -217,10 +255,10 @@ class CompressedGradAccumulator:
         plan = self.plans[index]
         if projection is None:
             projection = self.projection(index)  # (r, p)
-        full = self.buffers[index] @ projection  # (k, r) @ (r, p) -> (k, p)
+        full = decompress(self.buffers[index], projection, plan.transposed)  # (k, r) @ (r, p) -> (n, m)
         if self.reduction == "mean":
             full.div_(count)
-        return full.T if plan.transposed else full
+        return full
 
     def _make_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
@@ -266,25 +304,21 @@ class CompressedGradAccumulator:
                 self._closed.add(index)
             return
         grad = local(param.grad).to(self.buffers[index].dtype)  # FSDP2: this rank's rows of the reduced gradient
-        oriented = grad.T if plan.transposed else grad  # (k, p)
         projection = self.projection(index)  # (r, p)
-        self.buffers[index].add_(oriented @ projection.T)  # (k, r)
+        self.buffers[index].add_(compress(grad, projection, plan.transposed))  # (k, r)
         if not last:
             param.grad = None  # free the full gradient until the boundary
             return
         full = self._decompress(index, self.accumulation_steps, projection)  # (n, m), the same projection
         local(param.grad).copy_(full)  # reuse the gradient's memory for the decompressed sum
-        self.buffers[index].zero_()
-        self._closed.add(index)
+        self._closed.add(index)  # the sum stays in its buffer until the backward ends, for compressed_grad()
 
     def _refuse_local_sums(self, skipped: list[int]) -> None:
         """Under DDP only what is in .grad during the last micro-batch is all-reduced: a compressed sum (or a
         mean still to divide) of a parameter that skipped it would stay local, so refuse it."""
         local = [i for i in skipped if self.plans[i] is not None or self.reduction == "mean"]
         if local:
-            self._closed.clear()
-            self.counts.zero_()
-            self.micro_batches.zero_()
+            self._empty_cycle()
             param = self.params[local[0]]
             raise ValueError(f"CompressedGradAccumulator: parameter {local[0]} of shape {tuple(param.shape)} got "
                              "gradients earlier in the cycle but none in its last micro-batch, the one DDP "
@@ -294,7 +328,7 @@ class CompressedGradAccumulator:
     def _close_cycle(self, micro_batches: int) -> None:
         """Write the sums of the parameters not yet closed into ``.grad``; start the next cycle."""
         skipped = [i for i in range(len(self.params)) if int(self.counts[i]) > 0 and i not in self._closed]
-        if micro_batches >= self.accumulation_steps and _multi_process():  # not flush(): never all-reduced
+        if micro_batches >= self.accumulation_steps and is_distributed():  # not flush(): never all-reduced
             self._refuse_local_sums(skipped)
         with torch.no_grad():
             for index in skipped:
@@ -308,10 +342,17 @@ class CompressedGradAccumulator:
                     param.grad = like(param, full.to(param.dtype))
                 else:  # a .grad left by the user (e.g. zero_grad(set_to_none=False)) is added to, as autograd does
                     local(param.grad).add_(full.to(param.dtype))
-                self.buffers[index].zero_()
+        self._empty_cycle()
+        self.cycles += 1
+
+    def _empty_cycle(self) -> None:
+        """Zero the sums of the open cycle (every parameter that received a gradient in it) and its counters."""
+        with torch.no_grad():
+            for index in self.counts.nonzero().flatten().tolist():
+                if self.buffers[index] is not None:
+                    self.buffers[index].zero_()
         self._closed.clear()
         self.counts.zero_()
-        self.cycles += 1
         self.micro_batches.zero_()
 
 
@@ -330,20 +371,12 @@ def _check_accumulator_state(state) -> None:
                      f"{list(_STATE_KEYS)}); pass what CompressedGradAccumulator.state_dict() returned")
 
 
-def _multi_process() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _plan(param: torch.Tensor, rank: int, force: bool, project: str) -> CompressionPlan | None:
+def _plan(param: torch.Tensor, projection_rank: int, force: bool, project: str) -> CompressionPlan | None:
     """The compression plan of ``param`` for this rank's rows: under FSDP2 the columns are projected so each row
     shard compresses on its own, with no gather (``optim.sharded``)."""
     if not is_sharded(param):
-        return compression_plan(param.shape, rank, force, project)
-    return local_plan(column_plan(param.shape, rank, force, project), local(param).shape[0])
-
-
-def _buffer_dtype(param: torch.Tensor) -> torch.dtype:
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+        return compression_plan(param.shape, projection_rank, force, project)
+    return local_plan(column_plan(param.shape, projection_rank, force, project), local(param).shape[0])
 
 
 def _collect_params(model_or_params) -> tuple[list[torch.Tensor], set[int]]:

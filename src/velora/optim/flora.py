@@ -44,14 +44,16 @@ import math
 import torch
 from torch import nn
 
+from velora.core.runtime import state_dtype
 from velora.optim._common import (
     TensorStateOptimizer,
+    adam_moments,
     check_group,
     check_positive,
     check_unit_interval,
+    closure_loss,
     init_moment,
     read_moment,
-    state_dtype,
     store_back,
     working_copy,
     working_grad,
@@ -59,8 +61,11 @@ from velora.optim._common import (
 )
 from velora.optim.projections import (
     check_project_side,
+    compress,
     compression_plan,
+    decompress,
     derive_seed,
+    orient,
     random_projection,
     saved_project_side,
     split_param_groups,
@@ -152,14 +157,6 @@ class Flora(TensorStateOptimizer):
         update, the current update kept exact, Gaussian rows (``AUTHORS_CODE``). Other keywords as ``Flora``."""
         return cls(params, lr, rank, **_with_preset("authors_code", AUTHORS_CODE, kwargs))
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
-
     @staticmethod
     def _check_group(group: dict) -> None:
         check_group("Flora", group, row_sharded_ok=True)
@@ -204,10 +201,7 @@ class Flora(TensorStateOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         param_index = -1  # global position of the parameter: part of its projection seed
         for group in self.param_groups:
             for param in group["params"]:
@@ -220,7 +214,7 @@ class Flora(TensorStateOptimizer):
     # ------------------------------------------------------------------------------------------------
 
     def _init_state(self, state: dict, param: torch.Tensor, group: dict, plan, param_index: int) -> None:
-        device, dtype = param.device, state_dtype(param)
+        device, dtype = param.device, state_dtype(param.dtype)
         state["step"] = torch.tensor(0.0)
         if group["beta1"] > 0:
             if plan is not None:
@@ -248,7 +242,7 @@ class Flora(TensorStateOptimizer):
             momentum.lerp_(source, 1 - beta1)
             write_moment(state, "momentum", momentum, signed=True)
             return momentum
-        oriented = source.T if plan.transposed else source  # (k, p)
+        oriented = orient(source, plan.transposed)  # (k, p)
         make = dict(n=plan.projected_dim, r=plan.rank, device=source.device, dtype=source.dtype,
                     orthogonal=group["orthogonal"])  # drawn in float32, used in the working precision
         projection = random_projection(int(state["seed"]), **make)  # (r, p)
@@ -265,11 +259,11 @@ class Flora(TensorStateOptimizer):
             momentum = momentum @ (projection @ new_projection.T)  # (k, r) @ (r, r)
             state["seed"].fill_(new_seed)
             projection = new_projection
-        momentum.lerp_(oriented @ projection.T, 1 - beta1)  # (k, r)
+        momentum.lerp_(compress(source, projection, plan.transposed), 1 - beta1)  # (k, r)
         write_moment(state, "momentum", momentum, signed=True)
         if direction is None:
-            direction = momentum @ projection  # (k, p)
-        return direction.T if plan.transposed else direction
+            return decompress(momentum, projection, plan.transposed)  # (n, m)
+        return orient(direction, plan.transposed)  # (n, m)
 
     def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
         state = self.state[param]
@@ -318,12 +312,9 @@ class Flora(TensorStateOptimizer):
 
     @staticmethod
     def _adamw_denominator(grad, state, group) -> torch.Tensor:
-        # sqrt(v_hat) + eps, the exact operation order of torch.optim.AdamW (single-tensor path)
-        beta2 = group["beta2"]
-        exp_avg_sq = state["exp_avg_sq"]
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction2 = 1 - beta2 ** state["step"].item()
-        return (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        # sqrt(v_hat) + eps, the exact operation order of torch.optim.AdamW (the first moment is ours, compressed)
+        betas = (group["beta1"], group["beta2"])
+        return adam_moments(None, state["exp_avg_sq"], grad, betas, group["eps"], state["step"].item())[0]
 
     @staticmethod
     def _adamw_apply(work, numerator, denom, state, group, reducer: ShardReducer) -> None:

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import torch
 
+from velora.core.runtime import state_dtype
 from velora.optim._common import (
     TensorStateOptimizer,
+    adam_moments,
     check_group,
     check_positive,
     check_unit_interval,
+    closure_loss,
     init_moment,
     read_moment,
-    state_dtype,
     store_back,
     working_copy,
     working_grad,
@@ -77,14 +79,6 @@ class GaLoreAdamW(TensorStateOptimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
-
     _IDENTITY_KEYS = ("proj_type", "update_proj_gap")
 
     @staticmethod
@@ -113,10 +107,7 @@ class GaLoreAdamW(TensorStateOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -132,7 +123,7 @@ class GaLoreAdamW(TensorStateOptimizer):
     def _adamw_step(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         eight_bit = group["eight_bit"]
-        dtype = state_dtype(param)
+        dtype = state_dtype(param.dtype)
         if not state:
             state["step"] = torch.tensor(0.0)
             init_moment(state, "exp_avg", param.shape, param.device, eight_bit, signed=True, dtype=dtype)
@@ -141,7 +132,8 @@ class GaLoreAdamW(TensorStateOptimizer):
         state["step"] += 1
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         work.mul_(1 - group["lr"] * group["weight_decay"])
-        denom, bias_correction1 = _adam_moments(exp_avg, exp_avg_sq, grad, state["step"].item(), group)
+        denom, bias_correction1 = adam_moments(exp_avg, exp_avg_sq, grad, group["betas"], group["eps"],
+                                               state["step"].item())
         work.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
         _write_moments(state, exp_avg, exp_avg_sq)
         store_back(param, work)
@@ -149,9 +141,9 @@ class GaLoreAdamW(TensorStateOptimizer):
     def _projected_step(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
-        rank = min(group["rank"], *param.shape)
-        low_shape = (rank, param.shape[1]) if side == "left" else (param.shape[0], rank)
-        eight_bit, dtype = group["eight_bit"], state_dtype(param)
+        projection_rank = min(group["rank"], *param.shape)
+        low_shape = (projection_rank, param.shape[1]) if side == "left" else (param.shape[0], projection_rank)
+        eight_bit, dtype = group["eight_bit"], state_dtype(param.dtype)
         if not state:
             state["step"] = torch.tensor(0.0)
             init_moment(state, "exp_avg", low_shape, param.device, eight_bit, signed=True, dtype=dtype)
@@ -160,7 +152,7 @@ class GaLoreAdamW(TensorStateOptimizer):
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         steps_done = int(state["step"].item())
         if steps_done % group["update_proj_gap"] == 0:
-            new_projector = svd_projector(grad, rank, side)  # (n, r) or (m, r)
+            new_projector = svd_projector(grad, projection_rank, side)  # (n, r) or (m, r)
             old_projector = state.get("projector")
             if group["reproject_moments"] and old_projector is not None:
                 change = new_projector.T @ old_projector  # (r, r): old coordinates -> new coordinates
@@ -175,24 +167,13 @@ class GaLoreAdamW(TensorStateOptimizer):
         low_grad = projector.T @ grad if side == "left" else grad @ projector  # (r, m) or (n, r)
         state["step"] += 1
         work.mul_(1 - group["lr"] * group["weight_decay"])
-        denom, bias_correction1 = _adam_moments(exp_avg, exp_avg_sq, low_grad, state["step"].item(), group)
+        denom, bias_correction1 = adam_moments(exp_avg, exp_avg_sq, low_grad, group["betas"], group["eps"],
+                                               state["step"].item())
         low_update = exp_avg / denom  # (r, m) or (n, r)
         update = projector @ low_update if side == "left" else low_update @ projector.T  # (n, m)
         work.add_(update, alpha=-group["lr"] * group["scale"] / bias_correction1)
         _write_moments(state, exp_avg, exp_avg_sq)
         store_back(param, work)
-
-
-def _adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, step: float,
-                  group: dict) -> tuple[torch.Tensor, float]:
-    """Adam's moment update in place, in torch.optim.AdamW's single-tensor operation order (so the
-    unprojected path is bitwise AdamW). Returns (denominator, bias correction of the first moment)."""
-    beta1, beta2 = group["betas"]
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-    return denom, 1 - beta1**step
 
 
 def _write_moments(state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:

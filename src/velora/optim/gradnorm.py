@@ -13,6 +13,7 @@ from torch import nn
 from velora.methods.gradnorm_lorp.model import gradnorm_lorp_modules
 from velora.optim._common import check_positive, refuse_dtensor
 from velora.optim.galore import GaLoreAdamW
+from velora.optim.projections import trainable_except
 
 __all__ = ["gradnorm_lorp_optimizer"]
 
@@ -44,8 +45,7 @@ def gradnorm_lorp_optimizer(
         factors += [p for p in (module.lora_I, module.lora_J) if p.requires_grad]
     for param in model.parameters():
         refuse_dtensor("gradnorm_lorp_optimizer", param)
-    factor_ids = {id(p) for p in factors}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+    others = trainable_except(model, factors)
     groups = [dict(params=factors, rank=proj_rank, update_proj_gap=update_proj_gap, scale=scale,
                    proj_type="std", reproject_moments=reproject_moments)]
     if others:

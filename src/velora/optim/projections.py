@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from velora.core.runtime import state_dtype
+
 __all__ = [
     "random_projection",
     "derive_seed",
@@ -22,8 +24,13 @@ __all__ = [
     "saved_project_side",
     "CompressionPlan",
     "compression_plan",
+    "orient",
+    "compress",
+    "decompress",
     "svd_projector",
     "projectable_parameters",
+    "projectable_split",
+    "trainable_except",
     "split_param_groups",
 ]
 
@@ -146,6 +153,22 @@ def compression_plan(shape: torch.Size | tuple[int, ...], rank: int, force: bool
     return CompressionPlan(kept_dim, projected_dim, min(rank, projected_dim), transposed, project)
 
 
+def orient(matrix: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(rows, cols) -> the plan's working orientation (kept_dim, projected_dim), and back (a transpose is its own
+    inverse)."""
+    return matrix.T if transposed else matrix
+
+
+def compress(matrix: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(rows, cols) -> (kept_dim, r): the projected side times Aᵀ, A (r, projected_dim)."""
+    return orient(matrix, transposed) @ projection.T  # (kept_dim, projected_dim) @ (projected_dim, r)
+
+
+def decompress(compressed: torch.Tensor, projection: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(kept_dim, r) -> (rows, cols): C·A, turned back to the matrix's orientation."""
+    return orient(compressed @ projection, transposed)  # (kept_dim, r) @ (r, projected_dim)
+
+
 def _svd_attempts(matrix: torch.Tensor):
     # 1) fp32 gesdd, 2) fp64, 3) fp64 with a tiny deterministic jitter (breaks exact degeneracies
     # that make the divide-and-conquer driver fail to converge); a float64 gradient starts at 2)
@@ -178,7 +201,7 @@ def svd_projector(matrix: torch.Tensor, rank: int, side: str) -> torch.Tensor:
             continue
         basis = u[:, :rank] if side == "left" else vh[:rank].T  # (n, rank) or (m, rank)
         if torch.isfinite(basis).all():  # float32, or float64 for a float64 gradient (never below its precision)
-            return basis.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32).contiguous()
+            return basis.to(state_dtype(matrix.dtype)).contiguous()
         errors.append(f"{name}: non-finite singular vectors")
     raise RuntimeError(f"SVD of a {tuple(matrix.shape)} gradient failed in every attempt ({'; '.join(errors)})")
 
@@ -207,11 +230,21 @@ def projectable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return chosen
 
 
+def trainable_except(model: torch.nn.Module, chosen: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Every trainable parameter of ``model`` that is not in ``chosen``, in model order."""
+    chosen_ids = {id(p) for p in chosen}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in chosen_ids]
+
+
+def projectable_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(``projectable_parameters(model)``, every other trainable parameter): the GaLore/FLoRA split."""
+    chosen = projectable_parameters(model)
+    return chosen, trainable_except(model, chosen)
+
+
 def split_param_groups(model: torch.nn.Module, projected: dict, rest: dict | None = None) -> list[dict]:
     """Two param groups: ``projectable_parameters(model)`` with the options ``projected`` and every
     other trainable parameter with the options ``rest`` (empty groups are dropped)."""
-    chosen = projectable_parameters(model)
-    chosen_ids = {id(p) for p in chosen}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen_ids]
+    chosen, others = projectable_split(model)
     groups = [dict(params=chosen, **projected), dict(params=others, **(rest or {}))]
     return [group for group in groups if group["params"]]
