@@ -49,7 +49,8 @@ def _one_line_error(code: int, err: str) -> str:
 def test_resume_uses_the_saved_tokenizer_and_refuses_changed_text(tmp_path, text_file):
     from tokenizers import Tokenizer
 
-    from velora.training.data import BPETokenizer, load_corpus, train_bpe
+    from velora.training.corpus import load_corpus
+    from velora.training.tokenizer import BPETokenizer, train_bpe
 
     data = tmp_path / "corpus.txt"
     shutil.copy(text_file, data)
@@ -290,14 +291,14 @@ def test_corrupt_checkpoint_files_are_named_with_what_to_do(tmp_path, text_file,
 
 
 def test_a_single_line_file_is_split_by_characters(tmp_path, text_file):
-    import velora.training.data
+    import velora.training.corpus
 
     one_line = tmp_path / "one-line.txt"
     text = text_file.read_text().replace("\n", " ") * 3  # ~135 KB, no newline
     one_line.write_text(text)
-    corpus = velora.training.data.load_corpus(str(one_line))
+    corpus = velora.training.corpus.load_corpus(str(one_line))
     assert corpus.train and corpus.validation
-    assert all(len(piece) <= velora.training.data.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
+    assert all(len(piece) <= velora.training.corpus.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
     assert sum(len(p) for p in corpus.train + corpus.validation) == len(text)
     result = train(tiny(one_line, steps=2), measure=False)
     assert result["status"] == "completed"

@@ -2,8 +2,7 @@
 in a seeded order that is a pure function of the batch index (``TokenBlocks``), and ``load_data``, which builds
 corpus, tokenizer and both streams for a run.
 
-Corpora live in ``velora.training.corpus`` and tokenizers in ``velora.training.tokenizer``; their public names are
-importable from here as well.
+Corpora live in ``velora.training.corpus`` and tokenizers in ``velora.training.tokenizer``.
 """
 
 from __future__ import annotations
@@ -16,43 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from velora.training.corpus import (
-    LOCAL_PIECE_CHARS,
-    LOCAL_PIECE_LINES,
+# stdlib_* and _stdlib_fingerprint: velora.experiments.common reads the stdlib fingerprint from here
+from velora.training.corpus import (  # noqa: F401
     Corpus,
     _stdlib_fingerprint,
     default_cache_dir,
-    docstrings_and_comments,
-    hash_fraction,
     load_corpus,
-    load_hf,
-    load_local,
-    load_stdlib,
     sha256_hex,
-    split_of,
     stdlib_files,
     stdlib_root,
-    text_pieces,
 )
 from velora.training.resume import check_same_data, saved_tokenizer
-from velora.training.tokenizer import (
-    EOT,
-    BPETokenizer,
-    ByteTokenizer,
-    PretrainedTokenizer,
-    bpe_cache_path,
-    load_tokenizer,
-    train_bpe,
-)
+from velora.training.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from velora.training.config import TrainConfig
-
-__all__ = ["EOT", "LOCAL_PIECE_CHARS", "LOCAL_PIECE_LINES", "BPETokenizer", "ByteTokenizer", "Corpus",
-           "PretrainedTokenizer", "RunData", "TokenBlocks", "_stdlib_fingerprint", "bpe_cache_path",
-           "cached_token_stream", "default_cache_dir", "docstrings_and_comments", "hash_fraction", "load_corpus",
-           "load_data", "load_hf", "load_local", "load_stdlib", "load_tokenizer", "split_of", "stdlib_files",
-           "stdlib_root", "text_pieces", "tokenize_documents", "train_bpe"]
 
 
 def tokenize_documents(tokenizer, texts: list[str]) -> torch.Tensor:

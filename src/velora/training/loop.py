@@ -61,40 +61,11 @@ from velora.training.runfiles import write_atomic
 
 # names callers import from here since before the loop was split into modules
 __all__ = ["RunData", "TrainConfig", "TrainingDiverged", "_is_pretrained_dir", "build_base_model", "evaluate",
-           "latest_checkpoint",
-           "load_data", "load_model_weights", "load_training_state", "lr_factor", "public_result",
-           "save_checkpoint", "train"]
+           "latest_checkpoint", "load_data", "load_model_weights", "load_training_state", "lr_factor",
+           "public_result", "save_checkpoint", "train"]
 
 
-# ---- the run's steps --------------------------------------------------------------------------------
-
-
-def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(grads, clip))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, validation: TokenBlocks, batch_size: int, max_batches: int) -> float:
-    """Mean next-token cross-entropy over the first ``max_batches`` validation batches (0: all of them)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for batch in validation.sequential_batches(batch_size, max_batches or None):
-        batch = batch.to(device)  # (B, T)
-        loss = model(input_ids=batch, labels=batch).loss
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
-        total += float(loss) * tokens
-        count += tokens
-    model.train(was_training)
-    return total / count
-
-
+# ---- what the steps share ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -127,6 +98,13 @@ class Run:
 
     def writes_files(self) -> bool:
         return self.out is not None and is_main_process()
+
+    def first_batch(self) -> torch.Tensor:
+        """Training batch 0 on the run's device (B, T): what the memory columns are measured on."""
+        return self.data.train.batch(0, self.config.batch_size).to(self.device)
+
+
+# ---- the run, top to bottom ------------------------------------------------------------------------
 
 
 def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = False,
@@ -184,10 +162,11 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     open_reporters(run, progress, tensorboard, diagnose_every, on_step)
     run_steps(run)
     val_loss = final_evaluation(run)
-    memory = measure_memory(model, config.method, options, data.train.batch(0, config.batch_size).to(device)) \
-        if measure else {}
-    result = summarise(run, val_loss, memory)
-    return finish(run, result)
+    memory = measure_memory(model, config.method, options, run.first_batch()) if measure else {}
+    return finish(run, summarise(run, val_loss, memory))
+
+
+# ---- the steps -------------------------------------------------------------------------------------
 
 
 def _join_process_group(device: str | torch.device | None) -> torch.device:
@@ -341,6 +320,32 @@ def _forward_backward(run: Run, step: int) -> tuple[float, torch.Tensor]:
             (loss / config.accumulation_steps).backward()
         step_loss += float(loss.detach()) / config.accumulation_steps
     return step_loss, batch
+
+
+def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, clip))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, validation: TokenBlocks, batch_size: int, max_batches: int) -> float:
+    """Mean next-token cross-entropy over the first ``max_batches`` validation batches (0: all of them)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in validation.sequential_batches(batch_size, max_batches or None):
+        batch = batch.to(device)  # (B, T)
+        loss = model(input_ids=batch, labels=batch).loss
+        tokens = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(loss) * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count
 
 
 def _report(run: Run, row: dict[str, float]) -> None:

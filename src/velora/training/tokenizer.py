@@ -31,9 +31,6 @@ class ByteTokenizer:
     def to_str(self) -> str:
         return json.dumps({"velora_tokenizer": "byte"})
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_str())
-
     def identity(self) -> str:
         return "byte"
 
@@ -57,11 +54,8 @@ class BPETokenizer:
         return self._tok.decode(ids)
 
     def to_str(self) -> str:
-        """The tokenizer.json text (what ``save`` writes; the run folder writes it atomically)."""
+        """The tokenizer.json text (the run folder writes it atomically as ``tokenizer.json``)."""
         return self._tok.to_str()
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return sha256_hex(self._tok.to_str())[:16]
@@ -84,9 +78,6 @@ class PretrainedTokenizer:
 
     def to_str(self) -> str:
         return json.dumps({"velora_tokenizer": "pretrained", "name": self.name})
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_str())
 
     def identity(self) -> str:
         return "pretrained:" + self.name
