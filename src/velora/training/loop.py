@@ -23,18 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora.integrations.distributed import (
-    init_from_env,
-    is_distributed,
-    is_main_process,
-    main_process_first,
-    mean_across_ranks,
-    rank_batch_index,
-    shutdown,
-    sync_context,
-    world_size,
-    wrap_ddp,
-)
+from velora.integrations import distributed
 from velora.methods.registry import MethodOptions, build_optimizer, flora_rank, parse_method, prepare_model
 from velora.training.checkpoint import (
     Checkpointer,
@@ -94,10 +83,11 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.config.batch_size * self.config.accumulation_steps * self.config.seq_len * world_size()
+        config = self.config
+        return config.batch_size * config.accumulation_steps * config.seq_len * distributed.world_size()
 
     def writes_files(self) -> bool:
-        return self.out is not None and is_main_process()
+        return self.out is not None and distributed.is_main_process()
 
     def first_batch(self) -> torch.Tensor:
         """Training batch 0 on the run's device (B, T): what the memory columns are measured on."""
@@ -133,11 +123,11 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     checkpoint, changes = None, {}
     if out is not None:
         checkpoint, changes = open_run_folder(config, out, resume, stop_at_step, allow_lr_change, allow_data_change,
-                                              is_main_process())
+                                              distributed.is_main_process())
 
     # data and model, seeded: an uninterrupted and a resumed run build exactly the same objects
     torch.manual_seed(config.seed)
-    with main_process_first():  # process rank 0 builds the tokenizer and token caches, the others then read them
+    with distributed.main_process_first():  # process rank 0 builds tokenizer and token caches, the others read them
         data = load_data(config, cache_dir, out if checkpoint is not None else None, allow_data_change)
     if memory_check:
         check_memory_fits(config, data.tokenizer.vocab_size, device, say)
@@ -151,13 +141,14 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     if checkpoint is not None:
         start_step = Checkpointer(out).restore(checkpoint, model, optimizer, accumulator)
         say(f"resumed {out} at step {start_step}")
-    if out is not None and is_main_process():
+    if out is not None and distributed.is_main_process():
         record_start(out, start_step, data.corpus, data.tokenizer, changes, checkpoint is not None, allow_data_change)
     if on_model_ready is not None:
         on_model_ready(model)
 
-    run = Run(config, device, out, data, model, wrap_ddp(model, device), optimizer, accumulator, start_step,
-              config.steps if stop_at_step is None else min(stop_at_step, config.steps),
+    last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+    run = Run(config, device, out, data, model, distributed.wrap_ddp(model, device), optimizer, accumulator,
+              start_step, last_step,
               DivergenceRule(data.tokenizer.vocab_size), trainable=[p for p in model.parameters() if p.requires_grad])
     open_reporters(run, progress, tensorboard, diagnose_every, on_step)
     run_steps(run)
@@ -174,12 +165,12 @@ def _join_process_group(device: str | torch.device | None) -> torch.device:
     alone logs and writes files; rank r trains on batches r, N + r, ... of the single-process order
     (velora.integrations.distributed)."""
     device = resolve_device(device)
-    init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
+    distributed.init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
 
 def _main_process_logger(log) -> Callable[[str], None]:
-    if not is_main_process():
+    if not distributed.is_main_process():
         return lambda message: None
     return log or (lambda message: print(message, file=sys.stderr))
 
@@ -243,7 +234,7 @@ def build_optimizer_and_accumulator(model: nn.Module, config: TrainConfig, optio
 def open_reporters(run: Run, progress: bool, tensorboard: bool, diagnose_every: int, on_step) -> None:
     """The CSV/TensorBoard log (earlier rows of a resume read back), the fidelity log and the progress bar;
     process rank 0 alone writes and draws."""
-    main = is_main_process()
+    main = distributed.is_main_process()
     run.run_log = RunLog(run.out, run.start_step, tensorboard) if run.writes_files() else None
     run.rows = list(run.run_log.rows) if run.run_log is not None else []
     from velora.core.fidelity import open_diagnosis_log
@@ -287,7 +278,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
     step_loss, batch = _forward_backward(run, step)
-    step_loss = mean_across_ranks(step_loss)  # logged: the mean over process ranks
+    step_loss = distributed.mean_across_ranks(step_loss)  # logged: the mean over process ranks
     exploded = run.divergence.train_loss(step + 1, step_loss)
     if exploded:
         raise TrainingDiverged(exploded)
@@ -311,9 +302,9 @@ def _forward_backward(run: Run, step: int) -> tuple[float, torch.Tensor]:
     config = run.config
     step_loss = 0.0
     for micro in range(config.accumulation_steps):
-        index = rank_batch_index(step * config.accumulation_steps + micro)
+        index = distributed.rank_batch_index(step * config.accumulation_steps + micro)
         batch = run.data.train.batch(index, config.batch_size).to(run.device, non_blocking=True)  # (B, T)
-        with sync_context(run.ddp_model, last_micro_batch=micro == config.accumulation_steps - 1):
+        with distributed.sync_context(run.ddp_model, last_micro_batch=micro == config.accumulation_steps - 1):
             loss = run.ddp_model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}")
@@ -376,7 +367,7 @@ def _checkpoint_on_schedule(run: Run, done: int) -> None:
     config = run.config
     if run.out is None or not config.save_every or done % config.save_every or done >= run.last_step:
         return
-    if is_main_process() and run.divergence.steps_above == 0:
+    if distributed.is_main_process() and run.divergence.steps_above == 0:
         Checkpointer(run.out).save(done, run.model, run.optimizer, run.accumulator)
 
 
@@ -442,9 +433,9 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     """Write ``result.json``, leave the process group, and hand in-process callers the tokenizer and model."""
     if run.writes_files():
         write_atomic(run.out / "result.json", json.dumps(result, indent=2))
-    if is_distributed():
+    if distributed.is_distributed():
         run.ddp_model = None  # DDP's wrapper goes before the group (velora.integrations.distributed.shutdown)
-        shutdown()
+        distributed.shutdown()
     result["_tokenizer"] = run.data.tokenizer
     result["_model"] = run.model  # in-process callers (experiments) may inspect it; dropped from JSON output
     return result
