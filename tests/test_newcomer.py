@@ -42,6 +42,16 @@ def test_demo_prints_the_meters_bytes(capsys):
     assert measured == expected
     assert expected["full"] > expected["velora"] > 2**20  # a real graph, not the few bytes of a freed one
     assert report["activation_saving"] == pytest.approx(1 - expected["velora"] / expected["full"])
+    # the demo is `velora train`'s loop on its data path: the same losses, bitwise
+    import argparse
+
+    from velora.cli.demo import demo_config
+    from velora.training.loop import train
+
+    args = argparse.Namespace(steps=5, batch=2, seq=32, sub_token_size=32)
+    losses = [loss for _, loss in train(demo_config("velora", args), measure=False, memory_check=False,
+                                        tensorboard=False)["loss_curve"]]
+    assert report["rows"][1]["initial_loss"] == losses[0] and report["rows"][1]["final_loss"] == sum(losses) / 5
 
     assert main(["demo", *settings]) == 0
     table = capsys.readouterr().out
