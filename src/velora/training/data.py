@@ -47,7 +47,7 @@ def cached_token_stream(tokenizer, corpus: Corpus, split: str, cache_dir: Path |
 
     texts = corpus.train if split == "train" else corpus.validation
     key = sha256_hex(json.dumps({"corpus": corpus.fingerprint, "tok": tokenizer.identity(), "split": split,
-                              "n": len(texts)}, sort_keys=True))[:20]
+                                 "n": len(texts)}, sort_keys=True))[:20]
     path = (cache_dir or default_cache_dir()) / "tokens" / f"{split}-{key}.safetensors"
     if path.exists() and corpus.fingerprint.get("source") != "local":
         return load_file(str(path))["ids"]

@@ -101,7 +101,7 @@ def train_bpe(texts: list[str], vocab_size: int, max_chars: int):
 
 def bpe_cache_path(corpus: Corpus, vocab_size: int, max_chars: int, cache_dir: Path | None = None) -> Path:
     key = sha256_hex(json.dumps({"corpus": corpus.fingerprint, "vocab": vocab_size, "chars": max_chars,
-                              "version": 1}, sort_keys=True))[:20]
+                                 "version": 1}, sort_keys=True))[:20]
     return (cache_dir or default_cache_dir()) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
 
 
