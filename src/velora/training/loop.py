@@ -241,7 +241,7 @@ def open_reporters(run: Run, progress: bool, tensorboard: bool, diagnose_every: 
 
     run.fidelity_log = open_diagnosis_log(run.out, diagnose_every, run.config.method, run.start_step, run.run_log,
                                           main)
-    run.bar = Progress(progress and main, run.config.steps, run.start_step, f"{run.config.method}")
+    run.bar = Progress(progress and main, run.config.steps, run.start_step, run.config.method)
     run.on_step = on_step
 
 
