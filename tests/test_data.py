@@ -1,4 +1,4 @@
-"""Corpus split, fingerprint, tokenizers and the batch order of velora.training.data."""
+"""Corpus split, fingerprint (velora.training.corpus), tokenizers (.tokenizer) and the batch order (.data)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from velora.training.data import (
-    LOCAL_PIECE_LINES,
-    ByteTokenizer,
-    TokenBlocks,
-    bpe_cache_path,
-    hash_fraction,
-    load_corpus,
-    load_stdlib,
-    load_tokenizer,
-    split_of,
-    stdlib_files,
-    tokenize_documents,
-)
+from velora.training.corpus import LOCAL_PIECE_LINES, hash_fraction, load_corpus, load_stdlib, split_of, stdlib_files
+from velora.training.data import TokenBlocks, tokenize_documents
+from velora.training.tokenizer import ByteTokenizer, bpe_cache_path, load_tokenizer
 
 
 def _write_corpus(folder, n_files=6, lines=120):

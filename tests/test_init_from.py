@@ -179,7 +179,7 @@ def test_init_from_refuses_a_tokenizer_that_maps_ids_differently_and_the_cli_tak
     import json
 
     from velora.cli import main
-    from velora.training.data import load_tokenizer
+    from velora.training.tokenizer import load_tokenizer
 
     source = tmp_path / "base"
     train(tiny(text_file, method="full", tokenizer="bpe", vocab_size=300), source, measure=False, tensorboard=False,

@@ -13,18 +13,18 @@ import torch
 
 
 def _reference_activation_bytes(method: str, batch: int, seq: int, sub_token_size: int) -> int:
-    """The meter on a freshly built demo model, with the loss kept alive until the block ends (saved bytes
-    depend on shapes only, not on the trained weights)."""
+    """The meter on a freshly built demo model (byte tokenizer: 256 byte ids + end-of-text), with the loss kept
+    alive until the block ends (saved bytes depend on shapes only, not on the trained weights)."""
     from velora import VeLoRAConfig, apply_velora
     from velora.memory import SavedActivationMeter
     from velora.training.models import build_config, build_model
 
     torch.manual_seed(0)
-    model = build_model(build_config("llama-small", vocab_size=256, max_position_embeddings=seq))
+    model = build_model(build_config("llama-small", vocab_size=257))
     if method == "velora":
         apply_velora(model, VeLoRAConfig(sub_token_size=sub_token_size, target_modules="paper"))
-    # (B, S+1) sliced to (B, S) as the demo does: the embedding keeps the ids, and the meter counts their storage
-    tokens = torch.randint(0, 256, (batch, seq + 1))[:, :-1]  # (B, S)
+    # a batch of its own storage, as train's token blocks give: the embedding keeps the ids, and the meter counts them
+    tokens = torch.randint(0, 257, (batch, seq))  # (B, S)
     with SavedActivationMeter(model) as meter:
         loss = model(input_ids=tokens, labels=tokens).loss
     del loss
@@ -42,6 +42,16 @@ def test_demo_prints_the_meters_bytes(capsys):
     assert measured == expected
     assert expected["full"] > expected["velora"] > 2**20  # a real graph, not the few bytes of a freed one
     assert report["activation_saving"] == pytest.approx(1 - expected["velora"] / expected["full"])
+    # the demo is `velora train`'s loop on its data path: the same losses, bitwise
+    import argparse
+
+    from velora.cli.demo import demo_config
+    from velora.training.loop import train
+
+    args = argparse.Namespace(steps=5, batch=2, seq=32, sub_token_size=32)
+    losses = [loss for _, loss in train(demo_config("velora", args), measure=False, memory_check=False,
+                                        tensorboard=False)["loss_curve"]]
+    assert report["rows"][1]["initial_loss"] == losses[0] and report["rows"][1]["final_loss"] == sum(losses) / 5
 
     assert main(["demo", *settings]) == 0
     table = capsys.readouterr().out

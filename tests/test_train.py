@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import velora.training.checkpoint as checkpoint_module
 import velora.training.loop as train_module
 from velora.methods.registry import base_methods, method_names, parse_method
 from velora.training.loop import (
@@ -110,7 +111,7 @@ def test_crash_mid_checkpoint_keeps_previous_checkpoint_loadable(tmp_path, text_
         path.write_bytes(data[: len(data) // 2])  # a torn write ...
         raise OSError("disk full")  # ... then the process dies
 
-    monkeypatch.setattr(train_module, "_write_training_state", crash_halfway)
+    monkeypatch.setattr(checkpoint_module, "_write_training_state", crash_halfway)
     with pytest.raises(OSError, match="disk full"):
         train(config, out, resume=True, measure=False)
     checkpoint = latest_checkpoint(out)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import velora.training.loop as train_module
+import velora.training.checkpoint as checkpoint_module
 from velora.training.loop import TrainConfig, TrainingDiverged, latest_checkpoint, load_training_state, lr_factor, train
 from velora.training.runfiles import RunFolderError
 
@@ -49,7 +49,8 @@ def _one_line_error(code: int, err: str) -> str:
 def test_resume_uses_the_saved_tokenizer_and_refuses_changed_text(tmp_path, text_file):
     from tokenizers import Tokenizer
 
-    from velora.training.data import BPETokenizer, load_corpus, train_bpe
+    from velora.training.corpus import load_corpus
+    from velora.training.tokenizer import BPETokenizer, train_bpe
 
     data = tmp_path / "corpus.txt"
     shutil.copy(text_file, data)
@@ -81,9 +82,9 @@ def test_resume_refuses_the_stdlib_of_another_python(tmp_path, monkeypatch):
     config = TrainConfig(model="llama-tiny", data="stdlib", tokenizer="byte", max_train_chars=40_000,
                          max_val_chars=4_000, seq_len=32, batch_size=2, steps=3, warmup_steps=1, eval_batches=1)
     train(config, tmp_path / "run", measure=False, stop_at_step=1)
-    import velora.training.data
+    import velora.training.corpus
 
-    monkeypatch.setattr(velora.training.data.platform, "python_version", lambda: "3.99.0")
+    monkeypatch.setattr(velora.training.corpus.platform, "python_version", lambda: "3.99.0")
     with pytest.raises(ValueError, match=r"training text changed.*python: 3\.\d+\.\d+ -> 3\.99\.0"):
         train(config, tmp_path / "run", resume=True, measure=False)
 
@@ -151,7 +152,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_resume_works(tmp_path, te
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(train_module, "_write_model", disk_full)
+    monkeypatch.setattr(checkpoint_module, "_write_model", disk_full)
     with pytest.raises(RunFolderError) as caught:
         train(config, out, resume=True, measure=False)
     message = str(caught.value)
@@ -290,14 +291,14 @@ def test_corrupt_checkpoint_files_are_named_with_what_to_do(tmp_path, text_file,
 
 
 def test_a_single_line_file_is_split_by_characters(tmp_path, text_file):
-    import velora.training.data
+    import velora.training.corpus
 
     one_line = tmp_path / "one-line.txt"
     text = text_file.read_text().replace("\n", " ") * 3  # ~135 KB, no newline
     one_line.write_text(text)
-    corpus = velora.training.data.load_corpus(str(one_line))
+    corpus = velora.training.corpus.load_corpus(str(one_line))
     assert corpus.train and corpus.validation
-    assert all(len(piece) <= velora.training.data.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
+    assert all(len(piece) <= velora.training.corpus.LOCAL_PIECE_CHARS for piece in corpus.train + corpus.validation)
     assert sum(len(p) for p in corpus.train + corpus.validation) == len(text)
     result = train(tiny(one_line, steps=2), measure=False)
     assert result["status"] == "completed"

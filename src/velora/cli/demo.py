@@ -1,19 +1,20 @@
-"""`velora demo`: a one-minute look at VeLoRA — train a tiny LLaMA on standard-library source bytes with
-and without VeLoRA, and print the loss and the saved-activation bytes measured for each."""
+"""`velora demo`: a one-minute look at VeLoRA — train a small LLaMA on standard-library source bytes with
+and without VeLoRA (``velora train``'s loop and data path), and print the loss and the saved-activation bytes
+measured for each."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 
-import torch
+from velora.training.config import TrainConfig
 
 # the demo is a one-minute look on a CPU: attention memory grows with batch x seq^2, so larger settings belong
 # to `velora train` / `velora plan`
 MAX_BATCH = 64
 MAX_SEQ = 2048
+DEMO_TRAIN_CHARS = 400_000  # of the stdlib's source: plenty for a few dozen steps, tokenized in a moment
+DEMO_VAL_CHARS = 40_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,55 +26,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
 
 
-def _stdlib_bytes(limit: int = 400_000) -> torch.Tensor:
-    """Byte-level tokens from the running Python's standard library (read at run time, never shipped)."""
-    root = os.path.dirname(os.__file__)
-    chunks, total = [], 0
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            with open(os.path.join(root, name), "rb") as fh:
-                data = fh.read()
-            chunks.append(data)
-            total += len(data)
-            if total >= limit:
-                break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+def demo_config(method: str, args) -> TrainConfig:
+    """The run ``velora train`` would do for the demo: a small LLaMA on byte-level stdlib source, a constant
+    learning rate, evaluated on one validation batch."""
+    return TrainConfig(method=method, model="llama-small", data="stdlib", tokenizer="byte",
+                       max_train_chars=DEMO_TRAIN_CHARS, max_val_chars=DEMO_VAL_CHARS, seq_len=args.seq,
+                       batch_size=args.batch, steps=args.steps, lr=2e-3, warmup_steps=0, min_lr_ratio=1.0,
+                       grad_clip=0.0, eval_batches=1,
+                       velora={"sub_token_size": args.sub_token_size, "target_modules": "paper"})
 
 
-def _run(method: str, tokens: torch.Tensor, args) -> dict:
-    from velora import VeLoRAConfig, apply_velora
-    from velora.memory import SavedActivationMeter
-    from velora.training.device import resolve_device
-    from velora.training.models import build_config, build_model
+def _run(method: str, args) -> dict:
+    """One demo run through ``velora.training.loop.train`` (no run folder: nothing is written but train's token
+    cache); the saved activations are what train measures (``SavedActivationMeter`` on one training forward)."""
+    from velora.training.loop import TrainingDiverged, train
 
-    device = resolve_device(getattr(args, "device", "auto"))
-
-    torch.manual_seed(0)
-    model = build_model(build_config("llama-small", vocab_size=256, max_position_embeddings=args.seq)).to(device)
-    if method == "velora":
-        apply_velora(model, VeLoRAConfig(sub_token_size=args.sub_token_size, target_modules="paper"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    span = args.seq + 1
-    losses, step_times = [], []
-    for _ in range(args.steps):
-        starts = torch.randint(0, tokens.numel() - span, (args.batch,), generator=generator)
-        batch = torch.stack([tokens[s : s + span] for s in starts.tolist()]).to(device)  # (B, S+1)
-        start = time.perf_counter()
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - start)
-        if not torch.isfinite(loss):
-            raise ValueError(f"{method}: loss became {loss.item()}; lower the learning rate")
-        losses.append(loss.item())
-    with SavedActivationMeter(model) as meter:
-        # keep the loss alive until the block ends: the meter counts what the autograd graph still holds
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
-    del loss
+    try:
+        result = train(demo_config(method, args), device=args.device, measure=True, memory_check=False,
+                       tensorboard=False)
+    except TrainingDiverged as err:
+        raise ValueError(f"{method}: {err}") from None
+    losses = [loss for _, loss in result["loss_curve"]]
     return {"method": method, "initial_loss": losses[0], "final_loss": sum(losses[-5:]) / 5,
-            "activation_bytes": meter.total_bytes, "step_s": sorted(step_times)[len(step_times) // 2]}
+            "activation_bytes": result["activation_bytes"], "step_s": result["step_time_median_s"]}
 
 
 def check_arguments(args) -> None:
@@ -91,8 +66,7 @@ def check_arguments(args) -> None:
 
 def run(args) -> int:
     check_arguments(args)
-    tokens = _stdlib_bytes()
-    rows = [_run(method, tokens, args) for method in ("full", "velora")]
+    rows = [_run(method, args) for method in ("full", "velora")]
     full, compressed = rows
     saved = 1 - compressed["activation_bytes"] / full["activation_bytes"]
     if args.json:

@@ -1,7 +1,7 @@
 """``--device auto|cpu|cuda|cuda:N``: which device a run trains on, checked before anything is built.
 
-``auto`` takes CUDA when torch sees a GPU and the CPU otherwise. Under torchrun (WORLD_SIZE > 1) each rank
-takes ``cuda:LOCAL_RANK`` for ``auto`` and ``cuda``; a fixed ``cuda:N`` would put every rank on one GPU and
+``auto`` takes CUDA when torch sees a GPU and the CPU otherwise. Under torchrun (WORLD_SIZE > 1) each process
+takes ``cuda:LOCAL_RANK`` for ``auto`` and ``cuda``; a fixed ``cuda:N`` would put every process on one GPU and
 is refused there.
 """
 
@@ -14,7 +14,8 @@ import torch
 CHOICES = "auto, cpu, cuda or cuda:N"
 
 
-def _multi_rank() -> bool:
+def _several_processes() -> bool:
+    """True under torchrun with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -23,8 +24,8 @@ def _cuda_device(index: int | None, spec: str) -> torch.device:
         raise ValueError(f"--device {spec!r}: torch {torch.__version__} sees no CUDA device "
                          f"(built with CUDA {torch.version.cuda}); use --device cpu or auto")
     if index is None:
-        index = int(os.environ.get("LOCAL_RANK", "0")) if _multi_rank() else torch.cuda.current_device()
-    elif _multi_rank():
+        index = int(os.environ.get("LOCAL_RANK", "0")) if _several_processes() else torch.cuda.current_device()
+    elif _several_processes():
         raise ValueError(f"--device {spec!r} under torchrun would put every rank on one GPU; pass --device cuda "
                          "(each rank takes cuda:LOCAL_RANK)")
     count = torch.cuda.device_count()

@@ -5,7 +5,8 @@
 * ``check_memory_fits``: the planned peak of one training step (``velora.memory.plan`` on fake tensors,
   nothing allocated) against the memory available (CPU: MemAvailable and the cgroup limit; CUDA:
   ``torch.cuda.mem_get_info``), before the model is built.
-* ``DivergenceRule``: the documented rule that stops a loss that explodes but stays finite.
+* ``DivergenceRule``: the documented rule that stops a loss that explodes but stays finite, and
+  ``TrainingDiverged``, the error that ends such a run (``after_divergence`` says what to do next).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from velora.training.resume import checkpoint_step
 
 # ---- --model --------------------------------------------------------------------------------------
 
@@ -142,6 +145,11 @@ def check_memory_fits(config, vocab_size: int, device: torch.device, say) -> Non
 
 # ---- divergence -----------------------------------------------------------------------------------
 
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
 DIVERGENCE_MARGIN_NATS = 2.0
 DIVERGENCE_PATIENCE = 3
 
@@ -181,3 +189,16 @@ class DivergenceRule:
         if not math.isfinite(loss) or loss > ceiling:
             return f"validation loss {loss:.4g} at step {step} is above {ceiling:.3f} (or not finite)"
         return None
+
+
+def after_divergence(kept: Path | None, divergence: DivergenceRule, lr: float) -> str:
+    """Where the run stands after a divergence, and what to do next."""
+    rose = divergence.first_step_above
+    if kept is not None and rose is not None and checkpoint_step(kept) >= rose - 1:
+        # the weights after step rose - 1 already gave the loss above the ceiling
+        return (f"the latest checkpoint {kept} holds weights from after the loss rose (step {rose}); start over "
+                f"with a lower --lr (now {lr}) or more --warmup-steps")
+    where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
+    return (f"{where}. Lower --lr (now {lr}) or raise --warmup-steps, then "
+            + ("continue with --resume --allow-lr-change (other arguments unchanged) or start over" if kept
+               else "start over"))

@@ -70,7 +70,7 @@ def source_tokenizer(source) -> Path | None:
 def check_same_tokenizer(source, tokenizer) -> None:
     """Refuse to start from a run whose token ids mean other strings: its embeddings and head are indexed by its
     own tokenizer, so a tokenizer retrained on other --data would silently scramble them."""
-    from velora.training.data import load_tokenizer
+    from velora.training.tokenizer import load_tokenizer
 
     saved = source_tokenizer(source)
     if saved is None:

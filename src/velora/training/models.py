@@ -10,12 +10,19 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from velora.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
 class Preset:
-    family: str
+    family: str  # the transformers model_type
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,8 +67,6 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-_FAMILY_MODEL_TYPE = {"llama": "llama", "gpt2": "gpt2", "roberta": "roberta", "vit": "vit"}
-
 # one dtype spelling accepted by every command: the torch name or the short one
 DTYPE_SPELLINGS = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                    "float16": "float16", "fp16": "float16"}
@@ -83,7 +88,7 @@ def build_config(name_or_path: str, **overrides: Any):
     if name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
         kwargs = {**preset.kwargs, **overrides}
-        return transformers.AutoConfig.for_model(_FAMILY_MODEL_TYPE[preset.family], **kwargs)
+        return transformers.AutoConfig.for_model(preset.family, **kwargs)
     path = name_or_path
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
@@ -118,8 +123,8 @@ def _read_config_json(path: str) -> dict[str, Any]:
 
 
 def model_family(config) -> str:
-    return {"llama": "llama", "gpt2": "gpt2", "roberta": "roberta", "vit": "vit"}.get(config.model_type,
-                                                                                   config.model_type)
+    """The transformers ``model_type`` of a config (a preset's family is its model type)."""
+    return config.model_type
 
 
 def build_model(config, dtype=None):
@@ -137,5 +142,35 @@ def build_model(config, dtype=None):
     model = cls.from_config(config)
     if dtype is not None:
         model = model.to(dtype=dtype)
+    model.train()
+    return model
+
+
+def _is_pretrained_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").exists() and any(
+        (p / name).exists() for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+
+
+def build_base_model(config: TrainConfig, vocab_size: int) -> nn.Module:
+    """A preset / config.json built with random init, or a pretrained model via ``from_pretrained``."""
+    dtype = getattr(torch, config.dtype)
+    if config.model in PRESETS or config.model.endswith(".json") or (
+            Path(config.model).is_dir() and not _is_pretrained_dir(config.model)):
+        overrides: dict[str, Any] = {"vocab_size": vocab_size}
+        model_config = build_config(config.model, **overrides)
+        if getattr(model_config, "max_position_embeddings", config.seq_len) < config.seq_len:
+            model_config.max_position_embeddings = config.seq_len
+        return build_model(model_config, dtype=None if dtype == torch.float32 else dtype)
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    except (OSError, ValueError) as err:  # transformers' unknown-model_type message lists every type: cut it
+        raise ValueError(f"--model {config.model!r} is not a preset, config.json or loadable model "
+                         f"({str(err).splitlines()[0][:200]}); pass a preset or a local model directory") from None
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(f"--model {config.model!r} has {model.get_input_embeddings().num_embeddings} embeddings "
+                         f"but the tokenizer has {vocab_size} ids; use --tokenizer model")
     model.train()
     return model

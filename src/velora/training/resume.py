@@ -1,4 +1,4 @@
-"""What ``--resume`` checks before it continues a run, and the run record it keeps (``run.json``).
+"""The run folder: what ``--resume`` checks before it continues a run, and the run record it keeps (``run.json``).
 
 ``run.json`` holds the fingerprint of the training text, the tokenizer's identity and a history of starts
 and resumes (with what an explicit flag allowed to change). ``config.json`` stays the plain ``TrainConfig``.
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from velora.training.runfiles import STEP_FOLDER, write_atomic
+from velora.training.runfiles import STEP_FOLDER, ensure_folder, remove_stale_temporaries, write_atomic
 
 LR_FIELDS = ("lr", "warmup_steps")
 # fingerprint entries that say where the text lies, not what it is
@@ -90,7 +90,7 @@ def check_same_data(out: Path, fingerprint: dict[str, Any], allow_data_change: b
 def saved_tokenizer(out: Path):
     """The tokenizer the run was trained with (``out/tokenizer.json``), under its recorded name; None for a
     run folder that has none yet."""
-    from velora.training.data import load_tokenizer
+    from velora.training.tokenizer import load_tokenizer
 
     path = out / "tokenizer.json"
     if not path.exists():
@@ -116,3 +116,40 @@ def record_run(out: Path, step: int, fingerprint: dict[str, Any], tokenizer, cha
     record["tokenizer"] = {"name": tokenizer.name, "identity": tokenizer.identity(),
                            "vocab_size": tokenizer.vocab_size}
     write_atomic(path, json.dumps(record, indent=2))
+
+
+def open_run_folder(config, out: Path, resume: bool, stop_at_step: int | None, allow_lr_change: bool,
+                    allow_data_change: bool, main_process: bool = True) -> tuple[Path | None, dict[str, Any]]:
+    """Check the run folder against the resume rules, remove stale temporaries, write ``config.json``. Returns the
+    checkpoint to resume from (None for a fresh run) and the changes the flags allowed. Only the main process
+    (``main_process``) writes or removes files."""
+    from velora.training.checkpoint import Checkpointer
+
+    if resume and not out.is_dir():
+        raise ValueError(f"--resume: {out} does not exist; pass the --out folder of the run to continue")
+    ensure_folder(out)
+    if main_process:
+        remove_stale_temporaries(out)  # left by a run killed mid-write (or by a full disk)
+    saved_config = out / "config.json"
+    checkpoint, changes = None, {}
+    if resume:
+        checkpoint = Checkpointer(out).latest()
+        if checkpoint is None:
+            raise ValueError(f"--resume: {out} has no checkpoint; run without --resume first")
+        changes = check_resume_arguments(read_json(saved_config), config.to_dict(), saved_config, allow_lr_change,
+                                         allow_data_change)
+        check_not_finished(out, checkpoint_step(checkpoint), config.steps, stop_at_step)
+    elif Checkpointer(out).latest() is not None:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if main_process:
+        write_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    return checkpoint, changes
+
+
+def record_start(out: Path, step: int, corpus, tokenizer, changes: dict[str, Any], resumed: bool,
+                 allow_data_change: bool) -> None:
+    """Save the run's tokenizer and add this start (or resume) to ``run.json``, noting allowed changes."""
+    write_atomic(out / "tokenizer.json", tokenizer.to_str())
+    data_changed = resumed and check_same_data(out, corpus.fingerprint, allow_data_change)
+    allowed = {**changes, **({"data_changed": True} if data_changed else {})}
+    record_run(out, step, corpus.fingerprint, tokenizer, allowed)
