@@ -1,6 +1,9 @@
 """Shared test settings: one intra-op thread per test, so the suite's numerics do not depend on the
 machine's core count and parallel test runs do not fight over 2 cores; a small real-text corpus file."""
 
+import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -24,3 +27,19 @@ def text_file(tmp_path_factory) -> Path:
     path.write_text("".join((root / name).read_text() for name in ("textwrap.py", "bisect.py", "colorsys.py",
                                                                      "fnmatch.py", "keyword.py")))
     return path
+
+
+@pytest.fixture(scope="session")
+def torchrun_train(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `torchrun --nproc_per_node 2 -m velora train` (gloo on CPU, FLoRA compressed accumulation + VeLoRA, JSON
+    report, progress bar on), shared by every test of a launch under torchrun: a launch starts three interpreters
+    (~25 s of CPU). Returns (its --out folder, the finished process with stdout and stderr)."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "velora", "train", "--method", "flora+velora", "--model", "llama-tiny",
+               "--tokenizer", "byte", "--max-train-chars", "100000", "--steps", "4", "--batch-size", "2",
+               "--seq-len", "32", "--accumulation-steps", "2", "--flora-accumulation", "--flora-rank", "8",
+               "--lr", "3e-3", "--warmup-steps", "1", "--eval-batches", "1", "--no-memory",
+               "--json", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return out, subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)

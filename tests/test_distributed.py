@@ -454,28 +454,17 @@ def test_register_flora_comm_hook_rejects_plain_module():
 
 
 @pytest.mark.slow
-def test_velora_train_runs_under_torchrun(tmp_path):
+def test_velora_train_runs_under_torchrun(torchrun_train):
     """`torchrun --nproc_per_node 2 -m velora train`: gloo on CPU, rank 0 alone writes and reports, the
     token count covers both ranks. (A stopped-and-resumed torchrun run ending bitwise where the
-    uninterrupted one does was checked by hand; see docs/integrations.md. Three launches are too slow here.)"""
+    uninterrupted one does was checked by hand; see docs/integrations.md. Three launches are too slow here.)
+    The launch is conftest's ``torchrun_train``, shared with the progress-bar test."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    def launch(out, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "velora", "train", "--method", "flora+velora", "--model", "llama-tiny",
-                   "--tokenizer", "byte", "--max-train-chars", "100000", "--steps", "4", "--batch-size", "2",
-                   "--seq-len", "32", "--accumulation-steps", "2", "--flora-accumulation", "--flora-rank", "8",
-                   "--lr", "3e-3", "--warmup-steps", "1", "--eval-batches", "1", "--no-progress", "--no-memory",
-                   "--json", "--out", str(out), *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-    (result,) = launch(tmp_path / "full")  # one JSON line: rank 0 reports, rank 1 stays quiet
+    out, done = torchrun_train
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    # one JSON line (above): rank 0 reports, rank 1 stays quiet
     assert result["status"] == "completed" and result["tokens"] == 4 * 2 * 2 * 32 * 2  # both ranks' tokens
     assert result["final_loss"] < result["initial_loss"]
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["latest", "step-0000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000004"]

@@ -217,9 +217,11 @@ def test_bench_subtoken_reuses_base_and_reports_memory_ordering(tmp_path, tiny_a
     assert "reusing the pre-trained base model" in capsys.readouterr().err
 
 
-def test_bench_flora_rank_buffers_shrink_with_rank(tmp_path, tiny_ablation, capsys):
+def test_bench_flora_rank_buffers_shrink_with_rank(tmp_path, tiny_ablation, capsys, monkeypatch):
     from velora.cli import main
+    from velora.experiments import flora_rank
 
+    monkeypatch.setattr(flora_rank, "ACCUMULATION", 2)  # tiny setting (the paper's 16): 38 runs, table shape only
     out = tmp_path / "bench" / "flora-rank"
     assert main(["bench", "flora-rank", "--steps", "2", "--base-steps", "2", "--out", str(out), "--json",
                  "--no-progress"]) == 0
@@ -240,7 +242,7 @@ def test_bench_flora_rank_buffers_shrink_with_rank(tmp_path, tiny_ablation, caps
     for r in rows + sweep:
         run = out / "runs" / "".join(c if c.isalnum() else "-" for c in r["label"].lower()).strip("-")
         config = json.loads((run / "config.json").read_text())
-        assert config["eval_batches"] == 0 and config["eval_every"] == 1
+        assert config["eval_batches"] == 0 and config["eval_every"] == 1 and config["accumulation_steps"] == 2
     for r in rows:
         assert [h["step"] for h in r["val_history"]] == [1, 2]
         assert r["val_ppl"] == min(h["val_ppl"] for h in r["val_history"])

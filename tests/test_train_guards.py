@@ -433,13 +433,8 @@ def test_plan_table_picks_mib_or_gib(capsys):
 
 
 @pytest.mark.slow
-def test_only_rank_zero_draws_progress_under_torchrun(tmp_path, text_file):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "velora",
-               "train", "--model", "llama-tiny", "--data", str(text_file), "--tokenizer", "byte", "--steps", "2",
-               "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-memory", "--out",
-               str(tmp_path / "run")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+def test_only_rank_zero_draws_progress_under_torchrun(torchrun_train):
+    _, done = torchrun_train  # conftest: one 2-rank launch shared with test_distributed (a launch costs ~25 s CPU)
     assert done.returncode == 0, done.stderr[-3000:]
-    bars = [line for line in done.stderr.splitlines() if line.lstrip().startswith("full ")]
+    bars = [line for line in done.stderr.splitlines() if line.lstrip().startswith("flora+velora ")]
     assert len(bars) == 1, done.stderr[-2000:]

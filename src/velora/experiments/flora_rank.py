@@ -54,8 +54,7 @@ PAPER_ROWS = [
 CHECKPOINTS = 4  # scored per run (every steps/4); the paper reports the checkpoint of lowest validation loss
 # the paper's protocol: physical batch 1, constant lr, no warm-up, no weight decay, no clipping; every score is on
 # the whole validation split (eval_batches=0: 251 sequences; at batch 1 the default of 8 batches would be 8 sequences)
-PROTOCOL = dict(batch_size=1, accumulation_steps=ACCUMULATION, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                grad_clip=0.0, eval_batches=0)
+PROTOCOL = dict(batch_size=1, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=0.0, eval_batches=0)
 
 
 def best_checkpoint(rows: list[dict]) -> list[dict]:
@@ -78,96 +77,126 @@ def protocol_config(base: Path, steps: int, optimizer: str, lr: float, seed: int
     """A fine-tuning TrainConfig of FLoRA's accumulation protocol: plain accumulation when ``setting`` is None."""
     options = {"optimizer": optimizer, **(flora_options(setting) if setting else {})}
     return ablation.finetune_config(base, "full", lr=lr, seed=seed, steps=steps, options=options,
+                                    accumulation_steps=ACCUMULATION,  # read here: a test shrinks it
                                     eval_every=max(1, steps // CHECKPOINTS), **PROTOCOL)
 
 
-def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
-    base = ablation.ensure_base(out.parent / "shared", args.base_steps, not args.no_progress, say)
-    steps = args.steps or STEPS
-    progress = not args.no_progress
+Setting = tuple[int, str, bool]  # (rank, side, orthogonal) of compressed accumulation
 
-    def variant(optimizer: str, lr: float, seed: int, setting: tuple | None) -> Variant:
-        columns = {"optimizer": optimizer, "seed": seed, "rank": "–", "side": "–", "orthogonal": False}
-        label = f"{optimizer} plain lr={lr:g}"
-        if setting is not None:
-            rank, side, orthogonal = setting
-            columns.update(rank=rank, side=side, orthogonal=orthogonal)
-            label = (f"{optimizer} FLoRA r={rank}" + (" orthonormal" if orthogonal else " Gaussian")
-                     + (" larger side" if side == "larger" else ""))
-        label += f" seed={seed}" if seed else ""
-        return Variant(label, protocol_config(base, steps, optimizer, lr, seed, setting), columns)
 
-    sweeps, runs = [], []
-    for optimizer, grid in LR_GRIDS.items():
-        plain = best_checkpoint(ablation.run_variants([variant(optimizer, lr, 0, None) for lr in grid], out, progress,
-                                                      say))
-        sweeps += plain
-        best = min(plain, key=lambda r: r["val_ppl"])
-        lr = best["lr"]
-        settings = list(KEY)
-        if optimizer == "adafactor":  # the paper's optimizer: every rank and the larger side too, at seed 0
-            settings += [(rank, "smaller", False) for rank in RANKS if rank not in (32, 64)]
-            settings += [(rank, "larger", False) for rank in LARGER_SIDE_RANKS]
-        variants = [variant(optimizer, lr, 0, setting) for setting in settings]
-        variants += [variant(optimizer, lr, seed, setting) for seed in SEEDS[1:] for setting in (None, *KEY)]
-        runs += [best, *best_checkpoint(ablation.run_variants(variants, out, progress, say))]
+def make_variant(base: Path, steps: int, optimizer: str, lr: float, seed: int, setting: Setting | None) -> Variant:
+    """One run of the protocol, labelled and with its table columns: plain accumulation when ``setting`` is None."""
+    columns = {"optimizer": optimizer, "seed": seed, "rank": "–", "side": "–", "orthogonal": False}
+    label = f"{optimizer} plain lr={lr:g}"
+    if setting is not None:
+        rank, side, orthogonal = setting
+        columns.update(rank=rank, side=side, orthogonal=orthogonal)
+        label = (f"{optimizer} FLoRA r={rank}" + (" orthonormal" if orthogonal else " Gaussian")
+                 + (" larger side" if side == "larger" else ""))
+    label += f" seed={seed}" if seed else ""
+    return Variant(label, protocol_config(base, steps, optimizer, lr, seed, setting), columns)
 
-    def key(r: dict) -> tuple:
-        return r["optimizer"], r["rank"], r["side"], r["orthogonal"]
 
-    plains = {(r["optimizer"], r["seed"]): r for r in runs if r["rank"] == "–"}
+def settings_of(optimizer: str) -> list[Setting]:
+    """The compressed settings run at seed 0: the key rows, and for the paper's optimizer every rank and the
+    larger side too."""
+    settings = list(KEY)
+    if optimizer == "adafactor":
+        settings += [(rank, "smaller", False) for rank in RANKS if rank not in (32, 64)]
+        settings += [(rank, "larger", False) for rank in LARGER_SIDE_RANKS]
+    return settings
+
+
+def run_optimizer(optimizer: str, make, out: Path, progress: bool, say) -> tuple[list[dict], list[dict]]:
+    """Sweep the lr on plain accumulation (seed 0), then run every setting and the other seeds' key rows at the
+    best lr. Returns (the sweep's rows, the best plain row followed by the compressed and other-seed rows)."""
+    plain = best_checkpoint(ablation.run_variants([make(optimizer, lr, 0, None) for lr in LR_GRIDS[optimizer]],
+                                                  out, progress, say))
+    best = min(plain, key=lambda r: r["val_ppl"])
+    lr = best["lr"]
+    variants = [make(optimizer, lr, 0, setting) for setting in settings_of(optimizer)]
+    variants += [make(optimizer, lr, seed, setting) for seed in SEEDS[1:] for setting in (None, *KEY)]
+    return plain, [best, *best_checkpoint(ablation.run_variants(variants, out, progress, say))]
+
+
+def setting_key(r: dict) -> tuple:
+    return r["optimizer"], r["rank"], r["side"], r["orthogonal"]
+
+
+def plain_runs(runs: list[dict]) -> dict[tuple[str, int], dict]:
+    """The plain-accumulation run of each (optimizer, seed)."""
+    return {(r["optimizer"], r["seed"]): r for r in runs if r["rank"] == "–"}
+
+
+def seed0_rows(runs: list[dict]) -> list[dict]:
+    """One row per setting (seed 0's run, with the gap to plain accumulation per seed and its mean), ordered by
+    optimizer and rank."""
+    plains = plain_runs(runs)
     gaps: dict[tuple, dict[int, float]] = {}
     for r in runs:
         if r["rank"] != "–":
-            gaps.setdefault(key(r), {})[r["seed"]] = 100 * (r["val_ppl"] / plains[r["optimizer"], r["seed"]]["val_ppl"]
-                                                            - 1)
-    # one row per setting (seed 0's run, with the mean gap over the seeds it ran with), ordered by optimizer and rank
+            gaps.setdefault(setting_key(r), {})[r["seed"]] = 100 * (
+                r["val_ppl"] / plains[r["optimizer"], r["seed"]]["val_ppl"] - 1)
     rows = sorted((r for r in runs if r["seed"] == 0), key=lambda r: (list(LR_GRIDS).index(r["optimizer"]),
                                                                       r["rank"] != "–", r["side"] == "larger",
                                                                       r["orthogonal"],
                                                                       r["rank"] if r["rank"] != "–" else 0))
-    naive = next(r["naive_accumulation_bytes"] for r in runs if r["rank"] != "–")
+    for r in rows:
+        found = gaps.get(setting_key(r), {})
+        r["gap_by_seed"] = {str(seed): gap for seed, gap in found.items()}
+        r["mean_gap"] = sum(found.values()) / len(found) if found else None
+        r["val_ppl_by_seed"] = {str(x["seed"]): x["val_ppl"] for x in runs if setting_key(x) == setting_key(r)}
+    return rows
+
+
+def table_of(rows: list[dict], naive: int) -> list[list]:
+    """The markdown table: one line per seed-0 row, its val ppl and gap per seed and the mean gap."""
     table = []
     for r in rows:
         is_plain = r["rank"] == "–"
-        found = gaps.get(key(r), {})
-        r["gap_by_seed"] = {str(seed): gap for seed, gap in found.items()}
-        r["mean_gap"] = sum(found.values()) / len(found) if found else None
-        r["val_ppl_by_seed"] = {str(x["seed"]): x["val_ppl"] for x in runs if key(x) == key(r)}
         table.append([r["label"].split(" lr=")[0].replace(" plain", " plain accumulation"), f"{r['lr']:g}", r["rank"],
                       r["side"], mib(naive) if is_plain else mib(r["accumulation_buffer_bytes"]),
                       " / ".join(f"{v:.2f}" for v in r["val_ppl_by_seed"].values()),
-                      "–" if is_plain else " / ".join(f"{g:+.2f}%" for g in found.values()),
+                      "–" if is_plain else " / ".join(f"{g:+.2f}%" for g in r["gap_by_seed"].values()),
                       "–" if is_plain else f"{r['mean_gap']:+.2f}%"])
+    return table
 
-    def judged(optimizer: str, orthogonal: bool) -> str:
-        """The acceptance verdict of one optimizer and projection kind: the mean gaps at r = 32 and 64."""
-        gaps = [next(r["mean_gap"] for r in rows if key(r) == (optimizer, rank, "smaller", orthogonal))
-                for rank in (32, 64)]
-        return (f"r=32 {gaps[0]:+.2f}%, r=64 {gaps[1]:+.2f}% → {'met' if max(gaps) <= 2.0 else 'NOT met'}")
 
+def judged(rows: list[dict], optimizer: str, orthogonal: bool) -> str:
+    """The acceptance verdict of one optimizer and projection kind: the mean gaps at r = 32 and 64."""
+    gaps = [next(r["mean_gap"] for r in rows if setting_key(r) == (optimizer, rank, "smaller", orthogonal))
+            for rank in (32, 64)]
+    return (f"r=32 {gaps[0]:+.2f}%, r=64 {gaps[1]:+.2f}% → {'met' if max(gaps) <= 2.0 else 'NOT met'}")
+
+
+def verdict_of(rows: list[dict], plains: dict[tuple[str, int], dict], naive: int) -> str:
     verdicts = [f"{optimizer}{' (the paper’s base optimizer)' if optimizer == 'adafactor' else ' (our default)'}, lr "
-                f"{plains[optimizer, 0]['lr']:g}: orthonormal rows (our default) {judged(optimizer, True)}; the "
-                f"paper's Gaussian rows {judged(optimizer, False)}" for optimizer in LR_GRIDS]
+                f"{plains[optimizer, 0]['lr']:g}: orthonormal rows (our default) {judged(rows, optimizer, True)}; the "
+                f"paper's Gaussian rows {judged(rows, optimizer, False)}" for optimizer in LR_GRIDS]
     gaussian = [r for r in rows if r["rank"] != "–" and r["optimizer"] == "adafactor" and r["side"] == "smaller"
                 and not r["orthogonal"]]
     smallest, largest = (mib(r["accumulation_buffer_bytes"]) for r in (gaussian[0], gaussian[-1]))
     plain_means = {o: sum(plains[o, s]["val_ppl"] for s in SEEDS) / len(SEEDS) for o in LR_GRIDS}
-    verdict = (f"Acceptance (r ≥ ¼ of the smaller dimension, i.e. r ≥ 32 for d = 128, smaller side projected; "
-               f"target: within 2% of plain accumulation; mean gap over seeds {list(SEEDS)}): "
-               + "; ".join(verdicts) + ". Plain accumulation itself, mean over the seeds: "
-               + ", ".join(f"{o} {v:.2f}" for o, v in plain_means.items())
-               + f". Buffers: {mib(naive):.2f} MiB plain vs {smallest:.3f}–{largest:.3f} MiB compressed (r = "
-               f"{gaussian[0]['rank']}–{gaussian[-1]['rank']}). Paper: {PAPER_NOTE}.")
+    return (f"Acceptance (r ≥ ¼ of the smaller dimension, i.e. r ≥ 32 for d = 128, smaller side projected; "
+            f"target: within 2% of plain accumulation; mean gap over seeds {list(SEEDS)}): "
+            + "; ".join(verdicts) + ". Plain accumulation itself, mean over the seeds: "
+            + ", ".join(f"{o} {v:.2f}" for o, v in plain_means.items())
+            + f". Buffers: {mib(naive):.2f} MiB plain vs {smallest:.3f}–{largest:.3f} MiB compressed (r = "
+            f"{gaussian[0]['rank']}–{gaussian[-1]['rank']}). Paper: {PAPER_NOTE}.")
 
+
+PLOT_KINDS = ((("adafactor", "smaller", False), "o-", "Adafactor, smaller side (Gaussian, the paper's)"),
+              (("adafactor", "smaller", True), "s--", "Adafactor, smaller side (orthonormal, default)"),
+              (("adafactor", "larger", False), "^:", "Adafactor, larger side (Gaussian)"),
+              (("adamw", "smaller", False), "D-", "AdamW, smaller side (Gaussian, the paper's)"),
+              (("adamw", "smaller", True), "v--", "AdamW, smaller side (orthonormal, default)"))
+
+
+def plot_of(plains: dict[tuple[str, int], dict], naive: int):
+    """The figure writer: val ppl against accumulation buffer per kind, plain accumulation as lines."""
     def plot(plt, rows):
         fig, axis = plt.subplots(figsize=(6.5, 4.2))
-        kinds = ((("adafactor", "smaller", False), "o-", "Adafactor, smaller side (Gaussian, the paper's)"),
-                 (("adafactor", "smaller", True), "s--", "Adafactor, smaller side (orthonormal, default)"),
-                 (("adafactor", "larger", False), "^:", "Adafactor, larger side (Gaussian)"),
-                 (("adamw", "smaller", False), "D-", "AdamW, smaller side (Gaussian, the paper's)"),
-                 (("adamw", "smaller", True), "v--", "AdamW, smaller side (orthonormal, default)"))
-        for kind, style, name in kinds:
+        for kind, style, name in PLOT_KINDS:
             chosen = [r for r in rows if r["rank"] != "–" and (r["optimizer"], r["side"], r["orthogonal"]) == kind]
             if not chosen:
                 continue
@@ -185,24 +214,48 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
         axis.legend(fontsize=7)
         return fig
 
+    return plot
+
+
+def intro_of(steps: int, sweeps: list[dict]) -> str:
     sweep_text = "; ".join(
         f"{optimizer}: " + ", ".join(f"{r['lr']:g} → {r['val_ppl']:.2f}" for r in sweeps if r["optimizer"] == optimizer)
         for optimizer in LR_GRIDS)
-    intro = (f"Full fine-tuning of the base model on stdlib docstrings/comments with FLoRA's accumulation protocol: "
-             f"{steps} steps (one epoch) of {ACCUMULATION} micro-batches x 1 sequence x 128 tokens, constant lr, no "
-             "warm-up, no weight decay, no clipping; only the accumulation differs. Each run is scored on the whole "
-             f"validation split every {max(1, steps // CHECKPOINTS)} steps and reported at its checkpoint of lowest "
-             "validation loss, as the paper does. The lr is swept on plain "
-             f"accumulation (seed 0) and its best is used for every FLoRA row and seed, as in the paper (sweep, val "
-             f"ppl: {sweep_text}). Key rows run with seeds {list(SEEDS)} (data order and projections); val ppl and "
-             "gaps are listed per seed, then their mean. 'side' is the side of each weight that is projected "
-             "(smaller: the FLoRA reference code's choice and our default, buffer max(n, m) x r; larger: buffer "
-             "min(n, m) x r). llama-small's attention weights are square (128 x 128), so the side only changes its "
-             "MLP weights (352 x 128 and 128 x 352).")
+    return (f"Full fine-tuning of the base model on stdlib docstrings/comments with FLoRA's accumulation protocol: "
+            f"{steps} steps (one epoch) of {ACCUMULATION} micro-batches x 1 sequence x 128 tokens, constant lr, no "
+            "warm-up, no weight decay, no clipping; only the accumulation differs. Each run is scored on the whole "
+            f"validation split every {max(1, steps // CHECKPOINTS)} steps and reported at its checkpoint of lowest "
+            "validation loss, as the paper does. The lr is swept on plain "
+            f"accumulation (seed 0) and its best is used for every FLoRA row and seed, as in the paper (sweep, val "
+            f"ppl: {sweep_text}). Key rows run with seeds {list(SEEDS)} (data order and projections); val ppl and "
+            "gaps are listed per seed, then their mean. 'side' is the side of each weight that is projected "
+            "(smaller: the FLoRA reference code's choice and our default, buffer max(n, m) x r; larger: buffer "
+            "min(n, m) x r). llama-small's attention weights are square (128 x 128), so the side only changes its "
+            "MLP weights (352 x 128 and 128 x 352).")
+
+
+def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
+    """Train every run of the protocol (both optimizers), then write the table, verdict, plot and JSON."""
+    base = ablation.ensure_base(out.parent / "shared", args.base_steps, not args.no_progress, say)
+    steps = args.steps or STEPS
+    progress = not args.no_progress
+
+    def make(optimizer: str, lr: float, seed: int, setting: Setting | None) -> Variant:
+        return make_variant(base, steps, optimizer, lr, seed, setting)
+
+    sweeps, runs = [], []
+    for optimizer in LR_GRIDS:
+        plain, done = run_optimizer(optimizer, make, out, progress, say)
+        sweeps += plain
+        runs += done
+    plains = plain_runs(runs)
+    rows = seed0_rows(runs)
+    naive = next(r["naive_accumulation_bytes"] for r in runs if r["rank"] != "–")
     return ablation.write_outputs(out, "flora-rank", "compressed gradient accumulation vs rank (FLoRA Tab. 1)",
-                                  intro, ["setting", "lr", "rank", "side", "accum. buffer MiB", "val ppl by seed",
-                                          "Δ vs plain by seed", "mean Δ"],
-                                  table, "FLoRA Tab. 1", ["setting", "memory", "quality"], PAPER_ROWS, verdict, rows,
+                                  intro_of(steps, sweeps), ["setting", "lr", "rank", "side", "accum. buffer MiB",
+                                                            "val ppl by seed", "Δ vs plain by seed", "mean Δ"],
+                                  table_of(rows, naive), "FLoRA Tab. 1", ["setting", "memory", "quality"], PAPER_ROWS,
+                                  verdict_of(rows, plains, naive), rows,
                                   {"steps": steps, "accumulation_steps": ACCUMULATION, "batch_size": 1, "seeds": SEEDS,
                                    "lr_grids": LR_GRIDS, "sweep": [{k: r[k] for k in ("label", "lr", "val_ppl")}
-                                                                   for r in sweeps]}, plot)
+                                                                   for r in sweeps]}, plot_of(plains, naive))
