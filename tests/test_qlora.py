@@ -394,17 +394,16 @@ def test_fused_4bit_falls_back_to_peft_with_todays_numbers(case):
     if case == "merged":
         with pytest.warns(UserWarning, match="rounding errors"):  # peft re-quantises W + s·BA to 4 bits
             fused.base_model.merge_adapter(), unfused.base_model.merge_adapter()
-    hook = peft_4bit_layers(fused)[0].base_layer.register_forward_hook(lambda *args: None) \
-        if case == "hooked-base" else None
-    if case == "hooked-base":
-        unfused_hook = peft_4bit_layers(unfused)[0].base_layer.register_forward_hook(lambda *args: None)
+    hooks = [peft_4bit_layers(m)[0].base_layer.register_forward_hook(lambda *args: None)
+             for m in (fused, unfused)] if case == "hooked-base" else []
     for model in (fused, unfused):  # the first training batch builds v (through the dropout mask): same seed
         torch.manual_seed(3)
         assert not fused_4bit_ran(model, x)
     for _ in range(2):
         assert_steps_equal(seeded_step(fused, x), seeded_step(unfused, x))
-    if hook is not None:
-        hook.remove(), unfused_hook.remove()
+    if hooks:
+        for hook in hooks:
+            hook.remove()
         assert fused_4bit_ran(fused, x)  # the hook was the only reason
 
 
