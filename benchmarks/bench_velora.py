@@ -19,8 +19,11 @@ Variants
 - QLoRA                     every projection a bitsandbytes NF4 Linear4bit (double quantisation, compute dtype = the
                             model's), peft's bnb LoRA r=8 on it (velora.methods.lora.qlora, what
                             `--method qlora` trains)
-- QLoRA + VeLoRA            the same with velora-torch on every lora_A (adapter mode, M=32); peft's bnb layer runs
-                            its own forward around it (the fused LoRA node needs a plain nn.Linear base)
+- QLoRA + VeLoRA            the same with velora-torch on every lora_A (adapter mode, M=32); each peft bnb layer runs
+                            as velora-torch's fused LoRA node on the 4-bit base (bnb.matmul_4bit forward, the weight
+                            dequantized again in backward, as bitsandbytes does)
+- ... unfused               informative: the same with VeLoRAConfig(fuse_lora=False), peft's own bnb forward around
+                            velora-torch's lora_A (what this row measured before the 4-bit node existed)
 
 The bound on full + VeLoRA: the weight-gradient matmuls of v_proj and down_proj (Gᵀx, (O×T)·(T×D)) are the work
 the factored backward removes. They are timed alone in the same process after the round-robin, and
@@ -143,16 +146,16 @@ def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True) -> 
                                                              fuse_lora=fuse_lora))
 
 
-def qlora(model: nn.Module, work: Workload, velora: bool = False) -> nn.Module:
+def qlora(model: nn.Module, work: Workload, velora: bool = False, fuse_lora: bool = True) -> nn.Module:
     """bitsandbytes NF4 base (double quantisation, compute dtype = the model's), peft LoRA on every projection;
-    with ``velora``, velora-torch on every lora_A (peft's bnb layer runs its own forward: no fused node)."""
+    with ``velora``, velora-torch on every lora_A (the fused 4-bit LoRA node unless ``fuse_lora=False``)."""
     from velora.methods.lora.qlora import quantize_base_linears
 
     quantize_base_linears(model)
     model = peft_lora(model, work)
     if velora:
         apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size, target_modules=ALL_LINEAR,
-                                         mode="adapter"))
+                                         mode="adapter", fuse_lora=fuse_lora))
     return model
 
 
@@ -166,6 +169,7 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: velora_adapter(model, work, False),
     "QLoRA (bitsandbytes NF4 + peft LoRA)": qlora,
     "QLoRA + velora-torch VeLoRA": lambda model, work: qlora(model, work, velora=True),
+    "QLoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: qlora(model, work, True, False),
 }
 BASELINE = {  # ratios are taken against the plain method the variant extends
     "full": "full",
@@ -177,6 +181,7 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": "peft LoRA",
     "QLoRA (bitsandbytes NF4 + peft LoRA)": "QLoRA (bitsandbytes NF4 + peft LoRA)",
     "QLoRA + velora-torch VeLoRA": "QLoRA (bitsandbytes NF4 + peft LoRA)",
+    "QLoRA + velora-torch VeLoRA, unfused (informative)": "QLoRA (bitsandbytes NF4 + peft LoRA)",
 }
 
 

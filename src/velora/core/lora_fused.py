@@ -22,7 +22,11 @@ the same numbers up to float rounding. The fused class takes this path only when
 no dropout, no lora_B bias, a frozen ``nn.Linear`` base, x in the base weight's dtype and an adapter in that
 dtype or a wider one (peft's fp32 adapters on a bf16 base), autocast off, no user hooks on the parts it skips —
 and otherwise runs peft's own forward unchanged.
-``VeLoRAConfig(fuse_lora=False)`` turns the fused class off.
+
+QLoRA: peft's bitsandbytes ``lora.Linear4bit`` on a ``bnb.nn.Linear4bit`` base (NF4 or FP4, double quantisation or
+not) is fused the same way when x is in the base's compute dtype. x Wᵀ runs through ``bnb.matmul_4bit`` and G W
+dequantizes the 4-bit weight in backward, as bitsandbytes' own backward does; only the packed weight (a parameter)
+is referenced, so the saved bytes are again z and h. ``VeLoRAConfig(fuse_lora=False)`` turns the fused classes off.
 """
 
 from __future__ import annotations
@@ -40,25 +44,33 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 
 class LoRAVeLoRAFunction(torch.autograd.Function):
-    """x and the base weight share one dtype; the adapter (A, B) may be wider, as peft keeps fp32 adapters on a
-    bf16 base: then, like peft, the LoRA branch runs in the adapter dtype on x cast to it, the sum is formed in
-    the adapter dtype and the output is cast back to x's dtype."""
+    """x and the base's compute dtype agree; the adapter (A, B) may be wider, as peft keeps fp32 adapters on a
+    bf16 base: then, like peft, the LoRA branch runs in the adapter dtype on x cast to it and its input gradient
+    is cast back to x's dtype. Where the two branches are summed follows the peft layer being fused: a plain
+    ``lora.Linear`` sums in the adapter dtype, the bnb ``Linear4bit`` one casts the LoRA branch to x's dtype first.
+    With a ``quant_state`` the base weight is bitsandbytes' packed 4-bit tensor: its matmul runs through
+    ``bnb.matmul_4bit`` and the input gradient dequantizes it again in backward, as bitsandbytes' own backward does
+    (the dequantized weight is never kept)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale):
-        # x: (..., D); weight: (O, D) frozen; bias: (O,) or None; lora_a: (r, D); lora_b: (O, r); directions: (M, k)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale, quant_state=None):
+        # x: (..., D); weight: (O, D) frozen, or packed 4-bit; bias: (O,) or None; lora_a: (r, D); lora_b: (O, r)
+        # directions: (M, k)
         tokens = x.reshape(-1, x.shape[-1])  # (T, D)
         adapter_tokens = _as(tokens, lora_a.dtype)  # (T, D), what peft's lora_A receives
         hidden = adapter_tokens.mm(lora_a.t())  # (T, r)
-        out = _as(F.linear(tokens, weight, bias), lora_a.dtype)  # (T, O)
-        out = out.addmm_(hidden, lora_b.t(), alpha=scaling)  # (T, O) += s · (T, r) @ (r, O)
+        out = _base_forward(tokens, weight, bias, quant_state)  # (T, O), x's dtype
+        if quant_state is None or lora_a.dtype == out.dtype:
+            out = _as(out, lora_a.dtype).addmm_(hidden, lora_b.t(), alpha=scaling)  # (T, O) += s · (T, r) @ (r, O)
+        else:  # peft's 4-bit layer casts s · h Bᵀ to x's dtype and adds there
+            out = out.add_(hidden.mm(lora_b.t()).mul_(scaling).to(out.dtype))  # (T, O)
         needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         z = compress(adapter_tokens, directions) if needs_a else None  # (T, G, k)
         ctx.save_for_backward(z, hidden if needs_b else None, weight if needs_x else None,
                               lora_a if needs_x else None, lora_b if (needs_x or needs_a) else None,
                               directions if needs_a else None)
         ctx.x_shape, ctx.scaling, ctx.velora_scale = x.shape, float(scaling), float(velora_scale)
-        ctx.has_bias, ctx.adapter_dtype = bias is not None, lora_a.dtype
+        ctx.has_bias, ctx.adapter_dtype, ctx.quant_state = bias is not None, lora_a.dtype, quant_state
         return _as(out, x.dtype).view(*x.shape[:-1], out.shape[-1])  # (..., O)
 
     @staticmethod
@@ -79,7 +91,7 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
         grad_a = refuse_double_backward(grad_a, grad_out, lora_b)
         grad_b = refuse_double_backward(grad_b, grad_out, lora_b)
         if needs_x:
-            grad_x = grad.mm(weight)  # (T, D)
+            grad_x = _base_input_grad(grad, weight, ctx.quant_state)  # (T, D)
             if lora_a.dtype == grad_x.dtype:
                 grad_x.addmm_(grad_hidden, lora_a)  # += (T, r) @ (r, D)
             else:  # the adapter's input gradient arrives in its own dtype and is cast, as in peft's graph
@@ -87,7 +99,25 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)  # (..., D)
         if ctx.has_bias and needs_bias:
             grad_bias = grad.sum(0)  # (O,)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def _base_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state) -> torch.Tensor:
+    """The frozen base layer's output x Wᵀ + b (T, O), from a float weight or a bitsandbytes 4-bit one."""
+    if quant_state is None:
+        return F.linear(tokens, weight, bias)  # (T, O)
+    import bitsandbytes as bnb
+
+    return bnb.matmul_4bit(tokens, weight, quant_state=quant_state, bias=bias)  # (T, O); no graph: grad is off here
+
+
+def _base_input_grad(grad: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """G W (T, D): for a 4-bit weight, dequantized here and dropped right after (never saved for backward)."""
+    if quant_state is None:
+        return grad.mm(weight)  # (T, O) @ (O, D)
+    from bitsandbytes.functional import dequantize_4bit
+
+    return grad.mm(dequantize_4bit(weight, quant_state).to(grad.dtype))  # (T, O) @ (O, D)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -126,14 +156,10 @@ class FusedLoRAMixin:
             return None
         if type(lora_b) is not nn.Linear or lora_b.bias is not None or lora_a.bias is not None:
             return None
-        if type(base) is not nn.Linear or base.weight.requires_grad:
-            return None
         if not (isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and dropout.p == 0)):
             return None
         dtype, adapter_dtype = x.dtype, lora_a.weight.dtype
-        if not x.is_floating_point() or base.weight.dtype != dtype or lora_b.weight.dtype != adapter_dtype:
-            return None
-        if base.bias is not None and base.bias.dtype != dtype:
+        if not x.is_floating_point() or lora_b.weight.dtype != adapter_dtype or not self._velora_base_fusable(dtype):
             return None
         if adapter_dtype != dtype and (torch.promote_types(dtype, adapter_dtype) != adapter_dtype
                                        or not getattr(self, "cast_input_dtype_enabled", True)):
@@ -144,45 +170,89 @@ class FusedLoRAMixin:
             return None
         return adapter
 
+    def _velora_base_fusable(self, dtype: torch.dtype) -> bool:
+        """A frozen ``nn.Linear`` base whose weight (and bias) are in x's dtype."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != dtype:
+            return False
+        return base.bias is None or base.bias.dtype == dtype
+
+    def _velora_base_inputs(self) -> tuple:
+        """(weight, bias, quant_state) of the base layer for ``LoRAVeLoRAFunction``."""
+        return self.base_layer.weight, self.base_layer.bias, None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter = self._velora_fused_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        lora_a, base = self.lora_A[adapter], self.base_layer
+        lora_a = self.lora_A[adapter]
         lora_a._velora_prepare(x)  # first-batch init / EMA step, exactly as the unfused lora_A would
-        return LoRAVeLoRAFunction.apply(x, base.weight, base.bias, lora_a.weight, self.lora_B[adapter].weight,
-                                        lora_a.velora_v, self.scaling[adapter], lora_a.velora_config.scale)
+        weight, bias, quant_state = self._velora_base_inputs()
+        return LoRAVeLoRAFunction.apply(x, weight, bias, lora_a.weight, self.lora_B[adapter].weight,
+                                        lora_a.velora_v, self.scaling[adapter], lora_a.velora_config.scale,
+                                        quant_state)
 
 
-def _peft_linear_class() -> type | None:
+class Fused4bitLoRAMixin(FusedLoRAMixin):
+    """The same for peft's bitsandbytes ``lora.Linear4bit`` (QLoRA): the base is a ``bnb.nn.Linear4bit``."""
+
+    def _velora_base_fusable(self, dtype: torch.dtype) -> bool:
+        """A 4-bit (NF4 or FP4) ``Linear4bit`` computing in x's dtype, its weight in bitsandbytes' training layout."""
+        import bitsandbytes as bnb
+
+        base = self.base_layer
+        if type(base) is not bnb.nn.Linear4bit or base.weight.requires_grad or not base.compute_type_is_set:
+            return False  # an unset compute dtype is chosen by the base's own first forward
+        state = getattr(base.weight, "quant_state", None)
+        if state is None or state.quant_type not in ("nf4", "fp4") or getattr(state, "packing_format_for_cpu", False):
+            return False  # lost state (peft's path restores it) or the CPU inference layout bitsandbytes packs in eval
+        if base.compute_dtype != dtype:
+            return False
+        return base.bias is None or base.bias.dtype == dtype  # bitsandbytes would recast a mismatched bias in place
+
+    def _velora_base_inputs(self) -> tuple:
+        base = self.base_layer
+        return base.weight, base.bias, base.weight.quant_state
+
+
+def _peft_lora_classes() -> dict[type, tuple[str, type]]:
+    """peft's LoRA layer classes the fused path knows: {class: (fused class name, mixin)}."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:  # peft not installed: no LoRA layers to fuse
-        return None
-    return Linear
+        return {}
+    classes = {Linear: ("VeLoRAFusedLoraLinear", FusedLoRAMixin)}
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # bitsandbytes not installed: peft defines no 4-bit LoRA layer
+        return classes
+    classes[Linear4bit] = ("VeLoRAFusedLoraLinear4bit", Fused4bitLoRAMixin)
+    return classes
 
 
 def fused_class_for(cls: type) -> type | None:
-    """The fused subclass of peft's ``lora.Linear`` (exactly that class, not its quantised relatives)."""
-    peft_linear = _peft_linear_class()
-    if peft_linear is None or cls is not peft_linear:
+    """The fused subclass of peft's ``lora.Linear`` or bnb ``lora.Linear4bit`` (exactly those classes, not their
+    other quantised relatives)."""
+    known = _peft_lora_classes()
+    if cls not in known:
         return None
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type("VeLoRAFusedLoraLinear", (FusedLoRAMixin, cls), {"__module__": __name__})
+        name, mixin = known[cls]
+        _FUSED_CLASSES[cls] = type(name, (mixin, cls), {"__module__": __name__})
     return _FUSED_CLASSES[cls]
 
 
 def __getattr__(name: str):
-    # lets pickle find the fused class, which is built on first use
-    if name == "VeLoRAFusedLoraLinear":
-        cls = fused_class_for(_peft_linear_class())
-        if cls is not None:
-            return cls
+    # lets pickle find the fused classes, which are built on first use
+    for cls, (fused_name, _) in _peft_lora_classes().items():
+        if name == fused_name:
+            return fused_class_for(cls)
     raise AttributeError(f"module 'velora.core.lora_fused' has no attribute {name!r}")
 
 
 def fuse(layer: nn.Module) -> bool:
-    """Swap a peft ``lora.Linear`` to its fused class in place. False if the layer is of another kind."""
+    """Swap a peft ``lora.Linear`` / bnb ``lora.Linear4bit`` to its fused class in place. False if the layer is of
+    another kind."""
     if isinstance(layer, FusedLoRAMixin):
         return True
     fused = fused_class_for(type(layer))
