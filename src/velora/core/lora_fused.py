@@ -243,7 +243,10 @@ def fused_class_for(cls: type) -> type | None:
 
 
 def __getattr__(name: str):
-    # lets pickle find the fused classes, which are built on first use
+    # lets pickle find the fused classes, which are built on first use; dunder lookups (the import system asks for
+    # ``__path__`` on every ``from velora.core.lora_fused import ...``) must not import peft
+    if name.startswith("__"):
+        raise AttributeError(f"module 'velora.core.lora_fused' has no attribute {name!r}")
     for cls, (fused_name, _) in _peft_lora_classes().items():
         if name == fused_name:
             return fused_class_for(cls)
