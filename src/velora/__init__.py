@@ -13,7 +13,7 @@ from velora.core.config import VeLoRAConfig
 from velora.core.functional import velora_linear
 from velora.core.layers import apply_velora, is_velora_module, load_peft_velora_state, remove_velora, velora_modules
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it (imported on first use)
 _LAZY = {
