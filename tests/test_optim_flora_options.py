@@ -275,3 +275,37 @@ def test_method_options_pass_the_momentum_options_to_flora():
     assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # velora train's defaults stay Alg. 2
     with pytest.raises(ValueError, match="flora_momentum='adam'"):
         MethodOptions(lr=1e-2, flora_momentum="adam")
+
+
+# --- the uncompressed reference of benchmarks/bench_flora_momentum.py ---------------------------------------------
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_rank_at_the_full_smaller_side_is_exactly_uncompressed_momentum(shape):
+    # the bench's reference row: rank = the smaller side, no force_compress -> no projection, a full (n, m) momentum
+    flora, optimizer = _run_flora(shape, rank=min(shape), momentum="update")
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert "seed" not in state and tuple(state["momentum"].shape) == shape
+    expected = _reference(shape, "adafactor", "update", False)  # rank=None: EMA of G / sqrt(v_hat), written out
+    torch.testing.assert_close(flora, expected, rtol=0, atol=1e-12)  # no projection: equal up to float64 rounding
+    compressed = _reference(shape, "adafactor", "update", False, rank=min(shape) - 1)
+    assert (flora - compressed).abs().max() > 1e-4  # one rank less is compressed and differs
+
+
+def test_the_bench_reference_options_keep_every_llama_small_momentum_uncompressed():
+    from velora.methods.registry import MethodOptions, build_optimizer
+    from velora.training.models import build_config, build_model
+
+    torch.manual_seed(0)
+    model = build_model(build_config("llama-small", vocab_size=256))
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+
+    def compressed_matrices(rank: int) -> int:
+        options = MethodOptions(lr=3e-2, optimizer="adafactor", flora_rank=rank, flora_kappa=1000,
+                                flora_momentum="update")
+        optimizer = build_optimizer(model, "flora", options)
+        optimizer.step()
+        return sum("seed" in state for state in optimizer.state.values())
+
+    assert compressed_matrices(128) == 0  # the bench's reference: d_model = 128 is every matrix's smaller side
+    assert compressed_matrices(64) == 28  # r = 64: all 7 attention/MLP matrices of each of the 4 layers
