@@ -176,23 +176,33 @@ def best_lr(row: Row, runs: dict[str, dict]) -> tuple[float | None, bool]:
     return best, any(lr < best for lr in tried) and any(lr > best for lr in tried)
 
 
-def run_row(row: Row, runs: dict[str, dict], say) -> None:
+def _train_and_record(row: Row, lr: float, seed: int, runs: dict[str, dict], say) -> None:
+    run = train_one(row, lr, seed, say)
+    runs[run["run"]] = run
+    write_report(runs)
+
+
+def run_row(row: Row, runs: dict[str, dict], say, phase: str = "all", seeds: tuple[int, ...] | None = None) -> None:
+    """Run ``phase`` of one row: "start" (its first lr on seed 0), "bracket" (the seed-0 lr search), "seeds" (the
+    other seeds at the best seed-0 lr so far; ``seeds`` restricts which), or "all" three in turn."""
     if row.method == "flora-opt" and not flora_opt_available():
         say(f"skipping {row.key}: flora-opt is not installed (pip install --no-deps flora-opt==0.0.3)")
         return
-    say(f"{row.key}: {row.label}")
-    while (lr := next_lr(row, runs)) is not None:
-        run = train_one(row, lr, 0, say)
-        runs[run["run"]] = run
-        write_report(runs)
+    say(f"{row.key} ({phase}): {row.label}")
+    if phase == "start" and not _seed0(row, runs):
+        _train_and_record(row, row.start, 0, runs, say)
+    while phase in ("bracket", "all") and (lr := next_lr(row, runs)) is not None:
+        _train_and_record(row, lr, 0, runs, say)
+    if phase not in ("seeds", "all"):
+        return
     lr, bracketed = best_lr(row, runs)
+    if lr is None:
+        return
     if not bracketed:
-        say(f"  {row.key}: best lr {lr:g} is not bracketed after {MAX_SEED0_RUNS} seed-0 runs")
+        say(f"  {row.key}: the best seed-0 lr so far, {lr:g}, is not bracketed")
     for seed in row.seeds[1:]:
-        if run_key(row, lr, seed) not in runs:
-            run = train_one(row, lr, seed, say)
-            runs[run["run"]] = run
-            write_report(runs)
+        if (seeds is None or seed in seeds) and run_key(row, lr, seed) not in runs:
+            _train_and_record(row, lr, seed, runs, say)
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -215,8 +225,10 @@ def compare_rows(row: dict, reference: dict, target: float) -> dict:
     common = sorted(set(row["val_ppl_by_seed"]) & set(reference["val_ppl_by_seed"]))
     paired = [row["val_ppl_by_seed"][s] / reference["val_ppl_by_seed"][s] for s in common]
     ratio = row["mean"] / reference["mean"]
+    # a verdict needs both rows at a bracketed lr with every seed; short of that the ratio is provisional
+    final = all(r["bracketed"] and len(r["val_ppl_by_seed"]) == len(SEEDS) for r in (row, reference))
     return {"row": row["row"], "reference": reference["row"], "ratio_of_means": ratio,
-            "paired_ratios": paired, "seeds": common, "target": target, "met": ratio <= target}
+            "paired_ratios": paired, "seeds": common, "target": target, "met": ratio <= target, "final": final}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -226,14 +238,15 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def write_report(runs: dict[str, dict]) -> dict:
     summaries = {row.key: s for row in ROWS if (s := summarize(row, runs)) is not None}
     ratios = [compare_rows(summaries[a], summaries[b], t) for a, b, t in TARGETS if a in summaries and b in summaries]
-    table = [[s["label"], f"{s['lr']:g}" + ("" if s["bracketed"] else " (edge)"),
+    table = [[s["label"], f"{s['lr']:g}" + ("" if s["bracketed"] else " (not bracketed)"),
               " · ".join(f"{lr} → {_fmt(p)}" for lr, p in s["lr_grid_seed0"].items()),
               " / ".join(_fmt(p) for p in s["val_ppl_by_seed"].values()),
               f"{_fmt(s['mean'])} ± {_fmt(s['std'])}" if s["std"] is not None else _fmt(s["mean"]),
               _fmt((s["optimizer_state_bytes"] or 0) / 2**20)] for s in summaries.values()]
     ratio_table = [[r["row"], r["reference"], f"{100 * (r['ratio_of_means'] - 1):+.2f}%",
                     " / ".join(f"{100 * (p - 1):+.2f}%" for p in r["paired_ratios"]),
-                    f"≤ {100 * (r['target'] - 1):+.0f}%", "yes" if r["met"] else "no"] for r in ratios]
+                    f"≤ {100 * (r['target'] - 1):+.0f}%",
+                    ("yes" if r["met"] else "no") + ("" if r["final"] else " (provisional)")] for r in ratios]
     text = "\n\n".join([
         "# FLoRA momentum on velora compare's setting (issue #16)",
         f"llama-small, {SETTING['steps']} steps x {SETTING['batch_size']} x {SETTING['seq_len']} tokens, compare's "
@@ -255,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", choices=[row.key for row in ROWS], help="rows to run (default: all)")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables from finished runs")
+    parser.add_argument("--phase", choices=("all", "start", "bracket", "seeds"), default="all",
+                        help="all: each row in turn, start + bracket + seeds (default); the others run one phase "
+                             "across the rows (breadth first, for a short time budget)")
+    parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS[1:], help="--phase seeds: only these seeds")
     args = parser.parse_args(argv)
 
     def say(text: str) -> None:
@@ -266,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         for row in ROWS:
             if args.rows is None or row.key in args.rows:
-                run_row(row, runs, say)
+                run_row(row, runs, say, args.phase, tuple(args.seeds) if args.seeds else None)
     summary = write_report(runs)
     for ratio in summary["ratios"]:
         paired = ", ".join(f"{100 * (p - 1):+.2f}%" for p in ratio["paired_ratios"])
-        verdict = "met" if ratio["met"] else "NOT met"
+        verdict = ("met" if ratio["met"] else "NOT met") + ("" if ratio["final"] else ", provisional")
         print(f"{ratio['row']:>18} vs {ratio['reference']:<14} {100 * (ratio['ratio_of_means'] - 1):+6.2f}% "
               f"(per seed {paired}; target ≤ {100 * (ratio['target'] - 1):+.0f}%: {verdict})")
     return 0
