@@ -44,6 +44,10 @@ ADAFACTOR_START, ADAMW_START = 3e-2, 2e-3  # first seed-0 lr: the issue's flora-
 MAX_SEED0_RUNS = 6  # bracket search budget per row
 AUTHORS_OPTIONS = {"flora_momentum": "update", "flora_exact_current": True, "flora_momentum_orthogonal": True}
 ALG2_OPTIONS = {"flora_momentum": "gradient", "flora_exact_current": False, "flora_momentum_orthogonal": False}
+# torch.optim.Adafactor's eps1 (our default: float32 eps 1.2e-7) clamps the row-statistic mean at eps1 and v_hat at
+# eps1^2; after compare's gradient clipping many matrices have mean(G^2) below 1.2e-7, so v_hat is underestimated.
+# flora-opt (and the Adafactor paper) add 1e-30 to G^2 instead; eps1 = 1e-15 puts our v_hat floor at that 1e-30.
+AUTHORS_EPS1 = 1e-15
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ ROWS = (
         _flora("adafactor", FULL_SIDE, flora_momentum="update"), ADAFACTOR_START),
     Row("ours-authors", "our FLoRA, Adafactor, κ=1000, r=64: update, current exact, orthonormal", "flora",
         _flora("adafactor", RANK, **AUTHORS_OPTIONS), ADAFACTOR_START),
+    Row("ours-authors-gaussian", "our FLoRA, Adafactor, κ=1000, r=64: Flora.authors_code (update, current exact, "
+        "Gaussian rows)", "flora", _flora("adafactor", RANK, **{**AUTHORS_OPTIONS, "flora_momentum_orthogonal": False}),
+        ADAFACTOR_START),
     Row("flora-opt", "flora-opt 0.0.3 FLoRA, κ=1000, r=64 (authors' package)", "flora-opt",
         _flora("adafactor", RANK), ADAFACTOR_START),
     Row("ours-alg2", "our FLoRA, Adafactor, κ=1000, r=64: paper's Alg. 2 literally (Flora.paper_alg2)", "flora",
@@ -75,12 +82,22 @@ ROWS = (
         ADAMW_START),
     Row("ours-adamw-update", "our FLoRA, AdamW base, κ=1000, r=64: update, current exact, orthonormal", "flora",
         _flora("adamw", RANK, **AUTHORS_OPTIONS), ADAMW_START),
+    Row("uncompressed-eps", "Adafactor + uncompressed momentum, eps1 = 1e-15 (v_hat floor 1e-30, as flora-opt)",
+        "flora-eps", _flora("adafactor", FULL_SIDE, flora_momentum="update"), ADAFACTOR_START),
+    Row("ours-authors-eps", "our FLoRA, Adafactor, κ=1000, r=64: update, current exact, orthonormal, eps1 = 1e-15",
+        "flora-eps", _flora("adafactor", RANK, **AUTHORS_OPTIONS), ADAFACTOR_START),
+    Row("ours-alg2-eps", "our FLoRA, Adafactor, κ=1000, r=64: Alg. 2 literally, eps1 = 1e-15", "flora-eps",
+        _flora("adafactor", RANK, **ALG2_OPTIONS), ADAFACTOR_START),
     Row("flora-opt-uncompressed", "flora-opt 0.0.3, uncompressed momentum (cross-check of our reference, seed 0)",
         "flora-opt", {"optimizer": "adafactor", "flora_kappa": KAPPA}, ADAFACTOR_START, seeds=(0,)),
 )
 # (row, reference, target): the targets of issue #16, as ratios of the 3-seed means
 TARGETS = (("ours-authors", "uncompressed", 1.02), ("ours-authors", "flora-opt", 1.0), ("ours-adamw", "adamw", 1.05),
-           ("ours-alg2", "uncompressed", 1.02), ("ours-adamw-update", "adamw", 1.05))
+           ("ours-authors-gaussian", "uncompressed", 1.02), ("ours-authors-gaussian", "flora-opt", 1.0),
+           ("ours-alg2", "uncompressed", 1.02), ("flora-opt", "uncompressed", 1.02),
+           ("ours-adamw-update", "adamw", 1.05), ("ours-authors-eps", "uncompressed-eps", 1.02),
+           ("ours-authors-eps", "flora-opt", 1.0), ("ours-alg2-eps", "uncompressed-eps", 1.02),
+           ("uncompressed-eps", "flora-opt-uncompressed", 1.02))
 
 
 # ---- flora-opt as a bench-only method -------------------------------------------------------------------------
@@ -109,6 +126,26 @@ def register_flora_opt() -> None:
 
     register(BaseMethod("flora-opt", "the FLoRA authors' package (bench only)", lambda model, options: model,
                         optimizer, optimizers=("adafactor",)))
+
+
+def register_flora_eps() -> None:
+    """Our Flora exactly as `velora train --method flora` builds it, with eps1 = AUTHORS_EPS1 (no MethodOptions
+    field sets it)."""
+    from velora.methods.registry import BaseMethod, base_methods, register
+
+    if "flora-eps" in base_methods():
+        return
+
+    def optimizer(model, options):
+        from velora.methods.registry import base_methods
+
+        flora = base_methods()["flora"].optimizer(model, options)
+        for group in flora.param_groups:
+            group["eps1"] = AUTHORS_EPS1  # the only change: the v_hat floor
+        return flora
+
+    register(BaseMethod("flora-eps", "our Flora with eps1 = 1e-15 (bench only)", lambda model, options: model,
+                        optimizer))
 
 
 # ---- runs -----------------------------------------------------------------------------------------------------
@@ -279,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if flora_opt_available():
         register_flora_opt()
+    register_flora_eps()
     runs = load_runs()
     if not args.report:
         for row in ROWS:
