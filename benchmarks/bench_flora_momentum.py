@@ -3,6 +3,8 @@
     nice -n 10 python benchmarks/bench_flora_momentum.py            # run what is missing, then write the tables
     python benchmarks/bench_flora_momentum.py --report              # the tables from the finished runs only
     python benchmarks/bench_flora_momentum.py --rows uncompressed ours-authors
+    python benchmarks/bench_flora_momentum.py --phase start      # one phase across the rows (a short budget)
+    python benchmarks/bench_flora_momentum.py --eps-check velora-runs/flora_momentum/uncompressed/lr0.03-s0
 
 Every row trains llama-small for compare's 1000 steps (velora.experiments.compare.SETTING, one thread) through
 velora.training.loop.train, like compare's rows. Each row's lr is picked on seed 0 from a factor-2 grid that
@@ -242,6 +244,26 @@ def run_row(row: Row, runs: dict[str, dict], say, phase: str = "all", seeds: tup
             _train_and_record(row, lr, seed, runs, say)
 
 
+def eps_floor_check(run: Path) -> str:
+    """How many 2-D weights of a finished run have mean(G^2) below torch Adafactor's eps1 (float32 eps), where our
+    Adafactor base clamps the row-statistic mean: one batch (step 500's), clipped to norm 1 as compare clips."""
+    from velora.training.config import TrainConfig
+    from velora.training.loop import build_base_model, latest_checkpoint, load_data, load_model_weights
+
+    config = TrainConfig(**json.loads((run / "config.json").read_text()))
+    data = load_data(config, run_folder=run)
+    model = build_base_model(config, data.tokenizer.vocab_size)
+    load_model_weights(model, latest_checkpoint(run))
+    batch = data.train.batch(500, config.batch_size)  # (B, T)
+    model(input_ids=batch, labels=batch).loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], config.grad_clip)
+    eps1 = torch.finfo(torch.float32).eps
+    means = sorted(p.grad.pow(2).mean().item() for p in model.parameters() if p.grad is not None and p.dim() == 2)
+    below = sum(mean < eps1 for mean in means)
+    return (f"{run}: {below} of {len(means)} matrices have mean(G^2) < eps1 = {eps1:.2e} (min {means[0]:.1e}, "
+            f"median {means[len(means) // 2]:.1e}, max {means[-1]:.1e})")
+
+
 # ---- report ---------------------------------------------------------------------------------------------------
 
 def summarize(row: Row, runs: dict[str, dict]) -> dict | None:
@@ -309,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="all: each row in turn, start + bracket + seeds (default); the others run one phase "
                              "across the rows (breadth first, for a short time budget)")
     parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS[1:], help="--phase seeds: only these seeds")
+    parser.add_argument("--eps-check", type=Path, metavar="RUN", help="only report, for a finished run folder, how "
+                        "many matrices have mean(G^2) below torch Adafactor's eps1")
     args = parser.parse_args(argv)
+    if args.eps_check:
+        print(eps_floor_check(args.eps_check))
+        return 0
 
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
