@@ -309,3 +309,20 @@ def test_the_bench_reference_options_keep_every_llama_small_momentum_uncompresse
 
     assert compressed_matrices(128) == 0  # the bench's reference: d_model = 128 is every matrix's smaller side
     assert compressed_matrices(64) == 28  # r = 64: all 7 attention/MLP matrices of each of the 4 layers
+
+
+def test_authors_code_keeps_adafactors_estimate_for_gradients_below_float32_eps():
+    # after clipping, small models have mean(G^2) < float32 eps (1.2e-7), where torch's eps1 rule clamps the row mean;
+    # flora-opt floors v_hat at 1e-30 instead, and so must its preset (issue #16: 53.93 -> 47.67 val ppl uncompressed)
+    start = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    grad = 1e-5 * torch.randn(6, 10, generator=torch.Generator().manual_seed(1))  # mean(G^2) ~ 1e-10
+    matrix = torch.nn.Parameter(start.clone())
+    optimizer = Flora.authors_code([matrix], lr=LR, rank=3, kappa=KAPPA)
+    matrix.grad = grad.clone()
+    optimizer.step()
+    grad64 = grad.double()
+    row, col = (grad64**2).mean(dim=1, keepdim=True), (grad64**2).mean(dim=0, keepdim=True)  # (6, 1), (1, 10)
+    v_hat = row @ col / row.mean()  # (6, 10): Adafactor's estimate at step 1 (beta2_1 = 0), no clamp
+    update = (1 - BETA1) * grad64 / v_hat.sqrt()  # the first step's exact current update; RMS ~0.1, no clip
+    expected = start.double() - max(1e-3, start.double().pow(2).mean().sqrt().item()) * LR * update
+    torch.testing.assert_close(matrix.detach().double(), expected, rtol=1e-5, atol=1e-7)
