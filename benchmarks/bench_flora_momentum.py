@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from velora.experiments.common import environment, markdown_table, write_json
+from velora.experiments.common import environment, fresh_dir, markdown_table, write_json
 from velora.experiments.compare import SETTING
 
 RESULTS = Path(__file__).resolve().parent / "results" / "flora_momentum"
@@ -170,7 +170,7 @@ def train_one(row: Row, lr: float, seed: int, say) -> dict:
 
     torch.set_num_threads(1)  # as compare's workers
     config = TrainConfig(method=row.method, lr=lr, options=row.options, **{**SETTING, "seed": seed})
-    folder = RUNS_ROOT / run_key(row, lr, seed)
+    folder = fresh_dir(RUNS_ROOT / run_key(row, lr, seed))  # a run stopped half-way starts over
     say(f"  {run_key(row, lr, seed)} ...")
     began = time.perf_counter()
     try:
