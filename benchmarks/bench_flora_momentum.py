@@ -308,10 +308,12 @@ def summarize(row: Row, runs: dict[str, dict]) -> dict | None:
 
 
 def compare_rows(row: dict, reference: dict, target: float) -> dict:
-    """Ratio of the means, and the mean of the per-seed ratios over the seeds both rows have."""
+    """Ratio of the means and the per-seed ratios, over the seeds both rows have."""
     common = sorted(set(row["val_ppl_by_seed"]) & set(reference["val_ppl_by_seed"]))
     paired = [row["val_ppl_by_seed"][s] / reference["val_ppl_by_seed"][s] for s in common]
-    ratio = row["mean"] / reference["mean"]
+    # over the seeds both rows have, so a row with fewer seeds is not set against another seed mix
+    ratio = statistics.fmean(row["val_ppl_by_seed"][s] for s in common) / statistics.fmean(
+        reference["val_ppl_by_seed"][s] for s in common)
     # a verdict needs both rows at a bracketed lr with every seed; short of that the ratio is provisional
     final = all(r["bracketed"] and len(r["val_ppl_by_seed"]) == len(SEEDS) for r in (row, reference))
     return {"row": row["row"], "reference": reference["row"], "ratio_of_means": ratio,
