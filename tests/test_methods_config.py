@@ -328,3 +328,28 @@ def test_velora_plan_takes_the_generated_flags_and_checks_them_in_one_line(capsy
     assert main(["plan", "--model", "llama-tiny", "--method", "flora", "--flora-rank", "0"]) == 2
     err = capsys.readouterr().err
     assert "flora_rank=0 must be an integer >= 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_flora_eps1_reaches_the_adafactor_base_and_changes_the_step():
+    """``flora_eps1`` (``--flora-eps1``): the v_hat floor of Flora's Adafactor base (the FLoRA authors' 1e-15), checked
+    against a run without it on gradients below float32 eps, where torch's rule clamps the row mean."""
+    from velora.methods.options import MethodOptions
+
+    def step(options: dict) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = build_model(build_config("llama-tiny", vocab_size=64))
+        optimizer = build_optimizer(model, "flora", MethodOptions.from_flat({"lr": 1e-2, "optimizer": "adafactor",
+                                                                             "flora_rank": 4, **options}))
+        for param in model.parameters():
+            param.grad = torch.full_like(param, 1e-5)  # mean(G^2) = 1e-10 < float32 eps
+        optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], optimizer
+
+    default, _ = step({})
+    floored, optimizer = step({"flora_eps1": 1e-15})
+    assert {group["eps1"] for group in optimizer.param_groups} == {1e-15}
+    assert any(not torch.equal(a, b) for a, b in zip(default, floored))
+    with pytest.raises(ValueError, match="flora_eps1=1e-15 applies to FLoRA's Adafactor base only"):
+        step({"flora_eps1": 1e-15, "optimizer": "adamw"})
+    with pytest.raises(ValueError, match="flora_eps1=-1"):
+        MethodOptions.from_flat({"flora_eps1": -1})

@@ -275,3 +275,54 @@ def test_method_options_pass_the_momentum_options_to_flora():
     assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # velora train's defaults stay Alg. 2
     with pytest.raises(ValueError, match="flora_momentum='adam'"):
         MethodOptions.from_flat({"lr": 1e-2, "flora_momentum": "adam"})
+
+
+# --- the uncompressed reference of benchmarks/bench_flora_momentum.py ---------------------------------------------
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_rank_at_the_full_smaller_side_is_exactly_uncompressed_momentum(shape):
+    # the bench's reference row: rank = the smaller side, no force_compress -> no projection, a full (n, m) momentum
+    flora, optimizer = _run_flora(shape, rank=min(shape), momentum="update")
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert "seed" not in state and tuple(state["momentum"].shape) == shape
+    expected = _reference(shape, "adafactor", "update", False)  # rank=None: EMA of G / sqrt(v_hat), written out
+    torch.testing.assert_close(flora, expected, rtol=0, atol=1e-12)  # no projection: equal up to float64 rounding
+    compressed = _reference(shape, "adafactor", "update", False, rank=min(shape) - 1)
+    assert (flora - compressed).abs().max() > 1e-4  # one rank less is compressed and differs
+
+
+def test_the_bench_reference_options_keep_every_llama_small_momentum_uncompressed():
+    from velora.methods.registry import MethodOptions, build_optimizer
+    from velora.training.models import build_config, build_model
+
+    torch.manual_seed(0)
+    model = build_model(build_config("llama-small", vocab_size=256))
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+
+    def compressed_matrices(rank: int) -> int:
+        options = MethodOptions.from_flat(dict(lr=3e-2, optimizer="adafactor", flora_rank=rank, flora_kappa=1000,
+                                               flora_momentum="update"))
+        optimizer = build_optimizer(model, "flora", options)
+        optimizer.step()
+        return sum("seed" in state for state in optimizer.state.values())
+
+    assert compressed_matrices(128) == 0  # the bench's reference: d_model = 128 is every matrix's smaller side
+    assert compressed_matrices(64) == 28  # r = 64: all 7 attention/MLP matrices of each of the 4 layers
+
+
+def test_authors_code_keeps_adafactors_estimate_for_gradients_below_float32_eps():
+    # after clipping, small models have mean(G^2) < float32 eps (1.2e-7), where torch's eps1 rule clamps the row mean;
+    # flora-opt floors v_hat at 1e-30 instead, and so must its preset (issue #16: 53.93 -> 47.67 val ppl uncompressed)
+    start = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    grad = 1e-5 * torch.randn(6, 10, generator=torch.Generator().manual_seed(1))  # mean(G^2) ~ 1e-10
+    matrix = torch.nn.Parameter(start.clone())
+    optimizer = Flora.authors_code([matrix], lr=LR, rank=3, kappa=KAPPA)
+    matrix.grad = grad.clone()
+    optimizer.step()
+    grad64 = grad.double()
+    row, col = (grad64**2).mean(dim=1, keepdim=True), (grad64**2).mean(dim=0, keepdim=True)  # (6, 1), (1, 10)
+    v_hat = row @ col / row.mean()  # (6, 10): Adafactor's estimate at step 1 (beta2_1 = 0), no clamp
+    update = (1 - BETA1) * grad64 / v_hat.sqrt()  # the first step's exact current update; RMS ~0.1, no clip
+    expected = start.double() - max(1e-3, start.double().pow(2).mean().sqrt().item()) * LR * update
+    torch.testing.assert_close(matrix.detach().double(), expected, rtol=1e-5, atol=1e-7)

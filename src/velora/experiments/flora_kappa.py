@@ -25,6 +25,8 @@ MOMENTUM_OPTIONS = {
     "current step exact": {"flora_exact_current": True},
     "orthonormal rows": {"flora_momentum_orthogonal": True},
     "authors' choices (update, current exact)": {"flora_momentum": "update", "flora_exact_current": True},
+    "update, current exact, orthonormal rows": {"flora_momentum": "update", "flora_exact_current": True,
+                                                "flora_momentum_orthogonal": True},
 }
 RANK = 32
 # FLoRA Tab. 3 as printed (T5-small 60M on XSum, Adafactor base, memory in GiB; the kappa=10 ROUGE-L of 31.8 exceeds
@@ -78,7 +80,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
             chosen = [r for r in rows[1:] if r["side"] == side and r["momentum_options"] == "Alg. 2"]
             axis.semilogx([r["kappa"] for r in chosen], [r["val_ppl"] for r in chosen], style,
                           label=f"FLoRA r={RANK}, {side} side" + (" (default)" if side == "smaller" else ""))
-        for r, marker in zip([r for r in rows[1:] if r["momentum_options"] != "Alg. 2"], "sDvP"):
+        for r, marker in zip([r for r in rows[1:] if r["momentum_options"] != "Alg. 2"], "sDvPX"):
             axis.semilogx([r["kappa"]], [r["val_ppl"]], marker, label=r["momentum_options"])
         axis.axhline(reference["val_ppl"], color="gray", linestyle="--", label="AdamW (uncompressed)")
         axis.set_xlabel("kappa (resampling interval, steps)")

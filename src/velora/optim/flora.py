@@ -80,7 +80,9 @@ _MOMENTUM_SOURCES = ("gradient", "update")
 _LEGACY_OPTIONS = {"momentum": "gradient", "exact_current": False}
 # one setting away from the constructor: the FLoRA paper's Alg. 2 read literally, and the authors' package's choices
 PAPER_ALG2 = {"momentum": "gradient", "exact_current": False, "orthogonal": False}
-AUTHORS_CODE = {"momentum": "update", "exact_current": True, "orthogonal": False, "base": "adafactor"}
+# eps1 = 1e-15: v_hat floored at 1e-30, as flora-opt adds 1e-30 to G^2 (torch's default clamps the row-statistic mean
+# at float32 eps, which bites after gradient clipping: docs/optim.md "eps of the Adafactor base")
+AUTHORS_CODE = {"momentum": "update", "exact_current": True, "orthogonal": False, "base": "adafactor", "eps1": 1e-15}
 
 
 class Flora(TensorStateOptimizer):
@@ -153,8 +155,9 @@ class Flora(TensorStateOptimizer):
 
     @classmethod
     def authors_code(cls, params, lr: float, rank: int, **kwargs) -> Flora:
-        """The choices of the FLoRA authors' package (flora-opt): Adafactor base, EMA of the preconditioned
-        update, the current update kept exact, Gaussian rows (``AUTHORS_CODE``). Other keywords as ``Flora``."""
+        """The choices of the FLoRA authors' package (flora-opt): Adafactor base with its v_hat floor (eps1=1e-15),
+        EMA of the preconditioned update, the current update kept exact, Gaussian rows (``AUTHORS_CODE``). Other
+        keywords as ``Flora``."""
         return cls(params, lr, rank, **_with_preset("authors_code", AUTHORS_CODE, kwargs))
 
     @staticmethod

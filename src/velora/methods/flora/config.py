@@ -16,7 +16,8 @@ class FloraConfig(ConfigBase):
     interval. accumulation: compressed gradient accumulation across the accumulation steps. orthogonal:
     orthonormal accumulation rows (less noise) or the paper's Gaussian. project: the side of each matrix
     projected, "smaller" (the FLoRA code, less noise) or "larger". momentum ("gradient" = Alg. 2 | "update" =
-    the authors' package), exact_current, momentum_orthogonal: Flora's momentum options (docs/optim.md)."""
+    the authors' package), exact_current, momentum_orthogonal: Flora's momentum options (docs/optim.md). eps1: the
+    Adafactor base's v_hat floor (None: torch's rule)."""
 
     prefix = "flora"
     rank: int | None = option(None, "FLoRA projection rank (default: a quarter of the smallest side of the "
@@ -35,6 +36,8 @@ class FloraConfig(ConfigBase):
                                  "authors' code)")
     momentum_orthogonal: bool = option(False, "orthonormal rows for FLoRA's momentum projection (default "
                                        "Gaussian, Alg. 2)")
+    eps1: float | None = option(None, "floor of the Adafactor base's second-moment estimate (default: torch "
+                                "Adafactor's, the float32 eps; 1e-15 = the FLoRA authors' package)", kind=float)
 
     def __post_init__(self) -> None:
         check_int("flora_rank", self.rank, optional=True)
@@ -44,6 +47,8 @@ class FloraConfig(ConfigBase):
         from velora.optim.projections import check_project_side
 
         check_project_side(self.project)
+        if self.eps1 is not None and not (isinstance(self.eps1, (int, float)) and self.eps1 > 0):
+            raise ValueError(f"flora_eps1={self.eps1!r} must be a positive number (or None for torch's default)")
         if self.momentum not in ("gradient", "update"):
             raise ValueError(f"flora_momentum={self.momentum!r} is not 'gradient' (Alg. 2) or 'update' "
                              "(the FLoRA authors' package)")

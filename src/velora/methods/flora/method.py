@@ -21,6 +21,11 @@ def flora_optimizer(model: nn.Module, options: MethodOptions):
         raise ValueError(f"betas[1]={beta2} / eps={settings.eps} do not apply to FLoRA's Adafactor base (its second "
                          "moment decays by beta2_decay); keep beta2=0.999, no eps, or use optimizer='adamw'")
     extra = {"eps": settings.eps} if settings.eps is not None else {}
+    if config.eps1 is not None:
+        if settings.name != "adafactor":
+            raise ValueError(f"flora_eps1={config.eps1} applies to FLoRA's Adafactor base only; use "
+                             "optimizer='adafactor' or drop flora_eps1")
+        extra["eps1"] = config.eps1
     # pass the model, not a parameter list: Flora then compresses only attention/MLP matrices and keeps
     # embeddings and the head uncompressed (a vocabulary-wide random projection stalls training)
     return Flora(model, lr=settings.lr, rank=config.rank_for(projectable_parameters(model)), kappa=config.kappa,
