@@ -25,10 +25,6 @@ from velora.integrations.distributed import (
 )
 from velora.optim.projections import compression_plan, derive_seed, random_projection
 
-# pytest -n (xdist, --dist loadgroup): this module's tests share one worker, so its gloo process group fixture
-# starts once
-pytestmark = pytest.mark.xdist_group("distributed")
-
 VOCAB, WIDTH, SEQ, PER_RANK, WORLD = 64, 32, 8, 2, 2
 VELORA = VeLoRAConfig(sub_token_size=16, target_modules="paper")
 COMM_RANK, COMM_SEED = 4, 11
@@ -458,7 +454,6 @@ def test_register_flora_comm_hook_rejects_plain_module():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("distributed")  # pytest -n: one worker runs the shared torchrun launch once
 def test_velora_train_runs_under_torchrun(torchrun_train):
     """`torchrun --nproc_per_node 2 -m velora train`: gloo on CPU, rank 0 alone writes and reports, the
     token count covers both ranks. (A stopped-and-resumed torchrun run ending bitwise where the

@@ -12,10 +12,6 @@ from torch import nn
 
 from velora.integrations.distributed import run_local
 
-# pytest -n (xdist, --dist loadgroup): this module's tests share one worker, so its gloo process group fixture
-# starts once
-pytestmark = pytest.mark.xdist_group("distributed_optim")
-
 WORLD, STEPS = 2, 3
 # per rank, which experts each micro-batch of the cycle routes to; every parameter takes part in the last one
 ROUTES = {0: [[0], [], [0, 1]], 1: [[1], [1], [1, 0]]}

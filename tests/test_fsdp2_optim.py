@@ -10,10 +10,6 @@ from torch import nn
 
 from velora.integrations.distributed import run_local
 
-# pytest -n (xdist, --dist loadgroup): this module's tests share one worker, so its gloo process group fixture
-# starts once
-pytestmark = pytest.mark.xdist_group("fsdp2")
-
 WORLD, STEPS, BATCH = 2, 6, 8
 FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6): sides switched; 5 rows: uneven
 TALL_WIDTHS = [4, 8, 10]  # weights (8, 4), (10, 8): "smaller" projects the columns, no switch

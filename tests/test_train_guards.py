@@ -433,7 +433,6 @@ def test_plan_table_picks_mib_or_gib(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("distributed")  # pytest -n: one worker runs the shared torchrun launch once
 def test_only_rank_zero_draws_progress_under_torchrun(torchrun_train):
     _, done = torchrun_train  # conftest: one 2-rank launch shared with test_distributed (a launch costs ~25 s CPU)
     assert done.returncode == 0, done.stderr[-3000:]
