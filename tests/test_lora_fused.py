@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 peft = pytest.importorskip("peft")
+import lora_helpers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 from references import saved_activation_bytes  # noqa: E402
 
-from velora import VeLoRAConfig, apply_velora, remove_velora  # noqa: E402
+from velora import VeLoRAConfig, remove_velora  # noqa: E402
 from velora.core.lora_fused import FusedLoRAMixin  # noqa: E402
 
 torch.set_num_threads(1)
@@ -41,23 +42,14 @@ def lora(dtype=torch.float64, seed=0, **kwargs) -> nn.Module:
 
 
 def with_velora(model: nn.Module, **overrides) -> nn.Module:
-    config = dict(sub_token_size=M, target_modules=["up", "down"], mode="adapter")
-    config.update(overrides)
-    return apply_velora(model, VeLoRAConfig(**config))
+    return lora_helpers.with_velora(model, M, **overrides)
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PeftLinear)]
 
 
-def run(model: nn.Module, x: torch.Tensor):
-    """Output, input grad and every trainable grad of one forward/backward with a fixed upstream gradient."""
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), x.grad, grads
+run = lora_helpers.forward_backward
 
 
 def fused_ran(model: nn.Module, x: torch.Tensor) -> bool:

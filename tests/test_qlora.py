@@ -16,6 +16,8 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
+import lora_helpers  # noqa: E402
+
 from velora.core.layers import remove_velora, velora_modules  # noqa: E402
 from velora.core.lora_fused import Fused4bitLoRAMixin  # noqa: E402
 from velora.memory.nf4 import NF4Linear  # noqa: E402
@@ -216,11 +218,7 @@ def qlora_layers(dtype=torch.float32, adapter_dtype=None, quant_type="nf4", seed
 
 
 def with_velora(model: nn.Module, **overrides) -> nn.Module:
-    from velora import VeLoRAConfig, apply_velora
-
-    config = dict(sub_token_size=M, target_modules=["up", "down"], mode="adapter")
-    config.update(overrides)
-    return apply_velora(model, VeLoRAConfig(**config))
+    return lora_helpers.with_velora(model, M, **overrides)
 
 
 def peft_4bit_layers(model: nn.Module) -> list[nn.Module]:
@@ -229,14 +227,7 @@ def peft_4bit_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PeftLinear4bit)]
 
 
-def step(model: nn.Module, x: torch.Tensor):
-    """Output, input grad and every trainable grad of one forward/backward with a fixed upstream gradient."""
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).to(out.dtype).view_as(out))
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), x.grad, grads
+step = lora_helpers.forward_backward
 
 
 def fused_4bit_ran(model: nn.Module, x: torch.Tensor) -> bool:
