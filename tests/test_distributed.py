@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rank_results import run_ranks
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
@@ -20,7 +21,6 @@ from velora.integrations.distributed import (
     bucket_wire_bytes,
     compress_gradient,
     decompress_gradient,
-    run_local,
     shard_indices,
 )
 from velora.optim.projections import compression_plan, derive_seed, random_projection
@@ -253,9 +253,7 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    run_local(_ranks_worker, WORLD, args=(str(out_dir),), timeout_s=180)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_ranks_worker, WORLD, tmp_path_factory.mktemp("ddp"), timeout_s=180)
 
 
 def _assert_close_dicts(actual: dict, expected: dict, rtol=1e-9, atol=1e-11):

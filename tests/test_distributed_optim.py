@@ -8,9 +8,8 @@ import warnings
 
 import pytest
 import torch
+from rank_results import run_ranks
 from torch import nn
-
-from velora.integrations.distributed import run_local
 
 WORLD, STEPS = 2, 3
 # per rank, which experts each micro-batch of the cycle routes to; every parameter takes part in the last one
@@ -102,9 +101,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("optim_ranks")
-    run_local(_worker, WORLD, args=(str(out_dir),), timeout_s=180)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("optim_ranks"), timeout_s=180)
 
 
 def _plain_ddp_reference() -> dict[str, torch.Tensor | None]:

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rank_results import run_ranks
 from torch import nn
-
-from velora.integrations.distributed import run_local
 
 WORLD, STEPS, BATCH = 2, 6, 8
 FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6): sides switched; 5 rows: uneven
@@ -173,9 +172,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("fsdp2_ranks")
-    run_local(_worker, WORLD, args=(str(out_dir),), timeout_s=240)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("fsdp2_ranks"), timeout_s=240)
 
 
 def _assert_equal_to(got: dict, expected: dict) -> None:
