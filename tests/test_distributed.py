@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rank_results import run_ranks
+from rank_results import run_ranks_once
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
@@ -253,7 +253,7 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_ranks_worker, WORLD, tmp_path_factory.mktemp("ddp"), timeout_s=180)
+    return run_ranks_once(_ranks_worker, WORLD, tmp_path_factory, "ddp", timeout_s=180)
 
 
 def _assert_close_dicts(actual: dict, expected: dict, rtol=1e-9, atol=1e-11):
@@ -265,6 +265,7 @@ def _assert_close_dicts(actual: dict, expected: dict, rtol=1e-9, atol=1e-11):
 # ---- tests ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts the module's 2-rank spawn (conftest runs slow tests first)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_two_rank_ddp_equals_one_rank_on_concatenated_batch(ranks, optimizer):
     reference = _model(dtype=DTYPES[optimizer])

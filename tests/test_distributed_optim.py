@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from rank_results import run_ranks
+from rank_results import run_ranks_once
 from torch import nn
 
 WORLD, STEPS = 2, 3
@@ -101,7 +101,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("optim_ranks"), timeout_s=180)
+    return run_ranks_once(_worker, WORLD, tmp_path_factory, "optim_ranks", timeout_s=180)
 
 
 def _plain_ddp_reference() -> dict[str, torch.Tensor | None]:
@@ -115,6 +115,7 @@ def _plain_ddp_reference() -> dict[str, torch.Tensor | None]:
     return {name: sum(g[name] for g in per_rank) / WORLD for name in per_rank[0]}
 
 
+@pytest.mark.slow  # starts the module's 2-rank spawn (conftest runs slow tests first)
 @pytest.mark.parametrize("mode", ["plain", "hook"])
 def test_skipped_micro_batches_under_no_sync_equal_plain_ddp_accumulation(ranks, mode):
     expected = _plain_ddp_reference()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rank_results import run_ranks
+from rank_results import run_ranks_once
 from torch import nn
 
 WORLD, STEPS, BATCH = 2, 6, 8
@@ -172,7 +172,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("fsdp2_ranks"), timeout_s=240)
+    return run_ranks_once(_worker, WORLD, tmp_path_factory, "fsdp2_ranks", timeout_s=240)
 
 
 def _assert_equal_to(got: dict, expected: dict) -> None:
@@ -181,6 +181,7 @@ def _assert_equal_to(got: dict, expected: dict) -> None:
         torch.testing.assert_close(got[name], reference, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # starts the module's 2-rank spawn (conftest runs slow tests first)
 @pytest.mark.parametrize("base", ["adafactor", "adamw"])
 def test_flora_under_fsdp2_equals_one_process_on_the_whole_batch(ranks, base):
     model = _Net(FLORA_WIDTHS)

@@ -25,6 +25,7 @@ def _load_gpu_check():
     return module
 
 
+@pytest.mark.slow
 def test_dry_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
     gpu_check = _load_gpu_check()
     out = tmp_path / "gpu"

@@ -353,3 +353,55 @@ def test_flora_eps1_reaches_the_adafactor_base_and_changes_the_step():
         step({"flora_eps1": 1e-15, "optimizer": "adamw"})
     with pytest.raises(ValueError, match="flora_eps1=-1"):
         MethodOptions.from_flat({"flora_eps1": -1})
+
+
+def test_a_method_registered_from_its_own_folder_gets_its_section_keys_and_flags():
+    """Adding a method touches its folder only (plus its import line): registering a BaseMethod with a config makes
+    ``options.<section>``, the flat keys, the CLI flags and the optimizer path work; a clashing section is refused."""
+    import argparse
+    from dataclasses import dataclass
+
+    from velora.methods import options as options_module
+    from velora.methods import registry
+    from velora.methods.common import ConfigBase, check_number, option, trainable_parameters
+
+    @dataclass
+    class ToyConfig(ConfigBase):
+        section = "toy"
+        prefix = "toy"
+        momentum: float = option(0.5, "toy momentum")
+
+        def __post_init__(self) -> None:
+            check_number("toy_momentum", self.momentum, positive=False)
+
+    def toy_optimizer(model, options):
+        return torch.optim.SGD(trainable_parameters(model), lr=options.optim.lr, momentum=options.toy.momentum)
+
+    sections, bases = dict(options_module._SECTIONS), dict(registry._BASES)  # restored below
+    try:
+        registry.register(registry.BaseMethod("toy", "SGD with momentum", registry.keep_model, toy_optimizer,
+                                              config=ToyConfig))
+        parser = argparse.ArgumentParser()
+        options_module.add_option_flags(parser)
+        flat = options_module.options_from_flags(parser.parse_args(["--toy-momentum", "0.25"]))
+        options = options_module.MethodOptions.from_flat({**flat, "lr": 0.1})
+        assert flat == {"toy_momentum": 0.25} and options.toy == ToyConfig(0.25)
+        assert options.to_flat()["toy_momentum"] == 0.25 and options_module.MethodOptions().toy == ToyConfig()
+        model = torch.nn.Linear(3, 2)
+        optimizer = build_optimizer(model, "toy", options)
+        assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.25
+        with pytest.raises(ValueError, match="toy_momentum=-1"):
+            options_module.MethodOptions.from_flat({"toy_momentum": -1.0})
+
+        @dataclass
+        class Clash(ConfigBase):
+            section = "flora"
+            prefix = "clash"
+
+        with pytest.raises(ValueError, match="Clash.section='flora' is taken"):
+            registry.register(registry.BaseMethod("clash", "", registry.keep_model, toy_optimizer, config=Clash))
+    finally:
+        for registered, saved in ((options_module._SECTIONS, sections), (registry._BASES, bases)):
+            registered.clear()
+            registered.update(saved)
+        options_module.option_keys.cache_clear()  # the keys of the restored sections

@@ -84,6 +84,7 @@ def test_version_flag(capsys):
     assert run.returncode == 0 and run.stdout.strip() == f"velora {velora.__version__}"
 
 
+@pytest.mark.slow
 def test_subpackages_reachable_and_import_stays_light():
     """``velora.integrations`` / ``velora.memory`` / ``velora.optim`` resolve on first use; a bare ``import velora``
     pulls in neither transformers nor those sub-packages (checked in a fresh interpreter)."""

@@ -307,6 +307,7 @@ def test_a_single_line_file_is_split_by_characters(tmp_path, text_file):
 # ---- #18.12 a run that cannot fit ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_model_far_too_large_is_refused_before_it_is_built(text_file):
     import resource
 

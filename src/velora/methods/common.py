@@ -81,6 +81,7 @@ class OptimizerSettings(ConfigBase):
         one, since it does not use it.
     """
 
+    section = "optim"  # options.optim
     prefix = ""
     name: str = option("adamw", "base optimizer: adamw | adafactor | adamw8bit (default adamw)", key="optimizer")
     lr: float = option(1e-3, "", key="lr", flag="")

@@ -2,85 +2,116 @@
 spellings users type — CLI flags, ``TrainConfig.options`` keys, planner ``**options`` and HF
 ``method_options`` dicts.
 
-A flat key is ``<config prefix>_<field>`` (``lora_rank``, ``flora_kappa``, ``gradnorm_proj_rank``) unless the
-field declares another (``optimizer``, ``betas``, ``update_proj_gap``, ``qlora_compute_dtype``); its CLI flag is
-the key with dashes unless declared (``--flora-projection``). Adding a field to a method's config adds its key
-and its flag; adding a method's config is one ``MethodOptions`` field.
+A method's config class names its section (``FloraConfig.section = "flora"``: ``options.flora``) and its flat-key
+prefix; registering the method (``registry.register(BaseMethod(..., config=FloraConfig))``) registers the
+section, so a new method's options, keys and flags come from its own folder. A flat key is
+``<config prefix>_<field>`` (``lora_rank``, ``flora_kappa``, ``gradnorm_proj_rank``) unless the field declares
+another (``optimizer``, ``betas``, ``update_proj_gap``, ``qlora_compute_dtype``); its CLI flag is the key with
+dashes unless declared (``--flora-projection``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import functools
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from velora.core.config import VeLoRAConfig
 from velora.methods.common import ConfigBase, OptimizerSettings, check_int
-from velora.methods.flora.config import FloraConfig
-from velora.methods.galore.config import GaLoreConfig
-from velora.methods.gradnorm_lorp.config import GradNormLoRPMethodConfig
-from velora.methods.lora.config import LoRAConfig
 
-# flat keys that are MethodOptions fields themselves, not inside a method's config
+# flat keys that are MethodOptions attributes themselves, not inside a method's config
 TOP_LEVEL_KEYS = ("seed", "accumulation_steps", "velora")
+
+# section name -> config class, in registration order; "optim" (OptimizerSettings) is every method's
+_SECTIONS: dict[str, type[ConfigBase]] = {"optim": OptimizerSettings}
+
+
+def register_section(cls: type[ConfigBase]) -> None:
+    """Make ``cls`` a section of MethodOptions under ``cls.section`` (idempotent for the same class)."""
+    name = getattr(cls, "section", None)
+    known = _SECTIONS.get(name)
+    if known is cls:
+        return
+    if known is not None or name in TOP_LEVEL_KEYS or not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"{cls.__name__}.section={name!r} is taken or not a name; give it a section of its own")
+    _SECTIONS[name] = cls
+    option_keys.cache_clear()
+
+
+def sections() -> dict[str, type[ConfigBase]]:
+    """Section name -> config class of every registered method config (and ``optim``)."""
+    return dict(_SECTIONS)
 
 
 def default_velora() -> VeLoRAConfig:
     return VeLoRAConfig(sub_token_size=32, target_modules="paper")
 
 
-@dataclass
 class MethodOptions:
-    """Everything a method reads: the shared optimizer settings, the VeLoRA config, each method's own config
-    (one field per config: its ``SECTIONS`` entry and flat keys follow), the seed (projections) and the
-    accumulation steps. Each method reads its own section."""
+    """Everything a method reads: the shared optimizer settings (``optim``), the VeLoRA config, each registered
+    method's config (``options.<section>``, its defaults unless given), the seed (projections) and the
+    accumulation steps. Each method reads its own section. ``replace(**changes)`` gives a changed copy."""
 
-    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
-    velora: VeLoRAConfig = field(default_factory=default_velora)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
-    flora: FloraConfig = field(default_factory=FloraConfig)
-    gradnorm_lorp: GradNormLoRPMethodConfig = field(default_factory=GradNormLoRPMethodConfig)
-    seed: int = 0
-    accumulation_steps: int = 1
-
-    def __post_init__(self) -> None:
-        for name, cls in {**SECTIONS, "velora": VeLoRAConfig}.items():  # SECTIONS: defined after this class
+    def __init__(self, optim: OptimizerSettings | None = None, velora: VeLoRAConfig | None = None, seed: int = 0,
+                 accumulation_steps: int = 1, **configs: ConfigBase):
+        unknown = sorted(set(configs) - set(_SECTIONS))
+        if unknown:
+            raise TypeError(f"MethodOptions got unknown section(s) {unknown}; the sections are {sorted(_SECTIONS)}")
+        values = {"optim": optim or OptimizerSettings(), **configs}
+        self.configs = {name: values.get(name) or cls() for name, cls in _SECTIONS.items()}
+        self.velora = default_velora() if velora is None else velora
+        self.seed, self.accumulation_steps = seed, accumulation_steps
+        for name, cls in {**_SECTIONS, "velora": VeLoRAConfig}.items():
             value = getattr(self, name)
             if not isinstance(value, cls):
                 raise TypeError(f"MethodOptions.{name} must be a {cls.__name__}, got {type(value).__name__}")
         check_int("seed", self.seed, 0)
         check_int("accumulation_steps", self.accumulation_steps)
 
+    def __getattr__(self, name: str) -> Any:  # options.optim, options.flora, ...: the sections
+        configs = self.__dict__.get("configs", {})
+        if name in configs:
+            return configs[name]
+        raise AttributeError(f"MethodOptions has no {name!r}; its sections are {sorted(configs)}")
+
+    def _values(self) -> dict[str, Any]:
+        return {**self.configs, "velora": self.velora, "seed": self.seed,
+                "accumulation_steps": self.accumulation_steps}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MethodOptions) and self._values() == other._values()
+
+    def __repr__(self) -> str:
+        return "MethodOptions(" + ", ".join(f"{k}={v!r}" for k, v in self._values().items()) + ")"
+
+    def replace(self, **changes: Any) -> MethodOptions:
+        return MethodOptions(**{**self._values(), **changes})
+
     @classmethod
     def from_flat(cls, values: dict[str, Any] | None = None, base: MethodOptions | None = None) -> MethodOptions:
         """Options from flat keys (``{"lr": 1e-2, "flora_rank": 4, "velora": VeLoRAConfig(...)}``) over ``base``
         (default: the defaults). One-line error naming the accepted keys for an unknown key."""
-        values = dict(values or {})
-        unknown = sorted(set(values) - set(OPTION_KEYS) - set(TOP_LEVEL_KEYS))
+        values, keys = dict(values or {}), option_keys()
+        unknown = sorted(set(values) - set(keys) - set(TOP_LEVEL_KEYS))
         if unknown:
             raise ValueError(f"unknown method option(s) {unknown}; known: {known_keys()}")
         base = base or cls()
         changes: dict[str, dict[str, Any]] = {}
         for key, value in values.items():
-            if key in OPTION_KEYS:
-                spec = OPTION_KEYS[key]
+            if key in keys:
+                spec = keys[key]
                 changes.setdefault(spec.section, {})[spec.field] = value
         top = {key: values[key] for key in TOP_LEVEL_KEYS if key in values}
         if isinstance(top.get("velora"), dict):
             top["velora"] = VeLoRAConfig.from_dict(top["velora"])
-        sections = {name: replace(getattr(base, name), **change) for name, change in changes.items()}
-        return replace(base, **sections, **top)
+        section_values = {name: replace(getattr(base, name), **change) for name, change in changes.items()}
+        return base.replace(**section_values, **top)
 
     def to_flat(self) -> dict[str, Any]:
         """Every flat key -> its value (JSON-ready except ``velora``, a VeLoRAConfig)."""
-        flat = {key: getattr(getattr(self, spec.section), spec.field) for key, spec in OPTION_KEYS.items()}
+        flat = {key: getattr(getattr(self, spec.section), spec.field) for key, spec in option_keys().items()}
         flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
         return {**flat, "seed": self.seed, "accumulation_steps": self.accumulation_steps, "velora": self.velora}
-
-
-# section of MethodOptions -> its config class: every field holding a method config (or the optimizer settings)
-SECTIONS: dict[str, type[ConfigBase]] = {f.name: f.default_factory for f in fields(MethodOptions)
-                                         if f.name not in TOP_LEVEL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -105,13 +136,17 @@ def _kind(default: Any) -> type | None:
     return None
 
 
-def _option_keys() -> dict[str, OptionKey]:
-    keys = {}
-    for section, cls in SECTIONS.items():
+@functools.cache
+def option_keys() -> dict[str, OptionKey]:
+    """Flat key -> OptionKey for every field of every registered section (recomputed when one registers)."""
+    keys: dict[str, OptionKey] = {}
+    for section, cls in _SECTIONS.items():
         defaults = cls()
         for f in fields(cls):
             meta = f.metadata
             key = meta.get("key") or f"{cls.prefix}_{f.name}"
+            if key in keys or key in TOP_LEVEL_KEYS:
+                raise ValueError(f"option key {key!r} of {cls.__name__} is taken; declare another with option(key=)")
             flag = meta.get("flag")
             flag = "--" + key.replace("_", "-") if flag is None else flag
             default = getattr(defaults, f.name)
@@ -121,11 +156,17 @@ def _option_keys() -> dict[str, OptionKey]:
     return keys
 
 
-OPTION_KEYS: dict[str, OptionKey] = _option_keys()
+def __getattr__(name: str) -> Any:
+    """``SECTIONS`` and ``OPTION_KEYS`` as of now: methods register their sections when they are imported."""
+    if name == "SECTIONS":
+        return sections()
+    if name == "OPTION_KEYS":
+        return option_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def known_keys() -> list[str]:
-    return sorted([*OPTION_KEYS, *TOP_LEVEL_KEYS])
+    return sorted([*option_keys(), *TOP_LEVEL_KEYS])
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
@@ -137,7 +178,7 @@ def add_option_flags(group, skip: tuple[str, ...] = ()) -> None:
     (BETA1 BETA2) as declared."""
     import argparse
 
-    for spec in OPTION_KEYS.values():
+    for spec in option_keys().values():
         if not spec.flag or spec.key in skip:
             continue
         dest = spec.key
@@ -158,7 +199,7 @@ def add_option_flags(group, skip: tuple[str, ...] = ()) -> None:
 def options_from_flags(args, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Flat options of the flags the user passed (argparse namespace from ``add_option_flags``)."""
     options = {}
-    for spec in OPTION_KEYS.values():
+    for spec in option_keys().values():
         value = getattr(args, spec.key, None) if spec.flag and spec.key not in skip else None
         if value is None:
             continue

@@ -7,9 +7,10 @@ A method name is a base method optionally joined with modifiers by ``+``:
     modifiers velora (compress saved activations), ckpt (gradient checkpointing)
 e.g. ``velora`` (= full+velora), ``lora+velora``, ``galore+velora+ckpt``.
 
-Adding a method: a folder ``methods/<name>/`` with ``config.py`` (its options, declared with ``common.option``)
-and ``method.py`` (prepare + optimizer, ending in ``register(BaseMethod(...))``), one import line in
-``methods/__init__.py`` and one ``MethodOptions`` field for its config; its CLI flags and option keys follow.
+Adding a method: a folder ``methods/<name>/`` with ``config.py`` (its options, declared with ``common.option``,
+and the ``section`` / ``prefix`` they live under) and ``method.py`` (prepare + optimizer, ending in
+``register(BaseMethod(..., config=<its config class>))``), plus one import line in ``methods/__init__.py``;
+its ``MethodOptions`` section, option keys and CLI flags follow from the registration.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from velora.methods.common import OPTIMIZERS, projected_linear_weights, trainable_parameters
-from velora.methods.options import MethodOptions
+from velora.methods.options import MethodOptions, register_section
 
 __all__ = ["BaseMethod", "Method", "MethodOptions", "register", "base_methods", "parse_method", "method_names",
            "check_optimizer", "prepare_model", "build_optimizer", "projected_linear_weights",
@@ -52,6 +53,7 @@ class BaseMethod:
     optimizers: tuple[str, ...] = OPTIMIZERS  # optimizer choices that make sense with this method
     trainable: bool = True  # False: plannable only (a method whose kernels this machine lacks)
     sized: Callable[[int, int], dict[str, Any]] = no_sized_options
+    config: type | None = None  # its options (a ConfigBase with a ``section``): MethodOptions.<section>
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ _BASES: dict[str, BaseMethod] = {}
 def register(method: BaseMethod) -> BaseMethod:
     if method.name in _BASES or method.name in MODIFIERS or "+" in method.name:
         raise ValueError(f"method name {method.name!r} is taken or not a plain name; pick another")
+    if method.config is not None:
+        register_section(method.config)
     _BASES[method.name] = method
     return method
 

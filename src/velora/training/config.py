@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from velora.core.config import VeLoRAConfig, reject_unknown_keys
-from velora.methods.options import OPTION_KEYS, MethodOptions
+from velora.methods.options import MethodOptions, option_keys
 from velora.methods.registry import parse_method
 
 # MethodOptions keys a TrainConfig holds as its own fields, never in ``options``
@@ -72,7 +72,7 @@ class TrainConfig:
         from velora.training.models import canonical_dtype
 
         self.dtype = canonical_dtype(self.dtype, ("float32", "bfloat16"))  # bf16 / fp32 spellings too
-        known = sorted(set(OPTION_KEYS) - set(TOP_LEVEL_FIELDS))
+        known = sorted(set(option_keys()) - set(TOP_LEVEL_FIELDS))
         unknown = sorted(set(self.options) - set(known))
         if unknown:
             raise ValueError(f"unknown method option(s) {unknown}; known: {known} (lr, weight_decay, seed and "

@@ -19,6 +19,7 @@ class FloraConfig(ConfigBase):
     the authors' package), exact_current, momentum_orthogonal: Flora's momentum options (docs/optim.md). eps1: the
     Adafactor base's v_hat floor (None: torch's rule)."""
 
+    section = "flora"  # options.flora
     prefix = "flora"
     rank: int | None = option(None, "FLoRA projection rank (default: a quarter of the smallest side of the "
                               "attention/MLP matrices)", kind=int)

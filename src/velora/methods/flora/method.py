@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from velora.methods.common import DEFAULT_BETAS
+from velora.methods.flora.config import FloraConfig
 from velora.methods.options import MethodOptions
 from velora.methods.registry import BaseMethod, keep_model, register
 
@@ -53,4 +54,4 @@ def sized_flora(rank: int, refresh_interval: int) -> dict:
 
 
 register(BaseMethod("flora", "FLoRA compressed momentum (Adafactor or AdamW base)", keep_model, flora_optimizer,
-                    optimizers=("adafactor", "adamw"), sized=sized_flora))
+                    optimizers=("adafactor", "adamw"), sized=sized_flora, config=FloraConfig))

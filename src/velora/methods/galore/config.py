@@ -12,6 +12,7 @@ class GaLoreConfig(ConfigBase):
     """rank: projection rank (None: a quarter of the smaller side of each projected weight).
     update_proj_gap: steps between SVD refreshes of the subspace. scale: GaLore's update scale alpha."""
 
+    section = "galore"  # options.galore
     prefix = "galore"
     rank: int | None = option(None, "GaLore rank (default: a quarter of each weight's smaller side)", kind=int)
     update_proj_gap: int = option(200, "GaLore subspace refresh interval (default 200)", key="update_proj_gap")

@@ -61,4 +61,4 @@ def sized_galore(rank: int, refresh_interval: int) -> dict:
 
 
 register(BaseMethod("galore", "GaLore-projected AdamW on attention/MLP weights", keep_model, galore_optimizer,
-                    optimizers=("adamw", "adamw8bit"), sized=sized_galore))
+                    optimizers=("adamw", "adamw8bit"), sized=sized_galore, config=GaLoreConfig))

@@ -13,6 +13,7 @@ class GradNormLoRPMethodConfig(ConfigBase):
     """rank, alpha: the LoRA factors I (out, r), J (r, in) and their scale alpha / r. proj_rank,
     update_proj_gap, scale: GaLore-style projection of the factor gradients (rank, SVD refresh, scale)."""
 
+    section = "gradnorm_lorp"  # options.gradnorm_lorp
     prefix = "gradnorm"
     rank: int = option(8, "GradNormLoRP LoRA rank (default 8)")
     alpha: float = option(16.0, "GradNormLoRP LoRA alpha (default 16)")

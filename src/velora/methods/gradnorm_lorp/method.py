@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from velora.methods.gradnorm_lorp.config import GradNormLoRPMethodConfig
 from velora.methods.options import MethodOptions
 from velora.methods.registry import BaseMethod, register
 
@@ -31,4 +32,5 @@ def sized_gradnorm_lorp(rank: int, refresh_interval: int) -> dict:
 
 
 register(BaseMethod("gradnormlorp", "weight-normalised LoRA with projected factor gradients", prepare_gradnorm_lorp,
-                    gradnorm_lorp_method_optimizer, optimizers=("adamw", "adamw8bit"), sized=sized_gradnorm_lorp))
+                    gradnorm_lorp_method_optimizer, optimizers=("adamw", "adamw8bit"), sized=sized_gradnorm_lorp,
+                    config=GradNormLoRPMethodConfig))

@@ -15,6 +15,7 @@ class LoRAConfig(ConfigBase):
     "lm_head") when pre-training from scratch. compute_dtype (qlora only): dtype of the NF4 layers' matmuls,
     auto = the model's weight dtype."""
 
+    section = "lora"  # options.lora
     prefix = "lora"
     rank: int = option(8, "LoRA/DoRA rank (default 8)")
     alpha: float = option(16.0, "LoRA/DoRA alpha (default 16)")

@@ -45,8 +45,8 @@ def sized_lora(rank: int, refresh_interval: int) -> dict:
 
 
 register(BaseMethod("lora", "peft LoRA adapters on all linear layers", prepare_lora, all_parameters_optimizer,
-                    sized=sized_lora))
+                    sized=sized_lora, config=LoRAConfig))
 register(BaseMethod("dora", "peft DoRA adapters on all linear layers", prepare_dora, all_parameters_optimizer,
-                    sized=sized_lora))
+                    sized=sized_lora, config=LoRAConfig))
 register(BaseMethod("qlora", "bitsandbytes NF4 frozen base (double quantisation) + peft LoRA", prepare_qlora,
-                    all_parameters_optimizer, sized=sized_lora))
+                    all_parameters_optimizer, sized=sized_lora, config=LoRAConfig))
