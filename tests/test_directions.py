@@ -296,3 +296,114 @@ def test_fused_lora_node_with_per_group_v_equals_peft_path_and_is_exact_on_group
     exact = next(m for n, m in exact_model.named_modules() if n.endswith("lora_A.default")).weight.grad
     torch.testing.assert_close(results[True, True], exact, **tolerance)
     assert not torch.allclose(results[False, True].float(), exact.float(), rtol=0.05, atol=1e-3)
+
+
+# ---- re-estimation every K training forwards -------------------------------------------------------------------
+
+
+def batches(count: int, tokens: int = 8, seed: int = 9) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(tokens, D, generator=generator, dtype=torch.float64) + index * 0.3
+            for index in range(count)]  # (T, D) each, means drifting so every estimate differs
+
+
+@pytest.mark.parametrize("init,per_group", [("batch_average_once", False), ("svd", True)])
+def test_reestimate_every_k_forwards_takes_v_from_that_forwards_batch(init, per_group):
+    model, data = layer(init=init, rank=2, reestimate_every=2, per_group_directions=per_group), batches(5)
+    expected = None
+    for index, x in enumerate(data):
+        model(x).sum().backward()
+        if index % 2 == 0:  # forwards 0 (first batch), 2, 4
+            expected = estimate(x, M, 2, init, per_group=per_group, max_samples=4096)
+        assert torch.equal(model[0].velora_v, expected.to(model[0].velora_v)), index
+        assert int(model[0].velora_step) == index + 1
+
+
+def test_reestimate_is_out_of_place_and_a_pending_backward_uses_the_v_it_saved():
+    model, (first, second, third) = layer(reestimate_every=2), batches(3)
+    model(first).sum().backward()
+    pending = model(second).sum()  # forward 1 saves z and v for its backward
+    v_saved = model[0].velora_v
+    copy = v_saved.clone()
+    model(third).sum()  # forward 2 re-estimates v
+    assert model[0].velora_v is not v_saved and torch.equal(v_saved, copy)  # the old tensor was not touched
+    assert not torch.equal(model[0].velora_v, copy)
+    model.zero_grad()
+    pending.backward()
+    grad_out = torch.ones(8, O, dtype=torch.float64)
+    reference = reference_grads(second, model[0].weight, model[0].bias, copy, grad_out)[2]
+    torch.testing.assert_close(model[0].weight.grad, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_under_gradient_accumulation_k_times_a_re_estimates_on_micro_batch_zero():
+    micro_batches, steps = 2, 5
+    model, data = layer(reestimate_every=2 * micro_batches), batches(steps * micro_batches)  # every 2nd step
+    for step in range(steps):
+        for micro in range(micro_batches):
+            model(data[step * micro_batches + micro]).sum().backward()
+        source = data[(step - step % 2) * micro_batches]  # micro-batch 0 of steps 0, 2, 4
+        expected = estimate(source, M, 1, "batch_average_once", per_group=True, max_samples=4096,
+                            mean=group_means(source, M, True))  # the layer's mean: all groups in one sum
+        assert torch.equal(model[0].velora_v, expected), step
+
+
+def test_checkpoint_recompute_and_zero_token_batches_do_not_move_v_out_of_turn():
+    from torch.utils.checkpoint import checkpoint
+
+    model, data = layer(reestimate_every=2), batches(3)
+    for x in data[:2]:
+        checkpoint(model, x, use_reentrant=False).sum().backward()  # the recompute in backward is no forward
+    assert int(model[0].velora_step) == 2
+    v = model[0].velora_v
+    model(torch.zeros(0, D, dtype=torch.float64)).sum().backward()  # due now, but no tokens: v stays
+    assert torch.equal(model[0].velora_v, v) and int(model[0].velora_step) == 3
+
+
+def train_steps(model, optimizer, data):
+    for x in data:
+        optimizer.zero_grad(set_to_none=True)
+        torch.tanh(model(x)).pow(2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_resumed_run_equals_the_uninterrupted_one_bitwise(per_group):
+    config = dict(reestimate_every=4, per_group_directions=per_group)
+    data = batches(8)
+    straight = layer(**config)
+    train_steps(straight, torch.optim.AdamW(straight.parameters(), lr=1e-2), data)
+
+    first = layer(**config)
+    optimizer = torch.optim.AdamW(first.parameters(), lr=1e-2)
+    train_steps(first, optimizer, data[:3])
+    model_state, optimizer_state = first.state_dict(), optimizer.state_dict()
+    resumed = layer(**config)
+    resumed.load_state_dict(model_state)
+    optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    optimizer.load_state_dict(optimizer_state)
+    train_steps(resumed, optimizer, data[3:])
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+    # control: without the saved counter the next re-estimate falls on another batch and the runs part
+    restarted = layer(**config)
+    restarted.load_state_dict({k: v for k, v in model_state.items() if not k.endswith("velora_step")}, strict=False)
+    optimizer = torch.optim.AdamW(restarted.parameters(), lr=1e-2)
+    optimizer.load_state_dict(optimizer_state)
+    train_steps(restarted, optimizer, data[3:])
+    assert not torch.equal(restarted[0].velora_v, straight[0].velora_v)
+
+
+def test_load_velora_state_restores_the_counter_and_refuses_a_file_without_it():
+    model = layer(reestimate_every=3)
+    for x in batches(2):
+        model(x).sum().backward()
+    fresh = layer(reestimate_every=3)
+    load_velora_state(fresh, model.state_dict())
+    assert int(fresh[0].velora_step) == 2 and torch.equal(fresh[0].velora_v, model[0].velora_v)
+    fresh(batches(1)[0]).sum()  # forward 2: not due yet (due at 3), v unchanged
+    assert torch.equal(fresh[0].velora_v, model[0].velora_v)
+    plain = layer()
+    plain(batches(1)[0]).sum()
+    with pytest.raises(ValueError, match="holds no velora_step"):
+        load_velora_state(layer(reestimate_every=3), plain.state_dict())
