@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 
 from velora.core.runtime import is_distributed
-from velora.core.subtoken import compute_dtype, mean_sub_token
 
 # ---- guards --------------------------------------------------------------------------------------------
 
@@ -51,13 +50,6 @@ def projection_problem(v: torch.Tensor) -> str | None:
 
 def distributed(enabled: bool) -> bool:
     return enabled and is_distributed()
-
-
-def local_mean(x: torch.Tensor, sub_token_size: int, has_tokens: bool) -> torch.Tensor:
-    """Mean sub-token of x (M,); zeros for a zero-token batch, which contributes no weight below."""
-    if has_tokens:
-        return mean_sub_token(x, sub_token_size)
-    return torch.zeros(sub_token_size, device=x.device, dtype=compute_dtype(x.dtype))
 
 
 def mean_over_ranks(mean: torch.Tensor, has_tokens: bool, enabled: bool) -> torch.Tensor | None:
