@@ -13,6 +13,7 @@ from torch import nn
 from velora import VeLoRAConfig, apply_velora, load_velora_state
 from velora.core.directions import estimate, group_means
 from velora.core.functional import velora_linear
+from velora.memory.meter import SavedActivationMeter
 
 torch.set_num_threads(1)
 
@@ -164,11 +165,12 @@ def test_random_per_group_draws_an_independent_seeded_direction_per_group():
 
 def test_estimate_per_group_equals_the_shared_estimate_on_each_group_alone():
     x = batch()
-    per_group = estimate(x, M, 1, "batch_average_once", per_group=True, max_samples=4096)  # (G, M, 1)
-    for index in range(G):
-        alone = estimate(x[:, index * M:(index + 1) * M], M, 1, "batch_average_once", per_group=False,
-                         max_samples=4096)
-        assert torch.equal(per_group[index], alone)
+    x[:, M:2 * M] = torch.randn(M, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(5).unsqueeze(1)  # ±u
+    for rank, strategy in ((1, "batch_average_once"), (2, "batch_average_once"), (2, "svd")):
+        per_group = estimate(x, M, rank, strategy, per_group=True, max_samples=4096)  # (G, M, r)
+        for index in range(G):  # group 1 has zero mean: it falls back to its top singular vector (±u)
+            alone = estimate(x[:, index * M:(index + 1) * M], M, rank, strategy, per_group=False, max_samples=4096)
+            torch.testing.assert_close(per_group[index], alone, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(group_means(x, M, True).mean(0), group_means(x, M, False), rtol=1e-12, atol=1e-12)
 
 
@@ -192,6 +194,22 @@ def test_per_group_saves_the_same_bytes_as_shared_z_alone(rank):
         model(x).sum()  # v built on this first call
         counted[per_group] = saved_activation_bytes(model, lambda m=model: m(x).sum())
     assert counted[True] == counted[False] == 16 * G * rank * 4  # z (T, G, r) in fp32; v is a buffer
+    with SavedActivationMeter(model) as meter:  # the library's meter counts the same bytes
+        loss = model(x).sum()  # kept alive past the block: the meter counts what backward still needs
+    assert meter.total_bytes == 16 * G * rank * 4
+    loss.backward()
+
+
+def test_ema_per_group_moves_each_groups_direction_with_its_own_running_mean():
+    model, data = layer(init="ema", ema_decay=0.5), batches(3)
+    running = None
+    for x in data:
+        model(x).sum().backward()
+        mean = x.view(-1, G, M).mean(0)  # (G, M)
+        running = mean if running is None else 0.5 * running + 0.5 * mean
+    torch.testing.assert_close(model[0].velora_running_mean, running, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[0].velora_v[:, :, 0], running / running.norm(dim=1, keepdim=True),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_per_group_v_survives_a_state_dict_and_load_velora_state(tmp_path):

@@ -13,7 +13,14 @@ import torch
 
 from velora.core.config import VeLoRAConfig
 from velora.core.layer_support import broadcast, first_rank_with_tokens, mean_over_ranks
-from velora.core.subtoken import compute_dtype, group, initial_directions, mean_sub_token, orthonormalise
+from velora.core.subtoken import (
+    compute_dtype,
+    group,
+    initial_directions,
+    mean_sub_token,
+    orthonormalise,
+    subsample_rows,
+)
 
 # ---- pure estimates ------------------------------------------------------------------------------------------
 
@@ -32,12 +39,33 @@ def estimate(x: torch.Tensor, sub_token_size: int, rank: int, strategy: str, *, 
     alone (at most ``max_samples`` of them for ``svd``). ``mean``: the mean sub-token to use, (M,) or (G, M)."""
     if not per_group:
         return initial_directions(x, sub_token_size, rank, strategy, max_samples=max_samples, mean=mean)
+    if strategy != "svd" and rank == 1 and x.numel():  # the paper's rule in one pass over all groups
+        mean = group_means(x, sub_token_size, True) if mean is None else mean  # (G, M)
+        directions = _normalised_means(group(x, sub_token_size), mean, max_samples)
+        if directions is not None:
+            return directions
     rows = group(x, sub_token_size).transpose(0, 1)  # (G, T, M), group g's sub-tokens in rows[g]
     return torch.stack([
         initial_directions(rows[index], sub_token_size, rank, strategy, max_samples=max_samples,
                            mean=None if mean is None else mean[index])
         for index in range(rows.shape[0])
     ])  # (G, M, r)
+
+
+def _normalised_means(groups: torch.Tensor, mean: torch.Tensor, max_samples: int) -> torch.Tensor | None:
+    """Each group's normalised mean sub-token (G, M, 1), as ``initial_directions`` builds it for one group; None
+    when some group's mean is rounding noise next to its typical sub-token (the per-group fallback handles it)."""
+    if not torch.isfinite(mean).all():
+        raise ValueError("the initialisation batch contains NaN/Inf; VeLoRA cannot build its projection "
+                         "from it — check the inputs or the preceding layers")
+    work = mean.dtype
+    sample = subsample_rows(groups, max_samples).to(work)  # (N, G, M), the tokens the one-group rule looks at
+    typical = sample.norm(dim=-1).mean(dim=0)  # (G,)
+    norm = mean.norm(dim=-1)  # (G,)
+    floor = (typical * float(torch.finfo(work).eps) * 10).clamp_min(float(torch.finfo(work).tiny))  # (G,)
+    if not bool((norm > floor).all()):  # one host sync per estimate
+        return None
+    return (mean / norm.unsqueeze(-1)).unsqueeze(-1)  # (G, M, 1)
 
 
 def seeded_directions(sub_token_size: int, rank: int, groups: int | None, seed: int) -> torch.Tensor:
