@@ -425,3 +425,27 @@ def test_load_velora_state_restores_the_counter_and_refuses_a_file_without_it():
     plain(batches(1)[0]).sum()
     with pytest.raises(ValueError, match="holds no velora_step"):
         load_velora_state(layer(reestimate_every=3), plain.state_dict())
+
+
+# ---- svd: which sub-tokens it sees ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_svd_init_uses_every_sub_token_up_to_svd_max_samples_then_an_even_stride(per_group):
+    x = batch(tokens=20)  # 20 tokens x 6 groups = 120 sub-tokens (20 per group)
+    rows = x.view(20, G, M)  # (T, G, M)
+    pools = [rows[:, index] for index in range(G)] if per_group else [rows.reshape(-1, M)]  # (N, M) each
+
+    def top(pool: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svd(pool, full_matrices=False)[2][:2].t().abs()  # (M, 2)
+
+    for cap in (4096, 7):
+        model = layer(init="svd", rank=2, svd_max_samples=cap, per_group_directions=per_group)
+        model(x).sum()
+        v = model[0].velora_v if per_group else model[0].velora_v.unsqueeze(0)  # (G or 1, M, 2)
+        for directions, pool in zip(v, pools):
+            if cap < pool.shape[0]:  # evenly strided, deterministic
+                pool = pool[torch.linspace(0, pool.shape[0] - 1, cap).round().long()]
+            torch.testing.assert_close(directions.abs(), top(pool), rtol=1e-10, atol=1e-10)
+    strided = pools[0][torch.linspace(0, pools[0].shape[0] - 1, 7).round().long()]  # (7, M)
+    assert not torch.allclose(top(pools[0]), top(strided), rtol=1e-3, atol=1e-3)  # the cap matters here
