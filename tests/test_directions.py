@@ -449,3 +449,21 @@ def test_svd_init_uses_every_sub_token_up_to_svd_max_samples_then_an_even_stride
             torch.testing.assert_close(directions.abs(), top(pool), rtol=1e-10, atol=1e-10)
     strided = pools[0][torch.linspace(0, pools[0].shape[0] - 1, 7).round().long()]  # (7, M)
     assert not torch.allclose(top(pools[0]), top(strided), rtol=1e-3, atol=1e-3)  # the cap matters here
+
+
+def test_init_from_a_run_without_the_counter_takes_v_and_counts_re_estimates_anew():
+    from velora.training.init_from import InitSource, restore_init_velora
+
+    source = layer()
+    source(batches(1)[0]).sum()
+    buffers = {key.rpartition(".")[2]: value for key, value in source.state_dict().items() if "velora" in key}
+    target = layer(reestimate_every=2)
+    summary = restore_init_velora(target, InitSource("run", "velora run", 2, {}, {"0": buffers}))
+    assert "v of 1/1 VeLoRA layers" in summary
+    assert torch.equal(target[0].velora_v, source[0].velora_v) and int(target[0].velora_step) == 0
+    data = batches(3, seed=11)
+    for x in data:
+        target(x).sum()
+    expected = estimate(data[2], M, 1, "batch_average_once", per_group=True, max_samples=4096,
+                        mean=group_means(data[2], M, True))
+    assert torch.equal(target[0].velora_v, expected)  # the count restarted: forward 2 re-estimated
