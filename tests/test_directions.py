@@ -421,6 +421,14 @@ def test_load_velora_state_restores_the_counter_and_refuses_a_file_without_it():
     assert int(fresh[0].velora_step) == 2 and torch.equal(fresh[0].velora_v, model[0].velora_v)
     fresh(batches(1)[0]).sum()  # forward 2: not due yet (due at 3), v unchanged
     assert torch.equal(fresh[0].velora_v, model[0].velora_v)
+    fresh[0].reset_velora_state()  # back to apply time: the count restarts with the next first batch
+    assert int(fresh[0].velora_step) == 0 and not fresh[0].velora_ready
+    data = batches(3, seed=12)
+    for x in data:
+        fresh(x).sum()
+    assert int(fresh[0].velora_step) == 3
+    assert torch.equal(fresh[0].velora_v, estimate(data[0], M, 1, "batch_average_once", per_group=True,
+                                                   max_samples=4096, mean=group_means(data[0], M, True)))
     plain = layer()
     plain(batches(1)[0]).sum()
     with pytest.raises(ValueError, match="holds no velora_step"):
