@@ -163,6 +163,15 @@ def test_random_per_group_draws_an_independent_seeded_direction_per_group():
     torch.testing.assert_close(v.transpose(1, 2) @ v, torch.ones(G, 1, 1, dtype=v.dtype))
 
 
+def test_a_given_direction_tensor_starts_every_group_from_it():
+    given = torch.tensor([1.0, 2.0, 0.0, -2.0])  # (M,)
+    v = layer(init=given)[0].velora_v  # (G, M, 1), set at apply time
+    assert v.shape == (G, M, 1)
+    torch.testing.assert_close(v, (given / 3).double().view(1, M, 1).expand(G, M, 1))
+    with pytest.raises(ValueError, match=r"does not fit '0' \(expects \(4,\) or \(4, 1\)\)"):
+        layer(init=torch.ones(5))
+
+
 def test_estimate_per_group_equals_the_shared_estimate_on_each_group_alone():
     x = batch()
     x[:, M:2 * M] = torch.randn(M, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(5).unsqueeze(1)  # ±u
