@@ -163,6 +163,15 @@ def test_random_per_group_draws_an_independent_seeded_direction_per_group():
     torch.testing.assert_close(v.transpose(1, 2) @ v, torch.ones(G, 1, 1, dtype=v.dtype))
 
 
+def test_a_given_direction_tensor_starts_every_group_from_it():
+    given = torch.tensor([1.0, 2.0, 0.0, -2.0])  # (M,)
+    v = layer(init=given)[0].velora_v  # (G, M, 1), set at apply time
+    assert v.shape == (G, M, 1)
+    torch.testing.assert_close(v, (given / 3).double().view(1, M, 1).expand(G, M, 1))
+    with pytest.raises(ValueError, match=r"does not fit '0' \(expects \(4,\) or \(4, 1\)\)"):
+        layer(init=torch.ones(5))
+
+
 def test_estimate_per_group_equals_the_shared_estimate_on_each_group_alone():
     x = batch()
     x[:, M:2 * M] = torch.randn(M, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(5).unsqueeze(1)  # ±u
@@ -421,6 +430,14 @@ def test_load_velora_state_restores_the_counter_and_refuses_a_file_without_it():
     assert int(fresh[0].velora_step) == 2 and torch.equal(fresh[0].velora_v, model[0].velora_v)
     fresh(batches(1)[0]).sum()  # forward 2: not due yet (due at 3), v unchanged
     assert torch.equal(fresh[0].velora_v, model[0].velora_v)
+    fresh[0].reset_velora_state()  # back to apply time: the count restarts with the next first batch
+    assert int(fresh[0].velora_step) == 0 and not fresh[0].velora_ready
+    data = batches(3, seed=12)
+    for x in data:
+        fresh(x).sum()
+    assert int(fresh[0].velora_step) == 3
+    assert torch.equal(fresh[0].velora_v, estimate(data[0], M, 1, "batch_average_once", per_group=True,
+                                                   max_samples=4096, mean=group_means(data[0], M, True)))
     plain = layer()
     plain(batches(1)[0]).sum()
     with pytest.raises(ValueError, match="holds no velora_step"):
@@ -449,3 +466,21 @@ def test_svd_init_uses_every_sub_token_up_to_svd_max_samples_then_an_even_stride
             torch.testing.assert_close(directions.abs(), top(pool), rtol=1e-10, atol=1e-10)
     strided = pools[0][torch.linspace(0, pools[0].shape[0] - 1, 7).round().long()]  # (7, M)
     assert not torch.allclose(top(pools[0]), top(strided), rtol=1e-3, atol=1e-3)  # the cap matters here
+
+
+def test_init_from_a_run_without_the_counter_takes_v_and_counts_re_estimates_anew():
+    from velora.training.init_from import InitSource, restore_init_velora
+
+    source = layer()
+    source(batches(1)[0]).sum()
+    buffers = {key.rpartition(".")[2]: value for key, value in source.state_dict().items() if "velora" in key}
+    target = layer(reestimate_every=2)
+    summary = restore_init_velora(target, InitSource("run", "velora run", 2, {}, {"0": buffers}))
+    assert "v of 1/1 VeLoRA layers" in summary
+    assert torch.equal(target[0].velora_v, source[0].velora_v) and int(target[0].velora_step) == 0
+    data = batches(3, seed=11)
+    for x in data:
+        target(x).sum()
+    expected = estimate(data[2], M, 1, "batch_average_once", per_group=True, max_samples=4096,
+                        mean=group_means(data[2], M, True))
+    assert torch.equal(target[0].velora_v, expected)  # the count restarted: forward 2 re-estimated

@@ -238,6 +238,15 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
     broadcast_velora_state(unsynced)
     results["unsynced"]["in_sync_after"] = velora_state_in_sync(unsynced)
     results["unsynced"]["v_after"] = _velora_v(unsynced)
+    # re-estimate counters that differ (rank 1 ran one more forward) are aligned too: the next re-estimate then
+    # falls on the same forward on every rank
+    drifted = _model(VeLoRAConfig(sub_token_size=16, target_modules="paper", sync_across_ranks=False,
+                                  reestimate_every=2))
+    for _ in range(1 + rank):
+        drifted(_local(batches[rank], rank)).backward()
+    broadcast_velora_state(drifted)
+    drifted(_local(batches[2], rank)).backward()  # forward 1 everywhere after the broadcast: not due
+    results["drifted"] = {"v": _velora_v(drifted), "in_sync": velora_state_in_sync(drifted)}
 
     # FLoRA compressed accumulation under no_sync: 2 micro-batches per step, 2 steps (float64: AdamW's
     # normalisation would turn float32 summation-order differences into 1e-5 parameter differences)
@@ -349,6 +358,13 @@ def test_unsynced_v_differs_and_broadcast_velora_state_repairs_it(ranks):
     assert first["in_sync_after"] and second["in_sync_after"]
     for name in first["v"]:
         assert torch.equal(second["v_after"][name], first["v"][name])  # rank 0's v everywhere
+
+
+def test_broadcast_velora_state_aligns_the_re_estimate_counters(ranks):
+    first, second = (r["drifted"] for r in ranks)
+    assert first["in_sync"] and second["in_sync"]
+    for name in first["v"]:
+        assert torch.equal(first["v"][name], second["v"][name]), name
 
 
 def test_compressed_accumulation_under_no_sync_equals_one_rank(ranks):

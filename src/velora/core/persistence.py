@@ -173,7 +173,10 @@ def _check_adapter_free_is_unambiguous(layers: dict[str, nn.Module], saved: dict
 # ---- restoring -------------------------------------------------------------------------------------------
 
 
-def _restore_layer(name: str, layer: nn.Module, buffers: dict[str, torch.Tensor], where: str) -> None:
+def _restore_layer(name: str, layer: nn.Module, buffers: dict[str, torch.Tensor], where: str, *,
+                   counter: bool = True) -> None:
+    """Copy the saved buffers into ``layer``. ``counter=False`` (a warm start from another run) leaves the
+    re-estimate counter ``velora_step`` as it is, neither required nor taken."""
     for buffer in ("velora_v", "velora_initialised"):
         if buffer not in buffers:
             raise ValueError(f"{where} holds no {buffer} for {name!r} (only {sorted(buffers)}); the file is incomplete")
@@ -181,11 +184,11 @@ def _restore_layer(name: str, layer: nn.Module, buffers: dict[str, torch.Tensor]
     if needs_running_mean and "velora_running_mean" not in buffers:
         raise ValueError(f"{name!r} uses init='ema' but {where} holds no velora_running_mean for it; apply_velora "
                          "with the config the model was saved with")
-    if "velora_step" in layer._buffers and "velora_step" not in buffers:
+    if counter and "velora_step" in layer._buffers and "velora_step" not in buffers:
         raise ValueError(f"{name!r} re-estimates v (reestimate_every) but {where} holds no velora_step for it, so "
                          "the next re-estimate would fall elsewhere; apply_velora with the config it was saved with")
     for buffer in VELORA_BUFFERS:
-        if buffer not in layer._buffers or buffer not in buffers:
+        if buffer not in layer._buffers or buffer not in buffers or (buffer == "velora_step" and not counter):
             continue
         current, saved = layer._buffers[buffer], buffers[buffer]
         if current.shape != saved.shape:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from velora.core.persistence import VELORA_BUFFERS
 from velora.core.runtime import is_distributed
 from velora.integrations.comm_hook import (
     FloraCommState,
@@ -194,7 +195,7 @@ def main_process_first():
 
 # ---- VeLoRA state across ranks ---------------------------------------------------------------------
 
-_VELORA_BUFFERS = ("velora_v", "velora_initialised", "velora_running_mean")
+_VELORA_BUFFERS = VELORA_BUFFERS  # v, its flag, the EMA running mean, the re-estimate counter
 
 
 def _velora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -222,6 +223,7 @@ def broadcast_velora_state(model: nn.Module, src: int = 0) -> int:
                 dist.broadcast(synced, src=src)
                 layer._buffers[key] = synced  # out of place: a pending backward keeps its saved v
         layer._velora_ready = bool(layer.velora_initialised)
+        layer._velora_checked = False  # re-read the re-estimate counter (reestimate_every) at the next forward
     return len(layers)
 
 

@@ -220,7 +220,7 @@ def restore_init_velora(model: nn.Module, init: InitSource) -> str:
         saved_v = buffers.get("velora_v")
         if saved_v is not None and saved_v.shape == layer.velora_v.shape and \
                 ("velora_running_mean" in buffers or "velora_running_mean" not in layer._buffers):
-            _restore_layer(name, layer, buffers, init.path)
+            _restore_layer(name, layer, buffers, init.path, counter=False)  # re-estimates count anew, as steps do
             restored += 1
     merged = ", ".join(f"{count} with {kind} merged" for kind, count in sorted(init.merged.items()))
     took = f"{init.loaded} base tensors" + (f" ({merged})" if merged else "")
