@@ -1,6 +1,7 @@
-"""Flora momentum and CompressedGradAccumulator under FSDP2 (``fully_shard``) on CPU, 2 gloo ranks spawned once for
-the module: 2 ranks x half the batch must equal one process on the whole batch (float64, every parameter, 6 steps),
-with each rank projecting only its own rows (no gradient gathered)."""
+"""Flora momentum, CompressedGradAccumulator, GaLoreAdamW and GradNormLoRP's optimizer under FSDP2 (``fully_shard``)
+on CPU, 2 gloo ranks spawned once for the module: 2 ranks x half the batch must equal one process on the whole batch
+(float64, every parameter, 6 steps), with each rank projecting only its own rows (the seeded methods gather no
+gradient; the SVD methods gather it once per refresh)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6)
 TALL_WIDTHS = [4, 8, 10]  # weights (8, 4), (10, 8): "smaller" projects the columns, no switch
 WIDE_WIDTHS = [10, 8, 5]  # weights (8, 10), (5, 8): "smaller" would project the sharded rows, switched to columns
 FLORA_OPTIONS = dict(lr=1e-2, rank=3, kappa=2, beta1=0.9, seed=5)  # kappa=2: the projection is resampled twice
+# weights (12, 8): "std" projects the right side (rows stay sharded); (6, 12), (5, 6): the left side, whose (r, m)
+# projection is all-reduced; update_proj_gap=3: a refresh at steps 0 and 3 with the moments carried over
+GALORE_OPTIONS = dict(rank=3, update_proj_gap=3, reproject_moments=True)
 
 
 class _Net(nn.Module):
@@ -87,10 +91,46 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters()}
 
 
-def _sharded(widths: list[int], mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _galore(model: nn.Module):
+    from velora.optim import GaLoreAdamW
+
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() != 2]
+    return GaLoreAdamW([dict(params=matrices, **GALORE_OPTIONS), dict(params=others)], lr=1e-2, weight_decay=0.1)
+
+
+def _gradnorm_net(widths: list[int]) -> nn.Module:
+    """``_Net`` with every layer reparameterised by GradNormLoRP (rank 4): I (out, 4) projects its right side, J
+    (4, in), whose 4 rows FSDP2 splits 2 + 2, its left side."""
+    import velora
 
     model = _Net(widths)
+    torch.manual_seed(1)  # J's init
+    velora.apply_gradnorm_lorp(model, velora.GradNormLoRPConfig(rank=4, alpha=4, target_modules=r"layers\.\d"))
+    return model
+
+
+def _gradnorm(model: nn.Module):
+    from velora.optim import gradnorm_lorp_optimizer
+
+    return gradnorm_lorp_optimizer(model, lr=1e-2, proj_rank=2, update_proj_gap=3, reproject_moments=True)
+
+
+def _svd_run(model: nn.Module, make_optimizer, rank: int, world: int):
+    optimizer = make_optimizer(model)
+    _flora_steps(model, optimizer, range(STEPS), rank, world)
+    return optimizer
+
+
+def _projectors(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    return {name: optimizer.state[p]["projector"] for name, p in model.named_parameters() if p in optimizer.state
+            and "projector" in optimizer.state[p]}
+
+
+def _sharded(widths: list[int], mesh, build=_Net) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build(widths)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -112,7 +152,7 @@ def _refusal(mesh) -> str:
     return "accepted"
 
 
-def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
+def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str, make_optimizer) -> dict:
     """Save through DCP after half the steps and go on (uninterrupted); a fresh model and optimizer load it and
     do the second half (resumed)."""
     import torch.distributed.checkpoint as dcp
@@ -120,13 +160,13 @@ def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
 
     half = STEPS // 2
     model = _sharded(FLORA_WIDTHS, mesh)
-    optimizer = _flora(model, "adafactor")
+    optimizer = make_optimizer(model)
     _flora_steps(model, optimizer, range(half), rank, world)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
     _flora_steps(model, optimizer, range(half, STEPS), rank, world)
     resumed_model = _sharded(FLORA_WIDTHS, mesh)
-    resumed = _flora(resumed_model, "adafactor")
+    resumed = make_optimizer(resumed_model)
     model_state, optimizer_state = get_state_dict(resumed_model, resumed)
     loaded = {"model": model_state, "optim": optimizer_state}
     dcp.load(loaded, checkpoint_id=checkpoint)
@@ -163,10 +203,17 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         model = _sharded(widths, mesh)
         _accumulator_run(model, widths, "smaller", rank, world)
         results[f"accumulate_{name}"] = _full(model)
+    for name, build, make_optimizer in (("galore", _Net, _galore), ("gradnorm", _gradnorm_net, _gradnorm)):
+        model = _sharded(FLORA_WIDTHS, mesh, build)
+        optimizer = _svd_run(model, make_optimizer, rank, world)
+        results[name] = _full(model)
+        results[f"{name}_projectors"] = _projectors(model, optimizer)
     results["refusal"] = _refusal(mesh)
     results["eight_bit"] = _eight_bit_state_dict(mesh, rank, world)
-    results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint")
+    results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint", lambda m: _flora(m, "adafactor"))
     results["checkpoint"] = f"{out_dir}/checkpoint"
+    results["galore_dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/galore_checkpoint", _galore)
+    results["galore_checkpoint"] = f"{out_dir}/galore_checkpoint"
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -278,3 +325,41 @@ def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tm
     assert optimizer.state[wide_weight]["momentum"].shape == (6, FLORA_OPTIONS["rank"])
     _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
     _assert_equal_to(_full(model), ranks[0]["dcp"]["uninterrupted"])
+
+
+@pytest.mark.parametrize("method", ["galore", "gradnorm"])
+def test_svd_projected_optimizers_under_fsdp2_equal_one_process_on_the_whole_batch(ranks, method):
+    build, make_optimizer = (_Net, _galore) if method == "galore" else (_gradnorm_net, _gradnorm)
+    model = build(FLORA_WIDTHS)
+    optimizer = _svd_run(model, make_optimizer, 0, 1)
+    expected, initial = _full(model), _full(build(FLORA_WIDTHS))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(not torch.equal(expected[n], initial[n]) for n in trained)  # every trained parameter moved
+    expected_projectors = _projectors(model, optimizer)
+    assert expected_projectors.keys() == ranks[0][f"{method}_projectors"].keys() and expected_projectors
+    for result in ranks:
+        _assert_equal_to(result[method], expected)
+        _assert_equal_to(result[f"{method}_projectors"], expected_projectors)
+    for name, projector in ranks[0][f"{method}_projectors"].items():  # computed once on rank 0, broadcast
+        assert torch.equal(ranks[1][f"{method}_projectors"][name], projector), name
+
+
+def test_galore_state_saved_through_dcp_at_2_ranks_continues_bitwise_and_loads_in_one_process(ranks, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    for result in ranks:
+        uninterrupted, resumed = result["galore_dcp"]["uninterrupted"], result["galore_dcp"]["resumed"]
+        assert uninterrupted.keys() == resumed.keys()
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(ranks[0]["galore_checkpoint"], whole)
+    saved = torch.load(whole, weights_only=False)
+    model = _Net(FLORA_WIDTHS)
+    optimizer = _galore(model)
+    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    assert optimizer.state[model.layers[0].weight]["exp_avg"].shape == (12, GALORE_OPTIONS["rank"])  # right: rows
+    assert optimizer.state[model.layers[1].weight]["exp_avg"].shape == (GALORE_OPTIONS["rank"], 12)  # left
+    _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
+    _assert_equal_to(_full(model), ranks[0]["galore_dcp"]["uninterrupted"])

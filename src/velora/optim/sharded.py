@@ -126,9 +126,10 @@ class ShardReducer:
 ROW_SHARDED_KEYS = ("momentum", "row_var", "exp_avg_sq", "variance")  # state laid out along the weight's rows
 
 
-def shard_state(param: torch.Tensor, state: dict) -> dict:
-    """``state`` of an FSDP2 parameter with its row-laid-out tensors wrapped as ``Shard(0)`` DTensors of the whole
-    weight's row count (what DCP's ``get_optimizer_state_dict`` expects); a plain parameter's state as it is."""
+def shard_state(param: torch.Tensor, state: dict, row_keys: tuple[str, ...] = ROW_SHARDED_KEYS) -> dict:
+    """``state`` of an FSDP2 parameter with its row-laid-out tensors (``row_keys``) wrapped as ``Shard(0)`` DTensors
+    of the whole weight's row count (what DCP's ``get_optimizer_state_dict`` expects); the other tensors are the same
+    on every rank (replicated) and stay plain; a plain parameter's state as it is."""
     if not is_sharded(param):
         return state
     from torch.distributed.tensor import DTensor, Shard
@@ -138,7 +139,7 @@ def shard_state(param: torch.Tensor, state: dict) -> dict:
                          "follow each rank's shard and cannot be resharded; use eight_bit=False under FSDP2")
     wrapped = {}
     for key, value in state.items():
-        if key in ROW_SHARDED_KEYS:
+        if key in row_keys:
             shape = (int(param.shape[0]),) + tuple(value.shape[1:])  # the whole weight's rows
             stride = torch.empty(shape, device="meta").stride()
             value = DTensor.from_local(value, param.device_mesh, [Shard(0)], run_check=False, shape=shape,
