@@ -71,19 +71,54 @@ def _flora_run(model: nn.Module, base: str, rank: int, world: int, project_by_pa
     return optimizer
 
 
-def _accumulator_run(model: nn.Module, widths: list[int], project: str, rank: int, world: int) -> None:
+def _accumulate(model: nn.Module, accumulator, optimizer, micros: range, widths: list[int], rank: int,
+                world: int) -> None:
+    """Micro-batches ``micros`` of a run of 2 micro-batches per step (each: this rank's half of it)."""
+    for micro in micros:
+        step, index = divmod(micro, 2)
+        if index == 0:
+            optimizer.zero_grad(set_to_none=True)
+        model(_rank_rows(_batch(widths, 10 * step + index), rank, world)).backward()
+        if index == 1:
+            assert accumulator.cycle_complete
+            optimizer.step()
+
+
+def _accumulator(model: nn.Module, project: str):
     from velora.optim import CompressedGradAccumulator
 
-    accumulator = CompressedGradAccumulator(list(model.parameters()), rank=3, accumulation_steps=2, seed=7,
-                                            project=project)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(2):  # each micro-batch: this rank's half of it
-            model(_rank_rows(_batch(widths, 10 * step + micro), rank, world)).backward()
-        assert accumulator.cycle_complete
-        optimizer.step()
+    return CompressedGradAccumulator(list(model.parameters()), rank=3, accumulation_steps=2, seed=7, project=project)
+
+
+def _accumulator_run(model: nn.Module, widths: list[int], project: str, rank: int, world: int) -> None:
+    accumulator = _accumulator(model, project)
+    _accumulate(model, accumulator, torch.optim.SGD(model.parameters(), lr=0.1), range(2 * STEPS), widths, rank,
+                world)
     accumulator.remove()
+
+
+def _accumulator_dcp(mesh, rank: int, world: int, checkpoint: str) -> dict:
+    """Save the model and the accumulator through DCP in the middle of a cycle (after the first micro-batch of step
+    3: open sums and partial bias gradients) and go on; a fresh model and accumulator load it and finish."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    middle = STEPS + 1  # micro-batches before the save
+    model = _sharded(WIDE_WIDTHS, mesh)
+    accumulator = _accumulator(model, "smaller")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # stateless
+    _accumulate(model, accumulator, optimizer, range(middle), WIDE_WIDTHS, rank, world)
+    dcp.save({"model": get_model_state_dict(model), "acc": accumulator.state_dict()}, checkpoint_id=checkpoint)
+    _accumulate(model, accumulator, optimizer, range(middle, 2 * STEPS), WIDE_WIDTHS, rank, world)
+    resumed_model = _sharded(WIDE_WIDTHS, mesh)
+    resumed = _accumulator(resumed_model, "smaller")
+    loaded = {"model": get_model_state_dict(resumed_model), "acc": resumed.state_dict()}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    set_model_state_dict(resumed_model, loaded["model"])
+    resumed.load_state_dict(loaded["acc"])
+    _accumulate(resumed_model, resumed, torch.optim.SGD(resumed_model.parameters(), lr=0.1), range(middle, 2 * STEPS),
+                WIDE_WIDTHS, rank, world)
+    return {"uninterrupted": _full(model), "resumed": _full(resumed_model), "middle": middle}
 
 
 def _full(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -214,6 +249,8 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     results["checkpoint"] = f"{out_dir}/checkpoint"
     results["galore_dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/galore_checkpoint", _galore)
     results["galore_checkpoint"] = f"{out_dir}/galore_checkpoint"
+    results["accumulate_dcp"] = _accumulator_dcp(mesh, rank, world, f"{out_dir}/accumulate_checkpoint")
+    results["accumulate_checkpoint"] = f"{out_dir}/accumulate_checkpoint"
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -363,3 +400,28 @@ def test_galore_state_saved_through_dcp_at_2_ranks_continues_bitwise_and_loads_i
     assert optimizer.state[model.layers[1].weight]["exp_avg"].shape == (GALORE_OPTIONS["rank"], 12)  # left
     _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
     _assert_equal_to(_full(model), ranks[0]["galore_dcp"]["uninterrupted"])
+
+
+def test_accumulator_state_saved_through_dcp_mid_cycle_continues_bitwise_at_2_ranks_and_in_one_process(ranks,
+                                                                                                    tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    for result in ranks:
+        uninterrupted, resumed = result["accumulate_dcp"]["uninterrupted"], result["accumulate_dcp"]["resumed"]
+        assert uninterrupted.keys() == resumed.keys()
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(ranks[0]["accumulate_checkpoint"], whole)
+    saved = torch.load(whole, weights_only=False)
+    model = _Net(WIDE_WIDTHS)
+    model.load_state_dict(saved["model"])
+    accumulator = _accumulator(model, "smaller")  # the same options: "smaller" would project the (8, 10) rows
+    assert accumulator.buffers[0].shape == (10, 3)
+    accumulator.load_state_dict(saved["acc"])  # the state records that the shards projected the columns
+    assert accumulator.buffers[0].shape == (8, 3) and accumulator.buffers[0].abs().sum() > 0  # the open sum
+    assert model.layers[0].bias.grad is not None  # the partial gradient of an uncompressed parameter
+    middle = ranks[0]["accumulate_dcp"]["middle"]
+    _accumulate(model, accumulator, torch.optim.SGD(model.parameters(), lr=0.1), range(middle, 2 * STEPS),
+                WIDE_WIDTHS, 0, 1)
+    _assert_equal_to(_full(model), ranks[0]["accumulate_dcp"]["uninterrupted"])
