@@ -5,6 +5,8 @@ gradient; the SVD methods gather it once per refresh)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from rank_results import run_ranks
@@ -223,8 +225,48 @@ def _eight_bit_state_dict(mesh, rank: int, world: int) -> str:
     return "accepted"
 
 
+def _train_config(method: str, accumulation_steps: int, **options):
+    from velora.training.config import TrainConfig
+
+    return TrainConfig(method=method, model="llama-tiny", tokenizer="byte", max_train_chars=100_000, steps=4,
+                       batch_size=2, seq_len=32, accumulation_steps=accumulation_steps, lr=3e-3, warmup_steps=1,
+                       eval_batches=1, options=options)
+
+
+# the loop under --parallel fsdp2: GaLore (refresh every 2 steps) with VeLoRA, FLoRA momentum + compressed accumulation
+LOOP_RUNS = {"galore": ("galore+velora", 1, dict(galore_rank=4, update_proj_gap=2)),
+             "flora": ("flora+velora", 2, dict(flora_rank=4, flora_kappa=2, flora_accumulation=True))}
+
+
+def _train(config, out: str, **kwargs) -> dict:
+    from velora.training.loop import train
+
+    return train(config, out, progress=False, measure=False, tensorboard=False, memory_check=False,
+                 cache_dir=Path(out).parent / "cache", **kwargs)
+
+
+def _loop_runs(out_dir: str) -> dict:
+    """``train(parallel="fsdp2")`` in this rank's process: 4 steps uninterrupted, and 2 steps then a resume to 4."""
+    results = {}
+    for name, (method, accumulation_steps, options) in LOOP_RUNS.items():
+        config = _train_config(method, accumulation_steps, **options)
+        whole = _train(config, f"{out_dir}/{name}-whole", parallel="fsdp2")
+        _train(config, f"{out_dir}/{name}-resumed", parallel="fsdp2", stop_at_step=2)
+        resumed = _train(config, f"{out_dir}/{name}-resumed", parallel="fsdp2", resume=True)
+        results[name] = {"whole": _full(whole["_model"]), "resumed": _full(resumed["_model"]),
+                         "losses": [loss for _, loss in whole["loss_curve"]],
+                         "resumed_losses": [loss for _, loss in resumed["loss_curve"]]}
+    try:
+        _train(_train_config("lora", 1), f"{out_dir}/lora", parallel="fsdp2")
+    except ValueError as err:
+        results["refusal"] = str(err)
+    return results
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)  # as the tests' own process (conftest): 2 ranks share the cores
 
     mesh = init_device_mesh("cpu", (world,))
     results = {}
@@ -251,6 +293,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
     results["galore_checkpoint"] = f"{out_dir}/galore_checkpoint"
     results["accumulate_dcp"] = _accumulator_dcp(mesh, rank, world, f"{out_dir}/accumulate_checkpoint")
     results["accumulate_checkpoint"] = f"{out_dir}/accumulate_checkpoint"
+    results["loop"] = _loop_runs(out_dir)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -425,3 +468,30 @@ def test_accumulator_state_saved_through_dcp_mid_cycle_continues_bitwise_at_2_ra
     _accumulate(model, accumulator, torch.optim.SGD(model.parameters(), lr=0.1), range(middle, 2 * STEPS),
                 WIDE_WIDTHS, 0, 1)
     _assert_equal_to(_full(model), ranks[0]["accumulate_dcp"]["uninterrupted"])
+
+
+@pytest.mark.parametrize("name", list(LOOP_RUNS))
+def test_the_training_loop_under_fsdp2_resumes_bitwise(ranks, name):
+    for result in ranks:
+        runs = result["loop"][name]
+        assert runs["resumed_losses"][-2:] == runs["losses"][2:]  # the resumed invocation's own steps 3 and 4
+        assert runs["whole"].keys() == runs["resumed"].keys()
+        for key, expected in runs["whole"].items():
+            assert torch.equal(runs["resumed"][key], expected), key
+
+
+def test_the_training_loop_under_fsdp2_equals_one_process_on_the_whole_batch(ranks, tmp_path):
+    """2 ranks x 1 micro-batch (FSDP2) against one process x 2 micro-batches: the same 2 batches per step (float32)."""
+    method, _, options = LOOP_RUNS["galore"]
+    single = _train(_train_config(method, 2, **options), str(tmp_path / "single"))
+    expected = _full(single["_model"])
+    for result in ranks:
+        runs = result["loop"]["galore"]
+        torch.testing.assert_close(runs["losses"], [loss for _, loss in single["loss_curve"]], rtol=1e-5, atol=0)
+        _assert_equal_to(runs["whole"], expected)
+
+
+def test_the_training_loop_refuses_a_method_fsdp2_does_not_run_in_one_line(ranks):
+    for result in ranks:
+        message = result["loop"]["refusal"]
+        assert "fsdp2" in message and "'lora'" in message and "--parallel ddp" in message and "\n" not in message
