@@ -225,12 +225,12 @@ def _eight_bit_state_dict(mesh, rank: int, world: int) -> str:
     return "accepted"
 
 
-def _train_config(method: str, accumulation_steps: int, **options):
+def _train_config(method: str, accumulation_steps: int, batch_size: int = 2, **options):
     from velora.training.config import TrainConfig
 
     return TrainConfig(method=method, model="llama-tiny", tokenizer="byte", max_train_chars=100_000, steps=4,
-                       batch_size=2, seq_len=32, accumulation_steps=accumulation_steps, lr=3e-3, warmup_steps=1,
-                       eval_batches=1, options=options)
+                       batch_size=batch_size, seq_len=32, accumulation_steps=accumulation_steps, lr=3e-3,
+                       warmup_steps=1, eval_batches=1, options=options)
 
 
 # the loop under --parallel fsdp2: GaLore (refresh every 2 steps) with VeLoRA, FLoRA momentum + compressed accumulation
@@ -481,14 +481,17 @@ def test_the_training_loop_under_fsdp2_resumes_bitwise(ranks, name):
 
 
 def test_the_training_loop_under_fsdp2_equals_one_process_on_the_whole_batch(ranks, tmp_path):
-    """2 ranks x 1 micro-batch (FSDP2) against one process x 2 micro-batches: the same 2 batches per step (float32)."""
+    """2 ranks x 2 sequences (FSDP2) against one process on the 4 (float32): rank r's batch 2s + r is half of the one
+    process's batch s, so the loss, the VeLoRA v (a mean over the ranks' first batches) and every update agree."""
     method, _, options = LOOP_RUNS["galore"]
-    single = _train(_train_config(method, 2, **options), str(tmp_path / "single"))
+    single = _train(_train_config(method, 1, batch_size=4, **options), str(tmp_path / "single"))
     expected = _full(single["_model"])
     for result in ranks:
         runs = result["loop"]["galore"]
         torch.testing.assert_close(runs["losses"], [loss for _, loss in single["loss_curve"]], rtol=1e-5, atol=0)
-        _assert_equal_to(runs["whole"], expected)
+        assert runs["whole"].keys() == expected.keys()
+        for name, reference in expected.items():  # float32: the gradient's reduction order differs
+            torch.testing.assert_close(runs["whole"][name], reference, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_training_loop_refuses_a_method_fsdp2_does_not_run_in_one_line(ranks):
