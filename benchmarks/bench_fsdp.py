@@ -225,8 +225,8 @@ def table(rows: list[dict], unit) -> list[str]:
             lines.append(f"| {row['variant']} | {row['parallel']} | | | | | | {unit(row['comm_per_step'])} |")
             continue
         comm = row["comm_per_step"]
-        if isinstance(comm, list):  # measured: steady step (the last) and the largest (a GaLore refresh)
-            steady, largest = comm[-1]["bytes"], max(step["bytes"] for step in comm)
+        if isinstance(comm, list):  # measured: a step without a GaLore refresh and the largest (a refresh)
+            steady, largest = min(step["bytes"] for step in comm), max(step["bytes"] for step in comm)
             comm = unit(steady) + (f" (refresh step {unit(largest)})" if largest > steady else "")
         else:
             comm = unit(comm)
@@ -243,21 +243,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="llama-tiny, 2 steps")
     parser.add_argument("--out", default="benchmarks/results/fsdp")
+    parser.add_argument("--render", action="store_true", help="re-print the tables of the saved --out results")
     args = parser.parse_args()
     preset, steps = ("llama-tiny", 2) if args.quick else (args.preset, args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_local(_worker, 2, args=(preset, steps, f"{tmp}/rows.json"), timeout_s=1800)
-        measured = json.loads(Path(f"{tmp}/rows.json").read_text())
+    out = Path(args.out)
+    if args.render:
+        measured = json.loads((out / f"{preset}.json").read_text())["measured"]
+        steps = len(measured[0]["comm_per_step"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_local(_worker, 2, args=(preset, steps, f"{tmp}/rows.json"), timeout_s=1800)
+            measured = json.loads(Path(f"{tmp}/rows.json").read_text())
     estimated = formula(world=8, rank=512)
+    refresh = [step["galore_refresh_payload"] for row in measured if row["variant"] == "galore"
+               and row["parallel"] == "fsdp2" for step in row["comm_per_step"]]
     lines = [f"## measured: {preset}, 2 gloo ranks, {steps} steps, rank {RANK}, GaLore refresh every {GAP} steps, "
              f"accumulate = AdamW + CompressedGradAccumulator x {MICRO} micro-batches (MiB per rank; comm = bytes "
              "one rank sends per step on a ring)", "", *table(measured, _mib), "",
              "RSS after each variant (MiB, rank 0; cumulative process): "
              + ", ".join(f"{r['parallel']}/{r['variant']} {r['rss_mib']:.0f}" for r in measured), "",
+             "GaLoreAdamW under FSDP2, payload bytes its own collectives handed over per step (rank 0): "
+             + "; ".join(f"step {i}: " + ", ".join(f"{k} {v}" for k, v in sorted(p.items())) for i, p in
+                         enumerate(refresh)), "",
              "## formula: LLaMA-7B, 8 ranks, fp32, rank 512 (GiB per rank; comm GiB sent per step)", "",
              *table(estimated, _gib)]
     print("\n".join(lines))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{preset}.json").write_text(json.dumps({"measured": measured, "llama7b_8_ranks": estimated}, indent=1))
     (out / f"{preset}.md").write_text("\n".join(lines) + "\n")
