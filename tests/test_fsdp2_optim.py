@@ -1,8 +1,11 @@
-"""Flora momentum and CompressedGradAccumulator under FSDP2 (``fully_shard``) on CPU, 2 gloo ranks spawned once for
-the module: 2 ranks x half the batch must equal one process on the whole batch (float64, every parameter, 6 steps),
-with each rank projecting only its own rows (no gradient gathered)."""
+"""Flora momentum, CompressedGradAccumulator, GaLoreAdamW and GradNormLoRP's optimizer under FSDP2 (``fully_shard``)
+on CPU, 2 gloo ranks spawned once for the module: 2 ranks x half the batch must equal one process on the whole batch
+(float64, every parameter, 6 steps), with each rank projecting only its own rows (the seeded methods gather no
+gradient; the SVD methods gather it once per refresh)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,9 @@ FLORA_WIDTHS = [8, 12, 6, 5]  # weights (12, 8): columns anyway; (6, 12), (5, 6)
 TALL_WIDTHS = [4, 8, 10]  # weights (8, 4), (10, 8): "smaller" projects the columns, no switch
 WIDE_WIDTHS = [10, 8, 5]  # weights (8, 10), (5, 8): "smaller" would project the sharded rows, switched to columns
 FLORA_OPTIONS = dict(lr=1e-2, rank=3, kappa=2, beta1=0.9, seed=5)  # kappa=2: the projection is resampled twice
+# weights (12, 8): "std" projects the right side (rows stay sharded); (6, 12), (5, 6): the left side, whose (r, m)
+# projection is all-reduced; update_proj_gap=3: a refresh at steps 0 and 3 with the moments carried over
+GALORE_OPTIONS = dict(rank=3, update_proj_gap=3, reproject_moments=True)
 
 
 class _Net(nn.Module):
@@ -67,19 +73,54 @@ def _flora_run(model: nn.Module, base: str, rank: int, world: int, project_by_pa
     return optimizer
 
 
-def _accumulator_run(model: nn.Module, widths: list[int], project: str, rank: int, world: int) -> None:
+def _accumulate(model: nn.Module, accumulator, optimizer, micros: range, widths: list[int], rank: int,
+                world: int) -> None:
+    """Micro-batches ``micros`` of a run of 2 micro-batches per step (each: this rank's half of it)."""
+    for micro in micros:
+        step, index = divmod(micro, 2)
+        if index == 0:
+            optimizer.zero_grad(set_to_none=True)
+        model(_rank_rows(_batch(widths, 10 * step + index), rank, world)).backward()
+        if index == 1:
+            assert accumulator.cycle_complete
+            optimizer.step()
+
+
+def _accumulator(model: nn.Module, project: str):
     from velora.optim import CompressedGradAccumulator
 
-    accumulator = CompressedGradAccumulator(list(model.parameters()), rank=3, accumulation_steps=2, seed=7,
-                                            project=project)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(2):  # each micro-batch: this rank's half of it
-            model(_rank_rows(_batch(widths, 10 * step + micro), rank, world)).backward()
-        assert accumulator.cycle_complete
-        optimizer.step()
+    return CompressedGradAccumulator(list(model.parameters()), rank=3, accumulation_steps=2, seed=7, project=project)
+
+
+def _accumulator_run(model: nn.Module, widths: list[int], project: str, rank: int, world: int) -> None:
+    accumulator = _accumulator(model, project)
+    _accumulate(model, accumulator, torch.optim.SGD(model.parameters(), lr=0.1), range(2 * STEPS), widths, rank,
+                world)
     accumulator.remove()
+
+
+def _accumulator_dcp(mesh, rank: int, world: int, checkpoint: str) -> dict:
+    """Save the model and the accumulator through DCP in the middle of a cycle (after the first micro-batch of step
+    3: open sums and partial bias gradients) and go on; a fresh model and accumulator load it and finish."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    middle = STEPS + 1  # micro-batches before the save
+    model = _sharded(WIDE_WIDTHS, mesh)
+    accumulator = _accumulator(model, "smaller")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # stateless
+    _accumulate(model, accumulator, optimizer, range(middle), WIDE_WIDTHS, rank, world)
+    dcp.save({"model": get_model_state_dict(model), "acc": accumulator.state_dict()}, checkpoint_id=checkpoint)
+    _accumulate(model, accumulator, optimizer, range(middle, 2 * STEPS), WIDE_WIDTHS, rank, world)
+    resumed_model = _sharded(WIDE_WIDTHS, mesh)
+    resumed = _accumulator(resumed_model, "smaller")
+    loaded = {"model": get_model_state_dict(resumed_model), "acc": resumed.state_dict()}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    set_model_state_dict(resumed_model, loaded["model"])
+    resumed.load_state_dict(loaded["acc"])
+    _accumulate(resumed_model, resumed, torch.optim.SGD(resumed_model.parameters(), lr=0.1), range(middle, 2 * STEPS),
+                WIDE_WIDTHS, rank, world)
+    return {"uninterrupted": _full(model), "resumed": _full(resumed_model), "middle": middle}
 
 
 def _full(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,10 +128,46 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters()}
 
 
-def _sharded(widths: list[int], mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _galore(model: nn.Module):
+    from velora.optim import GaLoreAdamW
+
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() != 2]
+    return GaLoreAdamW([dict(params=matrices, **GALORE_OPTIONS), dict(params=others)], lr=1e-2, weight_decay=0.1)
+
+
+def _gradnorm_net(widths: list[int]) -> nn.Module:
+    """``_Net`` with every layer reparameterised by GradNormLoRP (rank 4): I (out, 4) projects its right side, J
+    (4, in), whose 4 rows FSDP2 splits 2 + 2, its left side."""
+    import velora
 
     model = _Net(widths)
+    torch.manual_seed(1)  # J's init
+    velora.apply_gradnorm_lorp(model, velora.GradNormLoRPConfig(rank=4, alpha=4, target_modules=r"layers\.\d"))
+    return model
+
+
+def _gradnorm(model: nn.Module):
+    from velora.optim import gradnorm_lorp_optimizer
+
+    return gradnorm_lorp_optimizer(model, lr=1e-2, proj_rank=2, update_proj_gap=3, reproject_moments=True)
+
+
+def _svd_run(model: nn.Module, make_optimizer, rank: int, world: int):
+    optimizer = make_optimizer(model)
+    _flora_steps(model, optimizer, range(STEPS), rank, world)
+    return optimizer
+
+
+def _projectors(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    return {name: optimizer.state[p]["projector"] for name, p in model.named_parameters() if p in optimizer.state
+            and "projector" in optimizer.state[p]}
+
+
+def _sharded(widths: list[int], mesh, build=_Net) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = build(widths)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -112,7 +189,7 @@ def _refusal(mesh) -> str:
     return "accepted"
 
 
-def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
+def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str, make_optimizer) -> dict:
     """Save through DCP after half the steps and go on (uninterrupted); a fresh model and optimizer load it and
     do the second half (resumed)."""
     import torch.distributed.checkpoint as dcp
@@ -120,13 +197,13 @@ def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str) -> dict:
 
     half = STEPS // 2
     model = _sharded(FLORA_WIDTHS, mesh)
-    optimizer = _flora(model, "adafactor")
+    optimizer = make_optimizer(model)
     _flora_steps(model, optimizer, range(half), rank, world)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
     _flora_steps(model, optimizer, range(half, STEPS), rank, world)
     resumed_model = _sharded(FLORA_WIDTHS, mesh)
-    resumed = _flora(resumed_model, "adafactor")
+    resumed = make_optimizer(resumed_model)
     model_state, optimizer_state = get_state_dict(resumed_model, resumed)
     loaded = {"model": model_state, "optim": optimizer_state}
     dcp.load(loaded, checkpoint_id=checkpoint)
@@ -148,8 +225,48 @@ def _eight_bit_state_dict(mesh, rank: int, world: int) -> str:
     return "accepted"
 
 
+def _train_config(method: str, accumulation_steps: int, batch_size: int = 2, **options):
+    from velora.training.config import TrainConfig
+
+    return TrainConfig(method=method, model="llama-tiny", tokenizer="byte", max_train_chars=100_000, steps=4,
+                       batch_size=batch_size, seq_len=32, accumulation_steps=accumulation_steps, lr=3e-3,
+                       warmup_steps=1, eval_batches=1, options=options)
+
+
+# the loop under --parallel fsdp2: GaLore (refresh every 2 steps) with VeLoRA, FLoRA momentum + compressed accumulation
+LOOP_RUNS = {"galore": ("galore+velora", 1, dict(galore_rank=4, update_proj_gap=2)),
+             "flora": ("flora+velora", 2, dict(flora_rank=4, flora_kappa=2, flora_accumulation=True))}
+
+
+def _train(config, out: str, **kwargs) -> dict:
+    from velora.training.loop import train
+
+    return train(config, out, progress=False, measure=False, tensorboard=False, memory_check=False,
+                 cache_dir=Path(out).parent / "cache", **kwargs)
+
+
+def _loop_runs(out_dir: str) -> dict:
+    """``train(parallel="fsdp2")`` in this rank's process: 4 steps uninterrupted, and 2 steps then a resume to 4."""
+    results = {}
+    for name, (method, accumulation_steps, options) in LOOP_RUNS.items():
+        config = _train_config(method, accumulation_steps, **options)
+        whole = _train(config, f"{out_dir}/{name}-whole", parallel="fsdp2")
+        _train(config, f"{out_dir}/{name}-resumed", parallel="fsdp2", stop_at_step=2)
+        resumed = _train(config, f"{out_dir}/{name}-resumed", parallel="fsdp2", resume=True)
+        results[name] = {"whole": _full(whole["_model"]), "resumed": _full(resumed["_model"]),
+                         "losses": [loss for _, loss in whole["loss_curve"]],
+                         "resumed_losses": [loss for _, loss in resumed["loss_curve"]]}
+    try:
+        _train(_train_config("lora", 1), f"{out_dir}/lora", parallel="fsdp2")
+    except ValueError as err:
+        results["refusal"] = str(err)
+    return results
+
+
 def _worker(rank: int, world: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)  # as the tests' own process (conftest): 2 ranks share the cores
 
     mesh = init_device_mesh("cpu", (world,))
     results = {}
@@ -163,10 +280,20 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         model = _sharded(widths, mesh)
         _accumulator_run(model, widths, "smaller", rank, world)
         results[f"accumulate_{name}"] = _full(model)
+    for name, build, make_optimizer in (("galore", _Net, _galore), ("gradnorm", _gradnorm_net, _gradnorm)):
+        model = _sharded(FLORA_WIDTHS, mesh, build)
+        optimizer = _svd_run(model, make_optimizer, rank, world)
+        results[name] = _full(model)
+        results[f"{name}_projectors"] = _projectors(model, optimizer)
     results["refusal"] = _refusal(mesh)
     results["eight_bit"] = _eight_bit_state_dict(mesh, rank, world)
-    results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint")
+    results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint", lambda m: _flora(m, "adafactor"))
     results["checkpoint"] = f"{out_dir}/checkpoint"
+    results["galore_dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/galore_checkpoint", _galore)
+    results["galore_checkpoint"] = f"{out_dir}/galore_checkpoint"
+    results["accumulate_dcp"] = _accumulator_dcp(mesh, rank, world, f"{out_dir}/accumulate_checkpoint")
+    results["accumulate_checkpoint"] = f"{out_dir}/accumulate_checkpoint"
+    results["loop"] = _loop_runs(out_dir)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -279,3 +406,96 @@ def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tm
     assert optimizer.state[wide_weight]["momentum"].shape == (6, FLORA_OPTIONS["rank"])
     _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
     _assert_equal_to(_full(model), ranks[0]["dcp"]["uninterrupted"])
+
+
+@pytest.mark.parametrize("method", ["galore", "gradnorm"])
+def test_svd_projected_optimizers_under_fsdp2_equal_one_process_on_the_whole_batch(ranks, method):
+    build, make_optimizer = (_Net, _galore) if method == "galore" else (_gradnorm_net, _gradnorm)
+    model = build(FLORA_WIDTHS)
+    optimizer = _svd_run(model, make_optimizer, 0, 1)
+    expected, initial = _full(model), _full(build(FLORA_WIDTHS))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(not torch.equal(expected[n], initial[n]) for n in trained)  # every trained parameter moved
+    expected_projectors = _projectors(model, optimizer)
+    assert expected_projectors.keys() == ranks[0][f"{method}_projectors"].keys() and expected_projectors
+    for result in ranks:
+        _assert_equal_to(result[method], expected)
+        _assert_equal_to(result[f"{method}_projectors"], expected_projectors)
+    for name, projector in ranks[0][f"{method}_projectors"].items():  # computed once on rank 0, broadcast
+        assert torch.equal(ranks[1][f"{method}_projectors"][name], projector), name
+
+
+def test_galore_state_saved_through_dcp_at_2_ranks_continues_bitwise_and_loads_in_one_process(ranks, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    for result in ranks:
+        uninterrupted, resumed = result["galore_dcp"]["uninterrupted"], result["galore_dcp"]["resumed"]
+        assert uninterrupted.keys() == resumed.keys()
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(ranks[0]["galore_checkpoint"], whole)
+    saved = torch.load(whole, weights_only=False)
+    model = _Net(FLORA_WIDTHS)
+    optimizer = _galore(model)
+    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    assert optimizer.state[model.layers[0].weight]["exp_avg"].shape == (12, GALORE_OPTIONS["rank"])  # right: rows
+    assert optimizer.state[model.layers[1].weight]["exp_avg"].shape == (GALORE_OPTIONS["rank"], 12)  # left
+    _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
+    _assert_equal_to(_full(model), ranks[0]["galore_dcp"]["uninterrupted"])
+
+
+def test_accumulator_state_saved_through_dcp_mid_cycle_continues_bitwise_at_2_ranks_and_in_one_process(ranks,
+                                                                                                    tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    for result in ranks:
+        uninterrupted, resumed = result["accumulate_dcp"]["uninterrupted"], result["accumulate_dcp"]["resumed"]
+        assert uninterrupted.keys() == resumed.keys()
+        for name, expected in uninterrupted.items():
+            assert torch.equal(resumed[name], expected), name
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(ranks[0]["accumulate_checkpoint"], whole)
+    saved = torch.load(whole, weights_only=False)
+    model = _Net(WIDE_WIDTHS)
+    model.load_state_dict(saved["model"])
+    accumulator = _accumulator(model, "smaller")  # the same options: "smaller" would project the (8, 10) rows
+    assert accumulator.buffers[0].shape == (10, 3)
+    accumulator.load_state_dict(saved["acc"])  # the state records that the shards projected the columns
+    assert accumulator.buffers[0].shape == (8, 3) and accumulator.buffers[0].abs().sum() > 0  # the open sum
+    assert model.layers[0].bias.grad is not None  # the partial gradient of an uncompressed parameter
+    middle = ranks[0]["accumulate_dcp"]["middle"]
+    _accumulate(model, accumulator, torch.optim.SGD(model.parameters(), lr=0.1), range(middle, 2 * STEPS),
+                WIDE_WIDTHS, 0, 1)
+    _assert_equal_to(_full(model), ranks[0]["accumulate_dcp"]["uninterrupted"])
+
+
+@pytest.mark.parametrize("name", list(LOOP_RUNS))
+def test_the_training_loop_under_fsdp2_resumes_bitwise(ranks, name):
+    for result in ranks:
+        runs = result["loop"][name]
+        assert runs["resumed_losses"][-2:] == runs["losses"][2:]  # the resumed invocation's own steps 3 and 4
+        assert runs["whole"].keys() == runs["resumed"].keys()
+        for key, expected in runs["whole"].items():
+            assert torch.equal(runs["resumed"][key], expected), key
+
+
+def test_the_training_loop_under_fsdp2_equals_one_process_on_the_whole_batch(ranks, tmp_path):
+    """2 ranks x 2 sequences (FSDP2) against one process on the 4 (float32): rank r's batch 2s + r is half of the one
+    process's batch s, so the loss, the VeLoRA v (a mean over the ranks' first batches) and every update agree."""
+    method, _, options = LOOP_RUNS["galore"]
+    single = _train(_train_config(method, 1, batch_size=4, **options), str(tmp_path / "single"))
+    expected = _full(single["_model"])
+    for result in ranks:
+        runs = result["loop"]["galore"]
+        torch.testing.assert_close(runs["losses"], [loss for _, loss in single["loss_curve"]], rtol=1e-5, atol=0)
+        assert runs["whole"].keys() == expected.keys()
+        for name, reference in expected.items():  # float32: the gradient's reduction order differs
+            torch.testing.assert_close(runs["whole"][name], reference, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_training_loop_refuses_a_method_fsdp2_does_not_run_in_one_line(ranks):
+    for result in ranks:
+        message = result["loop"]["refusal"]
+        assert "fsdp2" in message and "'lora'" in message and "--parallel ddp" in message and "\n" not in message

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", default="float32", type=_train_dtype, metavar="{float32,bfloat16}",
                      help="weights and activations dtype (fp32 / bf16 spellings accepted too)")
     run.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp2"),
+                     help="under torchrun: ddp (default) replicates the model; fsdp2 shards each decoder block "
+                          "(fully_shard) and checkpoints through torch.distributed.checkpoint (docs/integrations.md)")
     velora = parser.add_argument_group("VeLoRA (+velora methods)")
     velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size")
     velora.add_argument("--velora-init", default="batch_average_once", choices=INIT_STRATEGIES,
@@ -139,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, out, resume=args.resume, progress=not args.no_progress,
                        stop_at_step=args.stop_at_step, measure=not args.no_memory, device=args.device,
                        allow_lr_change=args.allow_lr_change, allow_data_change=args.allow_data_change,
-                       memory_check=not args.ignore_memory_check, diagnose_every=args.diagnose_every)
+                       memory_check=not args.ignore_memory_check, diagnose_every=args.diagnose_every,
+                       parallel=args.parallel)
     except TrainingDiverged as err:
         print(f"velora train: {err}", file=sys.stderr)
         if args.json:

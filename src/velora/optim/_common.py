@@ -8,9 +8,11 @@ from velora.core.runtime import work_dtype
 from velora.optim.quant import dequantize_blockwise, quantize_blockwise
 
 
-def check_group(optimizer_name: str, group: dict, row_sharded_ok: bool = False) -> None:
-    """One-line errors for a param group without params or with non-floating params; DTensor (FSDP2)
-    parameters are refused, or with ``row_sharded_ok`` accepted when sharded on dim 0 (``optim.sharded``)."""
+def check_group(optimizer_name: str, group: dict) -> None:
+    """One-line errors for a param group without params, with non-floating params, or with DTensor (FSDP2) params
+    sharded other than on dim 0 of a 1-D mesh (``optim.sharded.check_row_sharded``)."""
+    from velora.optim.sharded import check_row_sharded
+
     params = group["params"]
     if len(params) == 0:
         raise ValueError(f"{optimizer_name}: a param group has no params; drop the empty group")
@@ -19,26 +21,7 @@ def check_group(optimizer_name: str, group: dict, row_sharded_ok: bool = False) 
             kind = param.dtype if isinstance(param, torch.Tensor) else type(param).__name__
             raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
                              "only floating-point tensors can be optimised")
-        if row_sharded_ok:
-            from velora.optim.sharded import check_row_sharded
-
-            check_row_sharded(optimizer_name, param)
-        else:
-            refuse_dtensor(optimizer_name, param)
-
-
-def refuse_dtensor(owner: str, param) -> None:
-    """One-line error for a DTensor parameter (FSDP2 ``fully_shard``): our projections, seeds and factored
-    second moments need the whole matrix on every rank, and a shard silently differs from it."""
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(param, DTensor):
-        raise ValueError(f"{owner}: a parameter of shape {tuple(param.shape)} is a DTensor, i.e. sharded by FSDP2 "
-                         f"(fully_shard), which {owner} does not support yet; use DDP "
-                         "(velora.integrations.distributed.wrap_ddp) "
-                         "or plain torch.optim.AdamW with VeLoRA layers under FSDP2")
+        check_row_sharded(optimizer_name, param)
 
 
 def check_positive(name: str, value, kind=int) -> None:
@@ -210,9 +193,16 @@ class TensorStateOptimizer(torch.optim.Optimizer):
         from velora.optim.sharded import shard_state
 
         saved = super().state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved["state"] = {index: shard_state(params[index], state) for index, state in saved["state"].items()}
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        saved["state"] = {index: shard_state(params[index][0], state, self._row_sharded_keys(*params[index]))
+                          for index, state in saved["state"].items()}
         return saved
+
+    def _row_sharded_keys(self, param: torch.Tensor, group: dict) -> tuple[str, ...]:
+        """The state keys laid out along ``param``'s rows (sharded with it under FSDP2; override per optimizer)."""
+        from velora.optim.sharded import ROW_SHARDED_KEYS
+
+        return ROW_SHARDED_KEYS
 
     def load_state_dict(self, state_dict: dict) -> None:
         from velora.optim.sharded import local

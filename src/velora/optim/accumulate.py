@@ -54,7 +54,7 @@ from velora.optim.projections import (
     random_projection,
     saved_project_side,
 )
-from velora.optim.sharded import check_row_sharded, column_plan, is_sharded, like, local, local_plan
+from velora.optim.sharded import check_row_sharded, column_plan, is_sharded, like, local, local_plan, row_shards
 
 __all__ = ["CompressedGradAccumulator", "CompressedGrad"]
 
@@ -107,14 +107,8 @@ class CompressedGradAccumulator:
         self.params, candidates = _collect_params(model_or_params)
         self.rank, self.accumulation_steps, self.seed = rank, accumulation_steps, int(seed)
         self.reduction, self.orthogonal, self.project = reduction, orthogonal, project
-        self.plans: list[CompressionPlan | None] = [
-            _plan(p, rank, force_compress, project) if id(p) in candidates else None for p in self.params
-        ]
-        # float32 sums (float64 for float64 parameters: no precision is lost to the buffer)
-        self.buffers: list[torch.Tensor | None] = [
-            None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=state_dtype(p.dtype), device=p.device)
-            for p, plan in zip(self.params, self.plans)
-        ]  # (k, r) each
+        self._candidates, self._force_compress = candidates, force_compress
+        self._set_plans(_plan)
         self._index_of = {id(p): index for index, p in enumerate(self.params)}
         self.counts = torch.zeros(len(self.params), dtype=torch.int64)  # gradients received in the open cycle
         self.cycles = torch.zeros(len(self.params), dtype=torch.int64)  # completed cycles (the same for all)
@@ -186,7 +180,10 @@ class CompressedGradAccumulator:
 
     def state_dict(self) -> dict:
         """Tensors only (loads with ``torch.load(weights_only=True)``); includes the partial ``.grad``
-        of uncompressed parameters so a resume in the middle of a cycle is exact."""
+        of uncompressed parameters so a resume in the middle of a cycle is exact. Under FSDP2 the layout is the
+        one ``torch.distributed.checkpoint`` saves and reshards (``_sharded_state_dict``)."""
+        if any(is_sharded(p) for p in self.params):
+            return self._sharded_state_dict()
         return {
             "rank": self.rank,
             "accumulation_steps": self.accumulation_steps,
@@ -204,6 +201,24 @@ class CompressedGradAccumulator:
                 if plan is None and p.grad is not None and int(self.counts[i]) > 0
             },
         }
+
+    def _sharded_state_dict(self) -> dict:
+        """The FSDP2 layout: each (rows, r) sum as a ``Shard(0)`` DTensor of the weight's whole row count, and a
+        gradient (zeros when there is none) for every uncompressed parameter with ``plain_grad_held`` saying which
+        are real: the same keys on every rank and in every state, as DCP loads into a template.
+        ``projected_columns`` records that every matrix projected its columns (``optim.sharded``), so a single
+        process that loads the state keeps those sides."""
+        held = torch.tensor([plan is None and p.grad is not None and int(self.counts[i]) > 0
+                             for i, (p, plan) in enumerate(zip(self.params, self.plans))], dtype=torch.bool)
+        state = {key: getattr(self, key) for key in ("rank", "accumulation_steps", "seed", "project", "orthogonal",
+                                                      "reduction")}
+        state.update(counts=self.counts.clone(), cycles=self.cycles.clone(), micro_batches=self.micro_batches.clone(),
+                     plain_grad_held=held, projected_columns=True)
+        state["buffers"] = {str(i): row_shards(p, b.clone()) for i, (p, b) in enumerate(zip(self.params, self.buffers))
+                            if b is not None}
+        state["plain_grads"] = {str(i): p.grad.detach().clone() if held[i] else torch.zeros_like(p.detach())
+                                for i, (p, plan) in enumerate(zip(self.params, self.plans)) if plan is None}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _check_accumulator_state(state)
@@ -227,15 +242,19 @@ class CompressedGradAccumulator:
         if saved is not None and saved != self.orthogonal:
             raise ValueError(f"state_dict was built with orthogonal={saved} but this accumulator has "
                              f"orthogonal={self.orthogonal}; build it with orthogonal={saved}")
+        if state.get("projected_columns") and not any(is_sharded(p) for p in self.params):
+            self._set_plans(lambda p, *args: column_plan(p.shape, *args))  # keep the sides the FSDP2 run projected
         self.counts.copy_(state["counts"])
         self.cycles.copy_(state["cycles"])
         # older states counted per parameter (every parameter arrived in every micro-batch)
         self.micro_batches.fill_(int(state.get("micro_batches", state["counts"].max() if len(state["counts"]) else 0)))
         for index, buffer in state["buffers"].items():
-            self.buffers[int(index)].copy_(buffer)
+            self.buffers[int(index)].copy_(local(buffer))  # FSDP2 (DCP): this rank's rows
+        held = state.get("plain_grad_held")  # the FSDP2 layout saves zeros for the gradients it does not hold
         for index, grad in state["plain_grads"].items():
-            param = self.params[int(index)]
-            param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
+            if held is None or bool(held[int(index)]):
+                param = self.params[int(index)]
+                param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
 
     def remove(self) -> None:
         """Uninstall the hooks (buffers are kept; gradients accumulate plainly afterwards)."""
@@ -259,6 +278,18 @@ class CompressedGradAccumulator:
         if self.reduction == "mean":
             full.div_(count)
         return full
+
+    def _set_plans(self, plan_of) -> None:
+        """The compression plan of every tracked parameter from ``plan_of`` and its zeroed (k, r) sum."""
+        self.plans: list[CompressionPlan | None] = [
+            plan_of(p, self.rank, self._force_compress, self.project) if id(p) in self._candidates else None
+            for p in self.params
+        ]
+        # float32 sums (float64 for float64 parameters: no precision is lost to the buffer)
+        self.buffers: list[torch.Tensor | None] = [
+            None if plan is None else torch.zeros(plan.kept_dim, plan.rank, dtype=state_dtype(p.dtype), device=p.device)
+            for p, plan in zip(self.params, self.plans)
+        ]  # (k, r) each
 
     def _make_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:

@@ -162,7 +162,7 @@ class Flora(TensorStateOptimizer):
 
     @staticmethod
     def _check_group(group: dict) -> None:
-        check_group("Flora", group, row_sharded_ok=True)
+        check_group("Flora", group)
         check_positive("lr", group["lr"], float)
         check_positive("rank", group["rank"])
         check_positive("kappa", group["kappa"])

@@ -15,6 +15,8 @@ whose update and moments are float64 too). With
 T = P_new.T @ P_old (r, r), m <- T m and v <- (T*T) v (the variance of independent coordinates
 under the change of basis); without it they are reused as if the basis had not changed (GaLore's
 behaviour). Groups without ``rank`` are plain AdamW, with torch.optim.AdamW's operation order.
+Under FSDP2 (``fully_shard``, Shard(0)) a refresh gathers the gradient's rows once and the projector is replicated;
+between refreshes each rank projects its own rows (``optim.sharded_svd``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from velora.optim._common import (
     working_grad,
     write_moment,
 )
-from velora.optim.projections import svd_projector
+from velora.optim.sharded import local
+from velora.optim.sharded_svd import project_left, projector_rows, sharded_svd_projector
 
 __all__ = ["GaLoreAdamW"]
 
@@ -124,11 +127,11 @@ class GaLoreAdamW(TensorStateOptimizer):
         state = self.state[param]
         eight_bit = group["eight_bit"]
         dtype = state_dtype(param.dtype)
+        grad, work = local(working_grad(param)), working_copy(local(param))  # FSDP2: this rank's rows
         if not state:
             state["step"] = torch.tensor(0.0)
-            init_moment(state, "exp_avg", param.shape, param.device, eight_bit, signed=True, dtype=dtype)
-            init_moment(state, "exp_avg_sq", param.shape, param.device, eight_bit, signed=False, dtype=dtype)
-        grad, work = working_grad(param), working_copy(param)
+            init_moment(state, "exp_avg", work.shape, param.device, eight_bit, signed=True, dtype=dtype)
+            init_moment(state, "exp_avg_sq", work.shape, param.device, eight_bit, signed=False, dtype=dtype)
         state["step"] += 1
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         work.mul_(1 - group["lr"] * group["weight_decay"])
@@ -136,44 +139,61 @@ class GaLoreAdamW(TensorStateOptimizer):
                                                state["step"].item())
         work.addcdiv_(exp_avg, denom, value=-group["lr"] / bias_correction1)
         _write_moments(state, exp_avg, exp_avg_sq)
-        store_back(param, work)
+        store_back(local(param), work)
 
     def _projected_step(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
         projection_rank = min(group["rank"], *param.shape)
-        low_shape = (projection_rank, param.shape[1]) if side == "left" else (param.shape[0], projection_rank)
+        grad, work = local(working_grad(param)), working_copy(local(param))  # (n, m); FSDP2: (n_local, m)
+        low_shape = (projection_rank, grad.shape[1]) if side == "left" else (grad.shape[0], projection_rank)
         eight_bit, dtype = group["eight_bit"], state_dtype(param.dtype)
         if not state:
             state["step"] = torch.tensor(0.0)
             init_moment(state, "exp_avg", low_shape, param.device, eight_bit, signed=True, dtype=dtype)
             init_moment(state, "exp_avg_sq", low_shape, param.device, eight_bit, signed=False, dtype=dtype)
-        grad, work = working_grad(param), working_copy(param)  # (n, m)
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
-        steps_done = int(state["step"].item())
-        if steps_done % group["update_proj_gap"] == 0:
-            new_projector = svd_projector(grad, projection_rank, side)  # (n, r) or (m, r)
-            old_projector = state.get("projector")
-            if group["reproject_moments"] and old_projector is not None:
-                change = new_projector.T @ old_projector  # (r, r): old coordinates -> new coordinates
-                if side == "left":  # moments (r, m): coordinates are rows
-                    exp_avg = change @ exp_avg
-                    exp_avg_sq = (change * change) @ exp_avg_sq
-                else:  # moments (n, r): coordinates are columns
-                    exp_avg = exp_avg @ change.T
-                    exp_avg_sq = exp_avg_sq @ (change * change).T
-            state["projector"] = new_projector
-        projector = state["projector"]
-        low_grad = projector.T @ grad if side == "left" else grad @ projector  # (r, m) or (n, r)
+        if int(state["step"].item()) % group["update_proj_gap"] == 0:
+            exp_avg, exp_avg_sq = self._refresh(param, group, side, projection_rank, exp_avg, exp_avg_sq)
+        projector = state["projector"]  # (n, r) or (m, r), whole on every rank
+        low_grad = project_left(projector, grad, param) if side == "left" else grad @ projector  # (r, m) or (n, r)
         state["step"] += 1
         work.mul_(1 - group["lr"] * group["weight_decay"])
         denom, bias_correction1 = adam_moments(exp_avg, exp_avg_sq, low_grad, group["betas"], group["eps"],
                                                state["step"].item())
         low_update = exp_avg / denom  # (r, m) or (n, r)
-        update = projector @ low_update if side == "left" else low_update @ projector.T  # (n, m)
+        if side == "left":
+            update = projector_rows(projector, param) @ low_update  # (n, m); FSDP2: this rank's rows
+        else:
+            update = low_update @ projector.T  # (n, m)
         work.add_(update, alpha=-group["lr"] * group["scale"] / bias_correction1)
         _write_moments(state, exp_avg, exp_avg_sq)
-        store_back(param, work)
+        store_back(local(param), work)
+
+    def _refresh(self, param: torch.Tensor, group: dict, side: str, projection_rank: int, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new projector from the whole gradient (gathered once under FSDP2, ``optim.sharded_svd``); with
+        ``reproject_moments`` the moments are carried into the new basis."""
+        state = self.state[param]
+        new_projector = sharded_svd_projector(working_grad(param), projection_rank, side)  # (n, r) or (m, r)
+        old_projector = state.get("projector")
+        if group["reproject_moments"] and old_projector is not None:
+            change = new_projector.T @ old_projector  # (r, r): old coordinates -> new coordinates
+            if side == "left":  # moments (r, m): coordinates are rows
+                exp_avg = change @ exp_avg
+                exp_avg_sq = (change * change) @ exp_avg_sq
+            else:  # moments (n, r): coordinates are columns
+                exp_avg = exp_avg @ change.T
+                exp_avg_sq = exp_avg_sq @ (change * change).T
+        state["projector"] = new_projector
+        return exp_avg, exp_avg_sq
+
+    def _row_sharded_keys(self, param: torch.Tensor, group: dict) -> tuple[str, ...]:
+        """Under FSDP2 the moments of a plain or "right"-projected matrix follow the weight's rows; a "left"
+        projection's (r, m) moments and every projector are replicated."""
+        if group["rank"] is not None and projection_side(param.shape, group["proj_type"]) == "left":
+            return ()
+        return ("exp_avg", "exp_avg_sq")
 
 
 def _write_moments(state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:

@@ -4,6 +4,8 @@ I (out, r) and J (r, in) are low-rank already; their gradients are projected onc
 ``proj_rank`` singular vectors (proj_rank < r), so Adam keeps (out, proj_rank) + (proj_rank, in)
 moments instead of (out, r) + (r, in). "std" projection picks the factor's short side (r): the
 right side for I, the left side for J. Magnitudes and every other trainable parameter use plain AdamW.
+Under FSDP2 (``fully_shard``) it runs as GaLoreAdamW does (``optim.sharded_svd``): J's rows are sharded, so its
+"left" projection all-reduces a (proj_rank, in) sum per step.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from velora.methods.gradnorm_lorp.model import gradnorm_lorp_modules
-from velora.optim._common import check_positive, refuse_dtensor
+from velora.optim._common import check_positive
 from velora.optim.galore import GaLoreAdamW
 from velora.optim.projections import trainable_except
 
@@ -43,8 +45,6 @@ def gradnorm_lorp_optimizer(
             raise ValueError(f"proj_rank={proj_rank} >= GradNormLoRP rank={module.rank} of {name!r}: the "
                              f"projection would not compress; pick proj_rank < {module.rank}")
         factors += [p for p in (module.lora_I, module.lora_J) if p.requires_grad]
-    for param in model.parameters():
-        refuse_dtensor("gradnorm_lorp_optimizer", param)
     others = trainable_except(model, factors)
     groups = [dict(params=factors, rank=proj_rank, update_proj_gap=update_proj_gap, scale=scale,
                    proj_type="std", reproject_moments=reproject_moments)]

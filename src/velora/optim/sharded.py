@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from velora.optim.projections import CompressionPlan, compression_plan
 
-__all__ = ["is_sharded", "check_row_sharded", "local", "like", "column_plan", "local_plan", "ShardReducer"]
+__all__ = ["is_sharded", "check_row_sharded", "local", "like", "column_plan", "local_plan", "ShardReducer",
+           "shard_state", "row_shards"]
 
 
 def is_sharded(tensor) -> bool:
@@ -126,22 +127,25 @@ class ShardReducer:
 ROW_SHARDED_KEYS = ("momentum", "row_var", "exp_avg_sq", "variance")  # state laid out along the weight's rows
 
 
-def shard_state(param: torch.Tensor, state: dict) -> dict:
-    """``state`` of an FSDP2 parameter with its row-laid-out tensors wrapped as ``Shard(0)`` DTensors of the whole
-    weight's row count (what DCP's ``get_optimizer_state_dict`` expects); a plain parameter's state as it is."""
+def shard_state(param: torch.Tensor, state: dict, row_keys: tuple[str, ...] = ROW_SHARDED_KEYS) -> dict:
+    """``state`` of an FSDP2 parameter with its row-laid-out tensors (``row_keys``) wrapped as ``Shard(0)`` DTensors
+    of the whole weight's row count (what DCP's ``get_optimizer_state_dict`` expects); the other tensors are the same
+    on every rank (replicated) and stay plain; a plain parameter's state as it is."""
     if not is_sharded(param):
         return state
-    from torch.distributed.tensor import DTensor, Shard
-
     if any(key.endswith("_codes") for key in state):
         raise ValueError(f"a {tuple(param.shape)} FSDP2 parameter holds an 8-bit (eight_bit=True) state, whose blocks "
                          "follow each rank's shard and cannot be resharded; use eight_bit=False under FSDP2")
-    wrapped = {}
-    for key, value in state.items():
-        if key in ROW_SHARDED_KEYS:
-            shape = (int(param.shape[0]),) + tuple(value.shape[1:])  # the whole weight's rows
-            stride = torch.empty(shape, device="meta").stride()
-            value = DTensor.from_local(value, param.device_mesh, [Shard(0)], run_check=False, shape=shape,
-                                       stride=stride)
-        wrapped[key] = value
-    return wrapped
+    return {key: row_shards(param, value) if key in row_keys else value for key, value in state.items()}
+
+
+def row_shards(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (this rank's block of a tensor laid out along ``param``'s rows) as a ``Shard(0)`` DTensor whose
+    global shape has the whole weight's row count; ``rows`` itself for a plain parameter."""
+    if not is_sharded(param):
+        return rows
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = (int(param.shape[0]),) + tuple(rows.shape[1:])  # the whole weight's rows
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(rows, param.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)

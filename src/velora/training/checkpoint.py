@@ -83,7 +83,14 @@ class Checkpointer:
         return path
 
     def save(self, step: int, model: nn.Module, optimizer, accumulator=None) -> Path:
-        """Write ``step-XXXXXXX`` atomically, point ``latest`` at it, drop older folders past ``keep_last``."""
+        """Write ``step-XXXXXXX`` atomically, point ``latest`` at it, drop older folders past ``keep_last``. An FSDP2
+        model is saved by every rank together (``velora.training.sharded_checkpoint``)."""
+        from velora.integrations.fsdp2 import is_fsdp2
+
+        if is_fsdp2(model):
+            from velora.training.sharded_checkpoint import save_sharded
+
+            return save_sharded(self, step, model, optimizer, accumulator, CHECKPOINT_VERSION)
         ensure_folder(self.root)
         _refuse_non_finite(model, step)
         final = self.root / f"step-{step:07d}"
@@ -96,21 +103,48 @@ class Checkpointer:
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
         }
         self._write_step_folder(final, step, model, state)
+        self._point_at(final)
+        return final
+
+    def _point_at(self, final: Path) -> None:
         write_atomic(self.root / "latest", final.name)  # no-follow temporary, fsync, rename
         self._drop_old(final)
-        return final
+
+    def publish(self, tmp: Path, final: Path, step: int) -> None:
+        """A complete temporary step folder (written by every FSDP2 rank) fsynced, renamed into place, pointed at."""
+        from velora.training.sharded_checkpoint import fsync_tree
+
+        try:
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except _WRITE_FAILURES as err:
+            raise self._write_error(step, err) from None
+        self._point_at(final)
 
     def restore(self, checkpoint: Path, model: nn.Module, optimizer, accumulator=None) -> int:
         """Load ``checkpoint`` into the model, optimizer, accumulator and the torch RNG; returns its step. The
         optimizer keeps this run's ``initial_lr`` (equal unless --allow-lr-change let --lr change)."""
-        load_model_weights(model, checkpoint)
-        state = load_training_state(checkpoint)
+        from velora.integrations.fsdp2 import is_fsdp2
+        from velora.training.sharded_checkpoint import is_sharded_checkpoint, restore_sharded
+
+        if is_sharded_checkpoint(checkpoint) != is_fsdp2(model):
+            saved, here = ("fsdp2", "ddp") if is_sharded_checkpoint(checkpoint) else ("ddp", "fsdp2")
+            raise ValueError(f"checkpoint {checkpoint} was saved under --parallel {saved} but this run uses "
+                             f"--parallel {here}; resume with --parallel {saved}")
         initial_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])  # brings back the saved initial_lr: put this run's back
+        if is_fsdp2(model):  # model, optimizer and accumulator through DCP, resharded to this world size
+            state = restore_sharded(checkpoint, model, optimizer, accumulator)
+        else:
+            load_model_weights(model, checkpoint)
+            state = load_training_state(checkpoint)
+            optimizer.load_state_dict(state["optimizer"])  # brings back the saved initial_lr: put this run's back
+            if accumulator is not None:
+                accumulator.load_state_dict(state["accumulator"])
         for group, initial_lr in zip(optimizer.param_groups, initial_lrs):
             group["initial_lr"] = initial_lr
-        if accumulator is not None:
-            accumulator.load_state_dict(state["accumulator"])
         torch.set_rng_state(state["rng"])
         return int(state["step"])
 

@@ -202,3 +202,16 @@ def after_divergence(kept: Path | None, divergence: DivergenceRule, lr: float) -
     return (f"{where}. Lower --lr (now {lr}) or raise --warmup-steps, then "
             + ("continue with --resume --allow-lr-change (other arguments unchanged) or start over" if kept
                else "start over"))
+
+
+def gradient_norm(params: list[torch.nn.Parameter], clip: float) -> float:
+    """The total gradient norm of ``params`` (clipped to ``clip`` when > 0); under FSDP2 the norm of the whole
+    gradients (torch reduces the DTensor shards)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if clip > 0:
+        total = torch.nn.utils.clip_grad_norm_(grads, clip)
+    else:
+        total = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    return float(total.full_tensor() if hasattr(total, "full_tensor") else total)

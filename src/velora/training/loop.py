@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora.integrations import distributed
+from velora.integrations import distributed, fsdp2
 from velora.methods.registry import MethodOptions, build_optimizer, parse_method, prepare_model
 from velora.training.checkpoint import (
     Checkpointer,
@@ -41,6 +41,7 @@ from velora.training.guards import (
     after_divergence,
     check_memory_fits,
     check_model_spec,
+    gradient_norm,
 )
 from velora.training.memory_columns import measure_memory
 from velora.training.models import _is_pretrained_dir, build_base_model
@@ -66,7 +67,7 @@ class Run:
     out: Path | None  # the run folder; None: nothing is written
     data: RunData
     model: nn.Module
-    ddp_model: nn.Module | None  # the model itself in one process, its DDP wrapper under torchrun
+    ddp_model: nn.Module | None  # the model itself in one process or under FSDP2, its DDP wrapper under torchrun
     optimizer: torch.optim.Optimizer
     accumulator: Any  # FLoRA's CompressedGradAccumulator, or None
     start_step: int
@@ -80,6 +81,8 @@ class Run:
     rows: list[dict[str, float]] = field(default_factory=list)  # the logged rows, earlier ones of a resume first
     step_times: list[float] = field(default_factory=list)
     val_history: list[dict[str, float]] = field(default_factory=list)
+    sharded: bool = False  # --parallel fsdp2: every rank takes part in checkpoints
+    owns_process_group: bool = True  # train() joined the group, so it leaves it at the end
 
     @property
     def tokens_per_step(self) -> int:
@@ -88,6 +91,10 @@ class Run:
 
     def writes_files(self) -> bool:
         return self.out is not None and distributed.is_main_process()
+
+    def checkpoints_here(self) -> bool:
+        """Process rank 0 writes a checkpoint; under FSDP2 every rank writes its shards."""
+        return self.out is not None and (self.sharded or distributed.is_main_process())
 
     def first_batch(self) -> torch.Tensor:
         """Training batch 0 on the run's device (B, T): what the memory columns are measured on."""
@@ -101,7 +108,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
           tensorboard: bool = True, log=None, on_model_ready=None, device: str | torch.device | None = "auto",
           allow_lr_change: bool = False, allow_data_change: bool = False, memory_check: bool = True,
-          on_step=None, diagnose_every: int = 0) -> dict[str, Any]:
+          on_step=None, diagnose_every: int = 0, parallel: str = "ddp") -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
@@ -114,12 +121,16 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     meters or hooks); ``on_step(row)`` after every optimizer step with the logged row (progress displays).
     ``device``: auto | cpu | cuda | cuda:N (velora.training.device); the model, batches and optimizer state live there.
     ``diagnose_every=N`` logs VeLoRA's gradient fidelity every N steps to ``diagnose.csv`` (velora.core.fidelity);
-    it never changes the run's numbers.
+    it never changes the run's numbers. ``parallel``: "ddp" (default) or "fsdp2" under torchrun
+    (velora.integrations.fsdp2: blocks sharded, checkpoints through DCP, no memory measurement).
     """
+    owns_process_group = not distributed.is_distributed()
     device = _join_process_group(device)
     say = _main_process_logger(log)
     out = _run_folder_argument(out_dir, resume, allow_lr_change, allow_data_change)
     check_model_spec(config.model)
+    sharded = fsdp2.check_parallel(parallel, parse_method(config.method), config.method_options(),
+                                   distributed.world_size())
     checkpoint, changes = None, {}
     if out is not None:
         checkpoint, changes = open_run_folder(config, out, resume, stop_at_step, allow_lr_change, allow_data_change,
@@ -135,6 +146,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     model, init_source = build_model_on_device(config, data.tokenizer, device)
     options = config.method_options()
     model = prepare_method(model, config.method, options, init_source, say)
+    if sharded:
+        model = fsdp2.shard_model(model, device)
     optimizer, accumulator = build_optimizer_and_accumulator(model, config, options)
 
     start_step = 0
@@ -147,12 +160,14 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         on_model_ready(model)
 
     last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-    run = Run(config, device, out, data, model, distributed.wrap_ddp(model, device), optimizer, accumulator,
-              start_step, last_step,
-              DivergenceRule(data.tokenizer.vocab_size), trainable=[p for p in model.parameters() if p.requires_grad])
+    run = Run(config, device, out, data, model, model if sharded else distributed.wrap_ddp(model, device), optimizer,
+              accumulator, start_step, last_step, DivergenceRule(data.tokenizer.vocab_size),
+              trainable=[p for p in model.parameters() if p.requires_grad], sharded=sharded,
+              owns_process_group=owns_process_group)
     open_reporters(run, progress, tensorboard, diagnose_every, on_step)
     run_steps(run)
     val_loss = final_evaluation(run)
+    measure = measure and not sharded  # the meter traces one process's whole model
     memory = measure_memory(model, config.method, options, run.first_batch()) if measure else {}
     return finish(run, summarise(run, val_loss, memory))
 
@@ -261,7 +276,7 @@ def run_steps(run: Run) -> None:
         raise TrainingDiverged(f"training stopped: {err}; {after_divergence(kept, run.divergence, run.config.lr)}"
                                ) from None
     run.bar.close()
-    if run.writes_files() and run.last_step > run.start_step:
+    if run.checkpoints_here() and run.last_step > run.start_step:
         Checkpointer(run.out).save(run.last_step, run.model, run.optimizer, run.accumulator)
 
 
@@ -280,7 +295,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         raise TrainingDiverged(exploded)
     if run.fidelity_log is not None:  # on the side: the model, its grads and the RNG are left as they are
         run.fidelity_log.after_backward(step + 1, run.model, batch)
-    grad_norm = _gradient_norm(run.trainable, config.grad_clip)
+    grad_norm = gradient_norm(run.trainable, config.grad_clip)
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}")
     run.optimizer.step()
@@ -307,15 +322,6 @@ def _forward_backward(run: Run, step: int) -> tuple[float, torch.Tensor]:
             (loss / config.accumulation_steps).backward()
         step_loss += float(loss.detach()) / config.accumulation_steps
     return step_loss, batch
-
-
-def _gradient_norm(params: list[nn.Parameter], clip: float) -> float:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(grads, clip))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
 
 
 @torch.no_grad()
@@ -363,7 +369,7 @@ def _checkpoint_on_schedule(run: Run, done: int) -> None:
     config = run.config
     if run.out is None or not config.save_every or done % config.save_every or done >= run.last_step:
         return
-    if distributed.is_main_process() and run.divergence.steps_above == 0:
+    if run.checkpoints_here() and run.divergence.steps_above == 0:
         Checkpointer(run.out).save(done, run.model, run.optimizer, run.accumulator)
 
 
@@ -429,7 +435,7 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     """Write ``result.json``, leave the process group, and hand in-process callers the tokenizer and model."""
     if run.writes_files():
         write_atomic(run.out / "result.json", json.dumps(result, indent=2))
-    if distributed.is_distributed():
+    if distributed.is_distributed() and run.owns_process_group:
         run.ddp_model = None  # DDP's wrapper goes before the group (velora.integrations.distributed.shutdown)
         distributed.shutdown()
     result["_tokenizer"] = run.data.tokenizer
