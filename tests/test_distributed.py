@@ -229,6 +229,7 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
             for k, v in model.state_dict().items()}  # gathers the shards (a collective: every rank calls it)
     results["fsdp2"] = {"v_first": v_first, "params": full,
                         "wrapped": type(model.layers[0].mlp.down_proj).__name__}
+    results["fsdp2_meta"] = _meta_fsdp2_run(mesh, batches, rank)
 
     # negative control: without the cross-rank init, each rank computes its own v
     unsynced = _model(VeLoRAConfig(sub_token_size=16, target_modules="paper", sync_across_ranks=False))
@@ -301,6 +302,48 @@ def test_two_rank_ddp_equals_one_rank_on_concatenated_batch(ranks, optimizer):
         _assert_close_dicts(rank_result[optimizer]["params"], reference.state_dict(), **tolerance)
         _assert_close_dicts(rank_result[optimizer]["v_first"], v_first, **tolerance)
         assert rank_result[optimizer]["in_sync"]
+
+
+def _pretrained() -> dict[str, torch.Tensor]:
+    """A 'pretrained checkpoint': plain weights (no VeLoRA state) other than the seed-0 init."""
+    torch.manual_seed(5)
+    return TinyLM().to(torch.float64).state_dict()
+
+
+def _meta_fsdp2_run(mesh, batches: torch.Tensor, rank: int) -> dict:
+    """Built on the meta device, apply_velora, fully_shard, to_empty, the pretrained weights loaded through the
+    distributed state-dict API (each rank passes the full dict, FSDP2 keeps its shard), then trained: v must come
+    from the first batch, not from the uninitialised memory to_empty hands out."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = apply_velora(TinyLM().to(torch.float64), VELORA)
+    for module in [*velora_modules(model).values(), *model.layers, model]:
+        fully_shard(module, mesh=mesh)
+    model.to_empty(device="cpu")
+    ready_after_to_empty = all(not layer.velora_ready for layer in velora_modules(model).values())
+    set_model_state_dict(model, _pretrained(), options=StateDictOptions(full_state_dict=True, strict=False))
+    v_first = {}
+    _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batches, rank=rank, record_v=v_first)
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+    return {"v_first": v_first, "params": full, "reset_by_to_empty": ready_after_to_empty}
+
+
+def test_fsdp2_from_the_meta_device_loads_pretrained_weights_and_equals_one_rank(ranks):
+    """Meta-device init under FSDP2 end to end (build on meta, apply_velora, fully_shard, to_empty, load a
+    pretrained state dict, train) equals one process that built the model on the CPU and loaded the same weights."""
+    torch.manual_seed(0)
+    reference = TinyLM().to(torch.float64)
+    reference.load_state_dict(_pretrained())
+    apply_velora(reference, VELORA)
+    v_first = {}
+    _train(reference, OPTIMIZERS["adamw"](reference), _batches(3), record_v=v_first)
+    for rank_result in ranks:
+        assert rank_result["fsdp2_meta"]["reset_by_to_empty"]  # to_empty left no garbage v marked ready
+        _assert_close_dicts(rank_result["fsdp2_meta"]["params"], reference.state_dict())
+        _assert_close_dicts(rank_result["fsdp2_meta"]["v_first"], v_first)
 
 
 def test_fsdp2_fully_sharded_velora_layers_equal_one_rank(ranks):
