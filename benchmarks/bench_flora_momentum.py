@@ -84,6 +84,10 @@ ROWS = (
         ADAMW_START),
     Row("ours-adamw-update", "our FLoRA, AdamW base, κ=1000, r=64: update, current exact, orthonormal", "flora",
         _flora("adamw", RANK, **AUTHORS_OPTIONS), ADAMW_START),
+    Row("ours-adamw-residual", "our FLoRA, AdamW base, κ=1000, r=64: gradient, current exact, orthonormal, "
+        "residual (the complement of the row space gets the gradient itself)", "flora",
+        _flora("adamw", RANK, flora_momentum="gradient", flora_exact_current=True, flora_momentum_orthogonal=True,
+               flora_momentum_residual=True), ADAMW_START),
     Row("uncompressed-eps", "Adafactor + uncompressed momentum, eps1 = 1e-15 (v_hat floor 1e-30, as flora-opt)",
         "flora", _flora("adafactor", FULL_SIDE, flora_momentum="update", flora_eps1=AUTHORS_EPS1), ADAFACTOR_START),
     Row("ours-authors-eps", "our FLoRA, Adafactor, κ=1000, r=64: update, current exact, orthonormal, eps1 = 1e-15",
@@ -97,7 +101,7 @@ ROWS = (
 TARGETS = (("ours-authors", "uncompressed", 1.02), ("ours-authors", "flora-opt", 1.0), ("ours-adamw", "adamw", 1.05),
            ("ours-authors-gaussian", "uncompressed", 1.02), ("ours-authors-gaussian", "flora-opt", 1.0),
            ("ours-alg2", "uncompressed", 1.02), ("flora-opt", "uncompressed", 1.02),
-           ("ours-adamw-update", "adamw", 1.05), ("ours-authors-eps", "uncompressed-eps", 1.02),
+           ("ours-adamw-update", "adamw", 1.05), ("ours-adamw-residual", "adamw", 1.05), ("ours-authors-eps", "uncompressed-eps", 1.02),
            ("ours-authors-eps", "flora-opt", 1.0), ("ours-alg2-eps", "uncompressed-eps", 1.02),
            ("uncompressed-eps", "flora-opt-uncompressed", 1.02))
 

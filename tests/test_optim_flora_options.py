@@ -80,8 +80,11 @@ class _AdamW:
         return weight * (1 - LR * WEIGHT_DECAY) - LR / bias_correction1 / clip * update
 
 
-def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False, seed=0) -> torch.Tensor:
-    """FLoRA momentum on one matrix; ``rank=None``: uncompressed momentum. Projects the smaller side."""
+def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False, seed=0, residual=False,
+               kappa=KAPPA) -> torch.Tensor:
+    """FLoRA momentum on one matrix; ``rank=None``: uncompressed momentum. Projects the smaller side. ``residual``:
+    orthonormal rows Q (Q Q^T = I), and the complement of the direction's row space gets the source with the
+    weight of an exact m_hat (AdamW: bias_correction1, as the step divides by it; Adafactor: 1)."""
     weight = _start(shape)
     second_moment = (_Adafactor if base == "adafactor" else _AdamW)(shape)
     transposed = shape[0] < shape[1]  # work on (k, p) with p the smaller side
@@ -89,12 +92,14 @@ def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False
     history = torch.zeros((kept, rank) if rank else (kept, projected), dtype=torch.float64)
 
     def draw(cycle):  # (r, p)
-        return random_projection(derive_seed(seed, 0, cycle), projected, rank, dtype=torch.float64,
-                                 orthogonal=orthogonal)
+        drawn = random_projection(derive_seed(seed, 0, cycle), projected, rank, dtype=torch.float64,
+                                  orthogonal=orthogonal)
+        return drawn * math.sqrt(rank / projected) if residual else drawn
 
     projection = draw(0) if rank else None
     for t, grad in enumerate(_grads(shape)):
         step = t + 1
+        bias_correction1 = 1 - BETA1**step if base == "adamw" else 1.0
         inverse_root = second_moment.inverse_root(grad, step)  # (n, m)
         source = grad if momentum == "gradient" else grad * inverse_root  # (n, m)
         source = source.T if transposed else source  # (k, p)
@@ -102,16 +107,20 @@ def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False
             history = BETA1 * history + (1 - BETA1) * source
             direction = history
         else:
+            old = projection
             exact = BETA1 * history @ projection + (1 - BETA1) * source  # (k, p)
-            if t > 0 and t % KAPPA == 0:
-                new_projection = draw(t // KAPPA)
+            if t > 0 and t % kappa == 0:
+                new_projection = draw(t // kappa)
                 history = history @ projection @ new_projection.T  # (k, r)
                 projection = new_projection
             history = BETA1 * history + (1 - BETA1) * source @ projection.T  # (k, r)
             direction = exact if exact_current else history @ projection  # (k, p)
+            if residual:  # exact_current: source + beta1 (M_old Q_old - source Q_old^T Q_old) on Adafactor
+                rows = old if exact_current else projection
+                share = bias_correction1 - (1 - BETA1 if exact_current else 0.0)  # the complement's missing weight
+                direction = direction + share * (source - source @ rows.T @ rows)  # (k, p)
         direction = direction.T if transposed else direction  # (n, m)
         update = direction * inverse_root if momentum == "gradient" else direction
-        bias_correction1 = 1 - BETA1**step if base == "adamw" else 1.0
         weight = second_moment.apply(weight, update, step, bias_correction1)
     return weight
 
@@ -153,6 +162,54 @@ def test_low_rank_flora_matches_the_written_out_compressed_algorithm(base, momen
     # the option changes the result at a low rank (it is not silently ignored)
     other = _reference(shape, base, momentum, not exact_current, rank=3, orthogonal=orthogonal)
     assert (flora - other).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("base", ["adafactor", "adamw"])
+@pytest.mark.parametrize("momentum, exact_current", OPTIONS)
+def test_residual_flora_matches_the_written_out_algorithm_across_kappa(base, momentum, exact_current):
+    shape = (10, 6)  # columns projected at rank 3, kappa boundaries at steps 3 and 6
+    flora, _ = _run_flora(shape, rank=3, base=base, momentum=momentum, exact_current=exact_current,
+                          orthogonal=True, residual=True)
+    expected = _reference(shape, base, momentum, exact_current, rank=3, orthogonal=True, residual=True)
+    torch.testing.assert_close(flora, expected, rtol=1e-10, atol=1e-12)
+    plain = _reference(shape, base, momentum, exact_current, rank=3, orthogonal=True)
+    assert (flora - plain).abs().max() > 1e-4  # the option is not silently ignored
+
+
+@pytest.mark.parametrize("base", ["adafactor", "adamw"])
+@pytest.mark.parametrize("momentum, exact_current", OPTIONS)
+def test_residual_flora_is_the_exact_ema_inside_the_row_space_and_the_source_outside(base, momentum, exact_current):
+    # no resampling in 7 steps: Flora's residual direction must be m_t P + c_t source_t (I - P), with m_t the
+    # uncompressed EMA, P the projector onto the drawn rows (from a pseudo-inverse, not Flora's scaling) and c_t the
+    # weight an exact m_hat gives the source where the EMA is absent (bias_correction1 for AdamW, 1 for Adafactor)
+    shape, rank = (6, 10), 3
+    matrix = torch.nn.Parameter(_start(shape))
+    optimizer = Flora([matrix], lr=LR, rank=rank, kappa=100, weight_decay=WEIGHT_DECAY, base=base, momentum=momentum,
+                      exact_current=exact_current, orthogonal=True, residual=True)
+    drawn = random_projection(derive_seed(0, 0, 0), shape[0], rank, dtype=torch.float64, orthogonal=True)  # (r, p)
+    projector = torch.linalg.pinv(drawn) @ drawn  # (p, p)
+    weight = _start(shape)
+    second_moment = (_Adafactor if base == "adafactor" else _AdamW)(shape)
+    ema = torch.zeros(shape, dtype=torch.float64)
+    for t, grad in enumerate(_grads(shape)):
+        matrix.grad = grad.clone()
+        optimizer.step()
+        step = t + 1
+        correction = 1 - BETA1**step if base == "adamw" else 1.0
+        inverse_root = second_moment.inverse_root(grad, step)  # (n, m)
+        source = grad if momentum == "gradient" else grad * inverse_root  # (n, m)
+        ema = BETA1 * ema + (1 - BETA1) * source  # (n, m), rows = the projected side
+        complement = torch.eye(shape[0], dtype=torch.float64) - projector  # (p, p)
+        direction = projector @ ema + correction * complement @ source  # (n, m)
+        update = direction * inverse_root if momentum == "gradient" else direction
+        weight = second_moment.apply(weight, update, step, correction)
+        torch.testing.assert_close(matrix.detach(), weight, rtol=0, atol=1e-6)  # rows orthonormal to ~1e-7
+
+
+def test_residual_needs_orthonormal_rows():
+    with pytest.raises(ValueError) as info:
+        Flora([torch.nn.Parameter(torch.zeros(4, 6))], lr=LR, rank=2, orthogonal=False, residual=True)
+    assert "residual=True needs orthogonal=True" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_exact_current_keeps_the_first_step_exact():

@@ -77,7 +77,7 @@ __all__ = ["Flora"]
 _BASES = ("adafactor", "adamw")
 _MOMENTUM_SOURCES = ("gradient", "update")
 # what a state saved before these options existed was built with
-_LEGACY_OPTIONS = {"momentum": "gradient", "exact_current": False}
+_LEGACY_OPTIONS = {"momentum": "gradient", "exact_current": False, "residual": False}
 # one setting away from the constructor: the FLoRA paper's Alg. 2 read literally, and the authors' package's choices
 PAPER_ALG2 = {"momentum": "gradient", "exact_current": False, "orthogonal": False}
 # eps1 = 1e-15: v_hat floored at 1e-30, as flora-opt adds 1e-30 to G^2 (torch's default clamps the row-statistic mean
@@ -135,12 +135,14 @@ class Flora(TensorStateOptimizer):
         force_compress: bool = False,
         momentum: str = "gradient",
         exact_current: bool = False,
+        residual: bool = False,
     ):
         defaults = dict(
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, base=base, seed=seed, beta2=beta2, eps=eps,
             beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
             weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal, project=project,
             force_compress=force_compress, compress=True, momentum=momentum, exact_current=exact_current,
+            residual=residual,
         )
         if isinstance(params, nn.Module):
             # a model: compress only attention/MLP matrices (see projections.projectable_parameters)
@@ -174,8 +176,12 @@ class Flora(TensorStateOptimizer):
         if group["momentum"] not in _MOMENTUM_SOURCES:
             raise ValueError(f"momentum={group['momentum']!r} is not one of {_MOMENTUM_SOURCES} (what the compressed "
                              "first moment averages: the raw gradient or the preconditioned update)")
-        if not isinstance(group["exact_current"], bool):
-            raise ValueError(f"exact_current={group['exact_current']!r} must be True or False")
+        for key in ("exact_current", "residual"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{key}={group[key]!r} must be True or False")
+        if group["residual"] and not group["orthogonal"]:
+            raise ValueError("residual=True needs orthogonal=True (the complement of a Gaussian projection's row space "
+                             "is not I - A^T A); set orthogonal=True or residual=False")
         if group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
 
@@ -238,7 +244,8 @@ class Flora(TensorStateOptimizer):
 
     def _momentum_direction(self, state, source, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
         """Update the (compressed) first moment with ``source`` (the gradient or the preconditioned update) and
-        return the decompressed momentum (with ``exact_current``: the decompressed history and ``source`` exact)."""
+        return the decompressed momentum (with ``exact_current``: the decompressed history and ``source`` exact;
+        with ``residual``: outside the projection's row space, ``source`` itself)."""
         beta1 = group["beta1"]
         if plan is None:
             momentum = read_moment(state, "momentum", source.dtype)  # same shape as the param
@@ -248,24 +255,31 @@ class Flora(TensorStateOptimizer):
         oriented = orient(source, plan.transposed)  # (k, p)
         make = dict(n=plan.projected_dim, r=plan.rank, device=source.device, dtype=source.dtype,
                     orthogonal=group["orthogonal"])  # drawn in float32, used in the working precision
-        projection = random_projection(int(state["seed"]), **make)  # (r, p)
+        projection = _momentum_projection(int(state["seed"]), make, group["residual"])  # (r, p)
         momentum = read_moment(state, "momentum", source.dtype)  # (k, r)
-        direction = None
+        direction, subspace = None, projection
         if group["exact_current"]:
             # the history, decompressed with the matrix it was stored in (before any transfer), plus the exact source
             direction = (momentum @ projection).lerp_(oriented, 1 - beta1)  # (k, p)
         kappa = group["kappa"]
         if steps_done > 0 and steps_done % kappa == 0:
             new_seed = derive_seed(group["seed"], param_index, steps_done // kappa)
-            new_projection = random_projection(new_seed, **make)  # (r, p)
+            new_projection = _momentum_projection(new_seed, make, group["residual"])  # (r, p)
             # M A_old A_new^T, with A_old regenerated from the old seed *before* the seed is replaced
             momentum = momentum @ (projection @ new_projection.T)  # (k, r) @ (r, r)
             state["seed"].fill_(new_seed)
             projection = new_projection
-        momentum.lerp_(compress(source, projection, plan.transposed), 1 - beta1)  # (k, r)
+        momentum.lerp_(oriented @ projection.T, 1 - beta1)  # (k, r)
         write_moment(state, "momentum", momentum, signed=True)
         if direction is None:
-            return decompress(momentum, projection, plan.transposed)  # (n, m)
+            direction, subspace = momentum @ projection, projection  # (k, p)
+        if group["residual"]:
+            # the complement of the momentum's row space gets the source with the weight an exact EMA's m_hat gives a
+            # direction that does not decay: bias_correction1 (AdamW divides the step by it, Adafactor does not)
+            weight = 1 - beta1 ** (steps_done + 1) if group["base"] == "adamw" else 1.0
+            present = (1 - beta1) if group["exact_current"] else 0.0  # the complement's weight already in direction
+            complement = oriented - (oriented @ subspace.T) @ subspace  # (k, p): source (I - Q^T Q)
+            direction.add_(complement, alpha=weight - present)
         return orient(direction, plan.transposed)  # (n, m)
 
     def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
@@ -368,6 +382,15 @@ class Flora(TensorStateOptimizer):
             work.mul_(1 - lr * group["weight_decay"])
         denom = max(1.0, reducer.norm(update) / (math.sqrt(reducer.numel) * group["clip_threshold"]))
         work.add_(update, alpha=-alpha / denom)
+
+
+def _momentum_projection(seed: int, make: dict, residual: bool) -> torch.Tensor:
+    """The momentum projection (r, p): ``random_projection``'s rows, or for ``residual`` the orthonormal rows Q
+    themselves (Q Q^T = I: Q^T Q is the projector onto their row space, so M Q is the subspace's exact EMA)."""
+    projection = random_projection(seed, **make)  # (r, p)
+    if residual:
+        projection.mul_(math.sqrt(make["r"] / make["n"]))  # undo the sqrt(p / r) that makes E[A^T A] = I
+    return projection
 
 
 def _with_preset(name: str, preset: dict, kwargs: dict) -> dict:

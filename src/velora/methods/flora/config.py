@@ -36,13 +36,16 @@ class FloraConfig(ConfigBase):
                                  "authors' code)")
     momentum_orthogonal: bool = option(False, "orthonormal rows for FLoRA's momentum projection (default "
                                        "Gaussian, Alg. 2)")
+    momentum_residual: bool = option(False, "FLoRA's momentum outside its projection's row space: the current "
+                                     "gradient/update itself (needs orthonormal momentum rows; our departure from "
+                                     "Alg. 2)")
     eps1: float | None = option(None, "floor of the Adafactor base's second-moment estimate (default: torch "
                                 "Adafactor's, the float32 eps; 1e-15 = the FLoRA authors' package)", kind=float)
 
     def __post_init__(self) -> None:
         check_int("flora_rank", self.rank, optional=True)
         check_int("flora_kappa", self.kappa)
-        for name in ("accumulation", "orthogonal", "exact_current", "momentum_orthogonal"):
+        for name in ("accumulation", "orthogonal", "exact_current", "momentum_orthogonal", "momentum_residual"):
             check_bool(f"flora_{name}", getattr(self, name))
         from velora.optim.projections import check_project_side
 
