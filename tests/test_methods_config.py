@@ -74,12 +74,14 @@ def test_eps_reaches_every_adam_style_optimizer(method, options):
 def test_flora_decay_and_betas_equal_torch_adamw_where_nothing_is_projected():
     """Flora (AdamW base) on vectors (never projected) is AdamW: decoupled decay and betas as torch's."""
     from velora.optim import Flora
+    from velora.optim.flora import PAPER_ALG2
 
     torch.manual_seed(0)
     start = [torch.randn(7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     ours = [p.clone().requires_grad_(True) for p in start]
     reference = [p.clone().requires_grad_(True) for p in start]
-    flora = Flora(ours, lr=1e-2, rank=2, base="adamw", beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.1)
+    flora = Flora(ours, lr=1e-2, rank=2, base="adamw", beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.1,
+                  **PAPER_ALG2)  # Adam's first moment: the EMA of the gradient
     adamw = torch.optim.AdamW(reference, lr=1e-2, betas=BETAS, weight_decay=0.1, foreach=False)
     for step in range(3):
         grads = [torch.randn_like(p) for p in start]
@@ -331,8 +333,9 @@ def test_velora_plan_takes_the_generated_flags_and_checks_them_in_one_line(capsy
 
 
 def test_flora_eps1_reaches_the_adafactor_base_and_changes_the_step():
-    """``flora_eps1`` (``--flora-eps1``): the v_hat floor of Flora's Adafactor base (the FLoRA authors' 1e-15), checked
-    against a run without it on gradients below float32 eps, where torch's rule clamps the row mean."""
+    """``flora_eps1`` (``--flora-eps1``): the floor of Flora's Adafactor base (default 1e-15, the FLoRA authors' v_hat
+    floor 1e-30), checked against torch's rule (float32 eps) on gradients below float32 eps, where that rule clamps
+    the row mean."""
     from velora.methods.options import MethodOptions
 
     def step(options: dict) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
@@ -345,10 +348,13 @@ def test_flora_eps1_reaches_the_adafactor_base_and_changes_the_step():
         optimizer.step()
         return [p.detach().clone() for p in model.parameters()], optimizer
 
-    default, _ = step({})
+    default, optimizer = step({})
+    assert {group["eps1"] for group in optimizer.param_groups} == {1e-15}  # Flora's default since issue #16
     floored, optimizer = step({"flora_eps1": 1e-15})
-    assert {group["eps1"] for group in optimizer.param_groups} == {1e-15}
-    assert any(not torch.equal(a, b) for a, b in zip(default, floored))
+    assert all(torch.equal(a, b) for a, b in zip(default, floored))
+    torch_rule, optimizer = step({"flora_eps1": torch.finfo(torch.float32).eps})
+    assert {group["eps1"] for group in optimizer.param_groups} == {torch.finfo(torch.float32).eps}
+    assert any(not torch.equal(a, b) for a, b in zip(torch_rule, floored))
     with pytest.raises(ValueError, match="flora_eps1=1e-15 applies to FLoRA's Adafactor base only"):
         step({"flora_eps1": 1e-15, "optimizer": "adamw"})
     with pytest.raises(ValueError, match="flora_eps1=-1"):

@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, KAPPA, STEPS = 1e-2, 0.9, 0.999, 1e-8, 0.1, 3, 7
 OPTIONS = list(product(("gradient", "update"), (False, True)))  # (momentum, exact_current)
+BEST_MEASURED = {"momentum": "update", "exact_current": True, "orthogonal": True, "residual": False}  # the defaults
 
 
 def _grads(shape, steps=STEPS) -> list[torch.Tensor]:
@@ -228,16 +229,17 @@ def test_exact_current_keeps_the_first_step_exact():
 # --- state: the kind check and states saved before the options existed --------------------------------------------
 
 def _saved(**options) -> dict:
-    _, optimizer = _run_flora((6, 10), rank=3, **options)
+    _, optimizer = _run_flora((6, 10), rank=3, **{**PAPER_ALG2, **options})
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
 
 
-def _fresh(**options) -> tuple[torch.nn.Parameter, Flora]:
+def _fresh(defaults: dict = PAPER_ALG2, **options) -> tuple[torch.nn.Parameter, Flora]:
+    """A Flora with ``defaults`` (the paper's Alg. 2 unless given) overridden by ``options``."""
     matrix = torch.nn.Parameter(_start((6, 10)))
-    return matrix, Flora([matrix], lr=LR, rank=3, kappa=KAPPA, weight_decay=WEIGHT_DECAY, **options)
+    return matrix, Flora([matrix], lr=LR, rank=3, kappa=KAPPA, weight_decay=WEIGHT_DECAY, **{**defaults, **options})
 
 
 @pytest.mark.parametrize("saved_options, here_options, fragment", [
@@ -245,6 +247,8 @@ def _fresh(**options) -> tuple[torch.nn.Parameter, Flora]:
     (dict(), dict(momentum="update"), "momentum='gradient' but this one has momentum='update'"),
     (dict(exact_current=True), dict(), "exact_current=True saved vs False here"),
     (dict(orthogonal=True), dict(), "orthogonal=True saved vs False here"),
+    (dict(orthogonal=True), dict(orthogonal=True, residual=True), "residual=False but this one has residual=True"),
+    (dict(orthogonal=True, residual=True), dict(orthogonal=True), "residual=True but this one has residual=False"),
 ])
 def test_a_state_saved_with_other_options_is_refused_in_one_line(saved_options, here_options, fragment):
     saved = _saved(**saved_options)
@@ -256,8 +260,9 @@ def test_a_state_saved_with_other_options_is_refused_in_one_line(saved_options, 
 
 
 def _legacy(saved: dict) -> dict:
-    """The state_dict layout of Flora before the options existed: no "momentum"/"exact_current" group keys."""
-    groups = [{k: v for k, v in g.items() if k not in ("momentum", "exact_current")} for g in saved["param_groups"]]
+    """The state_dict layout of Flora before the options existed: no "momentum"/"exact_current"/"residual" keys."""
+    groups = [{k: v for k, v in g.items() if k not in ("momentum", "exact_current", "residual")}
+              for g in saved["param_groups"]]
     return {**saved, "param_groups": groups}
 
 
@@ -278,7 +283,7 @@ def test_a_state_saved_before_the_options_existed_loads_as_alg2_and_resumes_bitw
     resumed.data.copy_(interrupted.detach())
     optimizer.load_state_dict(legacy)
     group = optimizer.param_groups[0]
-    assert group["momentum"] == "gradient" and group["exact_current"] is False
+    assert group["momentum"] == "gradient" and group["exact_current"] is False and group["residual"] is False
     for grad in grads[2:]:  # crosses the kappa boundaries at steps 3 and 6
         resumed.grad = grad.clone()
         optimizer.step()
@@ -288,6 +293,12 @@ def test_a_state_saved_before_the_options_existed_loads_as_alg2_and_resumes_bitw
                               (dict(exact_current=True), "exact_current=False but this one has exact_current=True")):
         with pytest.raises(ValueError, match=fragment):
             _fresh(**options)[1].load_state_dict(legacy)
+    # ... and by today's defaults (update, current exact, orthonormal), in one line, leaving the optimizer untouched
+    _, default = _fresh(defaults={})
+    with pytest.raises(ValueError) as info:
+        default.load_state_dict(legacy)
+    assert "orthogonal=False saved vs True here" in str(info.value)  # the first difference found names itself
+    assert "\n" not in str(info.value) and not default.state
 
 
 # --- arguments and presets -------------------------------------------------------------------------------------
@@ -309,7 +320,8 @@ def test_presets_name_the_paper_and_the_authors_settings():
     paper = Flora.paper_alg2([param], lr=LR, rank=2, kappa=5).param_groups[0]
     assert {k: paper[k] for k in PAPER_ALG2} == PAPER_ALG2 and paper["kappa"] == 5
     default = Flora([param], lr=LR, rank=2).param_groups[0]
-    assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # today's defaults are Alg. 2 read literally
+    # the defaults are the best measured choice (issue #16); Alg. 2 is the preset above
+    assert {k: default[k] for k in PAPER_ALG2} == BEST_MEASURED and default["eps1"] == 1e-15
     authors = Flora.authors_code([param], lr=LR, rank=2).param_groups[0]
     assert {k: authors[k] for k in AUTHORS_CODE} == AUTHORS_CODE
     assert authors["momentum"] == "update" and authors["exact_current"] is True and authors["base"] == "adafactor"
@@ -329,7 +341,10 @@ def test_method_options_pass_the_momentum_options_to_flora():
     group = build_optimizer(model, "flora", options).param_groups[0]
     assert (group["momentum"], group["exact_current"], group["orthogonal"]) == ("update", True, True)
     default = build_optimizer(model, "flora", MethodOptions.from_flat({"lr": 1e-2, "flora_rank": 4})).param_groups[0]
-    assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # velora train's defaults stay Alg. 2
+    assert {k: default[k] for k in PAPER_ALG2} == BEST_MEASURED and default["eps1"] == 1e-15  # velora train's too
+    alg2 = MethodOptions.from_flat(dict(lr=1e-2, flora_rank=4, flora_momentum="gradient", flora_exact_current=False,
+                                        flora_momentum_orthogonal=False))
+    assert {k: build_optimizer(model, "flora", alg2).param_groups[0][k] for k in PAPER_ALG2} == PAPER_ALG2
     with pytest.raises(ValueError, match="flora_momentum='adam'"):
         MethodOptions.from_flat({"lr": 1e-2, "flora_momentum": "adam"})
 
