@@ -244,10 +244,31 @@ def test_compare_sizes_each_method_through_the_registry():
 
     assert method_overrides("galore+velora", 8, 32, 50)["options"] == {"galore_rank": 8, "update_proj_gap": 50,
                                                                         "galore_scale": 0.25}
-    assert method_overrides("flora", 8, 32, 50)["options"] == {"flora_rank": 8, "flora_kappa": 50}
+    # FLoRA runs as the paper does (issue #16): Adafactor base, kappa 1000 whatever the GaLore refresh gap
+    assert method_overrides("flora", 8, 32, 50)["options"] == {"flora_rank": 8, "flora_kappa": 1000,
+                                                               "optimizer": "adafactor"}
     assert method_overrides("velora", 8, 32, 50)["options"] == {}
     for method in ("full", "lora", "dora", "galore", "flora", "gradnormlorp"):
         TrainConfig(method=method, **method_overrides(method, 8, 32, 50))  # every override is a valid option
+
+
+def test_compare_flora_row_is_the_papers_setting_and_says_so():
+    from velora.experiments.compare import TUNED_LR, describe, method_overrides, table_label
+    from velora.experiments.compare_report import table_rows
+
+    config = TrainConfig(method="flora", lr=TUNED_LR["flora"], **method_overrides("flora", 8, 32, 50))
+    options = config.method_options()
+    optimizer = build_optimizer(prepare_model(_model(), "flora", options), "flora", options)
+    groups = [g for g in optimizer.param_groups if g["compress"]]
+    assert {(g["base"], g["kappa"], g["momentum"], g["exact_current"], g["orthogonal"], g["eps1"]) for g in groups} \
+        == {("adafactor", 1000, "update", True, True, 1e-15)} and TUNED_LR["flora"] == 3e-2
+    assert "kappa=1000, Adafactor base" in describe("flora", 8, 32, 50)
+    assert (table_label("flora"), table_label("velora+flora"), table_label("full")) == \
+        ("flora (Adafactor, κ=1000)", "velora+flora (Adafactor, κ=1000)", "full")
+    row = {"method": "flora", "label": table_label("flora"), "lr": 3e-2, "val_ppl": 50.0,
+           "val_ppl_vs_full_pct": 1.0, "activation_bytes": 0, "peak_bytes": 0, "peak_breakdown": {},
+           "step_time_ratio": None}
+    assert table_rows({"rows": [row]})[0][0] == "flora (Adafactor, κ=1000)"
 
 
 # ---- core's layer hook: a method's layer type is wrapped without core knowing it ------------------------------
