@@ -333,7 +333,7 @@ def write_report(runs: dict[str, dict]) -> dict:
         markdown_table(["row", "best lr", "seed-0 lr grid (val ppl)", "val ppl per seed", "mean ± std",
                         "opt. state MiB"], table),
         markdown_table(["row", "vs", "ratio of means", "per seed", "target", "met"], ratio_table),
-    ])
+    ] + [f"Run `{run['run']}` is not the bench's own: {run['source']}." for run in runs.values() if run.get("source")])
     summary = {"setting": {**SETTING, "rank": RANK, "kappa": KAPPA}, "rows": summaries, "ratios": ratios,
                "environment": environment()}
     RESULTS.mkdir(parents=True, exist_ok=True)
