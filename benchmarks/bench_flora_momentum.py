@@ -50,6 +50,9 @@ ALG2_OPTIONS = {"flora_momentum": "gradient", "flora_exact_current": False, "flo
 # eps1^2; after compare's gradient clipping many matrices have mean(G^2) below 1.2e-7, so v_hat is underestimated.
 # flora-opt (and the Adafactor paper) add 1e-30 to G^2 instead; eps1 = 1e-15 puts our v_hat floor at that 1e-30.
 AUTHORS_EPS1 = 1e-15
+# Flora's default eps1 is 1e-15 since issue #16; the rows measured with torch's rule name it: for float32 weights that
+# rule is the float32 eps, so these rows run bit for bit as they did before the default changed
+TORCH_EPS1 = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -68,22 +71,27 @@ def _flora(optimizer: str, rank: int, **options) -> dict:
 
 ROWS = (
     Row("uncompressed", "Adafactor + uncompressed momentum (our Flora, r = full side, momentum='update')", "flora",
-        _flora("adafactor", FULL_SIDE, flora_momentum="update"), ADAFACTOR_START),
+        _flora("adafactor", FULL_SIDE, flora_momentum="update", flora_eps1=TORCH_EPS1), ADAFACTOR_START),
     Row("ours-authors", "our FLoRA, Adafactor, κ=1000, r=64: update, current exact, orthonormal", "flora",
-        _flora("adafactor", RANK, **AUTHORS_OPTIONS), ADAFACTOR_START),
+        _flora("adafactor", RANK, **AUTHORS_OPTIONS, flora_eps1=TORCH_EPS1), ADAFACTOR_START),
     Row("ours-authors-gaussian", "our FLoRA, Adafactor, κ=1000, r=64: Flora.authors_code (update, current exact, "
-        "Gaussian rows)", "flora", _flora("adafactor", RANK, **{**AUTHORS_OPTIONS, "flora_momentum_orthogonal": False}),
+        "Gaussian rows)", "flora",
+        _flora("adafactor", RANK, **{**AUTHORS_OPTIONS, "flora_momentum_orthogonal": False}, flora_eps1=TORCH_EPS1),
         ADAFACTOR_START),
     Row("flora-opt", "flora-opt 0.0.3 FLoRA, κ=1000, r=64 (authors' package)", "flora-opt",
         _flora("adafactor", RANK), ADAFACTOR_START),
     Row("ours-alg2", "our FLoRA, Adafactor, κ=1000, r=64: paper's Alg. 2 literally (Flora.paper_alg2)", "flora",
-        _flora("adafactor", RANK, **ALG2_OPTIONS), ADAFACTOR_START),
+        _flora("adafactor", RANK, **ALG2_OPTIONS, flora_eps1=TORCH_EPS1), ADAFACTOR_START),
     Row("adamw", "AdamW (uncompressed, compare's full row)", "full", {"optimizer": "adamw"}, ADAMW_START),
     Row("ours-adamw", "our FLoRA, AdamW base, κ=1000, r=64: gradient, current exact, orthonormal", "flora",
         _flora("adamw", RANK, flora_momentum="gradient", flora_exact_current=True, flora_momentum_orthogonal=True),
         ADAMW_START),
     Row("ours-adamw-update", "our FLoRA, AdamW base, κ=1000, r=64: update, current exact, orthonormal", "flora",
         _flora("adamw", RANK, **AUTHORS_OPTIONS), ADAMW_START),
+    Row("ours-adamw-residual", "our FLoRA, AdamW base, κ=1000, r=64: gradient, current exact, orthonormal, "
+        "residual (the complement of the row space gets the gradient itself)", "flora",
+        _flora("adamw", RANK, flora_momentum="gradient", flora_exact_current=True, flora_momentum_orthogonal=True,
+               flora_momentum_residual=True), ADAMW_START),
     Row("uncompressed-eps", "Adafactor + uncompressed momentum, eps1 = 1e-15 (v_hat floor 1e-30, as flora-opt)",
         "flora", _flora("adafactor", FULL_SIDE, flora_momentum="update", flora_eps1=AUTHORS_EPS1), ADAFACTOR_START),
     Row("ours-authors-eps", "our FLoRA, Adafactor, κ=1000, r=64: update, current exact, orthonormal, eps1 = 1e-15",
@@ -97,7 +105,8 @@ ROWS = (
 TARGETS = (("ours-authors", "uncompressed", 1.02), ("ours-authors", "flora-opt", 1.0), ("ours-adamw", "adamw", 1.05),
            ("ours-authors-gaussian", "uncompressed", 1.02), ("ours-authors-gaussian", "flora-opt", 1.0),
            ("ours-alg2", "uncompressed", 1.02), ("flora-opt", "uncompressed", 1.02),
-           ("ours-adamw-update", "adamw", 1.05), ("ours-authors-eps", "uncompressed-eps", 1.02),
+           ("ours-adamw-update", "adamw", 1.05), ("ours-adamw-residual", "adamw", 1.05),
+           ("ours-authors-eps", "uncompressed-eps", 1.02),
            ("ours-authors-eps", "flora-opt", 1.0), ("ours-alg2-eps", "uncompressed-eps", 1.02),
            ("uncompressed-eps", "flora-opt-uncompressed", 1.02))
 
@@ -324,7 +333,7 @@ def write_report(runs: dict[str, dict]) -> dict:
         markdown_table(["row", "best lr", "seed-0 lr grid (val ppl)", "val ppl per seed", "mean ± std",
                         "opt. state MiB"], table),
         markdown_table(["row", "vs", "ratio of means", "per seed", "target", "met"], ratio_table),
-    ])
+    ] + [f"Run `{run['run']}` is not the bench's own: {run['source']}." for run in runs.values() if run.get("source")])
     summary = {"setting": {**SETTING, "rank": RANK, "kappa": KAPPA}, "rows": summaries, "ratios": ratios,
                "environment": environment()}
     RESULTS.mkdir(parents=True, exist_ok=True)

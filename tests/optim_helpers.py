@@ -62,21 +62,30 @@ def _gradnorm(model, lr=1e-2, gap=3, targets=("up", "down"), rank=4, proj_rank=2
     return gradnorm_lorp_optimizer(model, lr=lr, proj_rank=proj_rank, update_proj_gap=gap)
 
 
+# Flora's momentum rows: the paper's Gaussian, orthonormal, orthonormal with the residual passed through
+FLORA_ROWS = {"gaussian": dict(orthogonal=False), "orthonormal": dict(orthogonal=True),
+              "residual": dict(orthogonal=True, residual=True)}
+
+
+def _flora_options(momentum: str, exact_current: bool, rows: str):
+    options = dict(momentum=momentum, exact_current=exact_current, **FLORA_ROWS[rows])
+    return lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, **options)
+
+
 # name -> (prepare model in place and return its optimizer); kappa / gap of 3 so that short runs
 # cross a resampling boundary and a projector refresh
 FACTORIES = {
     "flora-adafactor": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3),
     "flora-adamw": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, base="adamw"),
     "flora-8bit": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, eight_bit=True),
-    # the momentum options of issue #16 (docs/optim.md, "FLoRA momentum options")
-    "flora-update": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, momentum="update"),
-    "flora-exact-current": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, exact_current=True),
-    "flora-orthonormal": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, orthogonal=True),
+    "flora-alg2": lambda m: Flora.paper_alg2(m.parameters(), lr=1e-2, rank=4, kappa=3),
+    "flora-adamw-alg2": lambda m: Flora.paper_alg2(m.parameters(), lr=1e-2, rank=4, kappa=3, base="adamw"),
     "flora-authors": lambda m: Flora.authors_code(m.parameters(), lr=1e-2, rank=4, kappa=3),
-    "flora-adamw-update-exact": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, base="adamw",
-                                                momentum="update", exact_current=True, orthogonal=True),
-    "flora-8bit-update-exact": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, eight_bit=True,
-                                               momentum="update", exact_current=True),
+    # every combination of the momentum options of issue #16 (docs/optim.md, "FLoRA momentum options")
+    **{f"flora-{momentum}-{'exact' if exact else 'compressed'}-{rows}": _flora_options(momentum, exact, rows)
+       for momentum in ("gradient", "update") for exact in (False, True) for rows in FLORA_ROWS},
+    "flora-adamw-residual": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, base="adamw", residual=True),
+    "flora-8bit-residual": lambda m: Flora(m.parameters(), lr=1e-2, rank=4, kappa=3, eight_bit=True, residual=True),
     "galore": lambda m: _galore(m),
     "galore-reproject": lambda m: _galore(m, reproject=True),
     "galore-8bit": lambda m: _galore(m, eight_bit=True),

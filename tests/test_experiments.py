@@ -311,3 +311,31 @@ def test_ctrl_c_stops_compare_in_one_line_and_the_rerun_continues(tmp_path, text
     alive = [line for line in subprocess.run(["pgrep", "-a", "-s", str(first.pid)], capture_output=True,
                                              text=True).stdout.splitlines() if "<defunct>" not in line]  # exited
     assert alive == [], f"worker processes left running: {alive}"
+
+
+def test_bench_flora_kappa_rows_build_the_momentum_options_they_name():
+    # every FLoRA row's optimizer, built from the row's config as the bench trains it (no training: options only)
+    from velora.experiments import flora_kappa
+    from velora.methods.registry import build_optimizer, prepare_model
+    from velora.optim.flora import PAPER_ALG2
+    from velora.training.models import build_config, build_model
+
+    variants = flora_kappa.build_variants(steps=2)
+    assert [v.columns["momentum_options"] for v in variants[5:]] == list(flora_kappa.MOMENTUM_OPTIONS)
+    keys = ("momentum", "exact_current", "orthogonal", "residual")
+    expected = {"Alg. 2": PAPER_ALG2,
+                "Flora's defaults (update, current exact, orthonormal rows)": dict(
+                    momentum="update", exact_current=True, orthogonal=True, residual=False),
+                "residual (gradient, current exact, orthonormal rows)": dict(
+                    momentum="gradient", exact_current=True, orthogonal=True, residual=True),
+                "orthonormal rows": {**PAPER_ALG2, "orthogonal": True},
+                "momentum=update": {**PAPER_ALG2, "momentum": "update"}}
+    model = build_model(build_config("llama-tiny", vocab_size=64))  # d = 64 > r = 32: its matrices are compressed
+    for variant in variants[1:]:
+        options = variant.config.method_options()
+        optimizer = build_optimizer(prepare_model(model, "flora", options), "flora", options)
+        group = next(g for g in optimizer.param_groups if g["compress"])
+        assert (group["kappa"], group["base"], group["rank"]) == (variant.columns["kappa"], "adamw", flora_kappa.RANK)
+        assert group["project"] == variant.columns["side"]
+        if variant.columns["momentum_options"] in expected:
+            assert {k: group[k] for k in keys} == expected[variant.columns["momentum_options"]], variant.label

@@ -74,12 +74,14 @@ def test_eps_reaches_every_adam_style_optimizer(method, options):
 def test_flora_decay_and_betas_equal_torch_adamw_where_nothing_is_projected():
     """Flora (AdamW base) on vectors (never projected) is AdamW: decoupled decay and betas as torch's."""
     from velora.optim import Flora
+    from velora.optim.flora import PAPER_ALG2
 
     torch.manual_seed(0)
     start = [torch.randn(7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
     ours = [p.clone().requires_grad_(True) for p in start]
     reference = [p.clone().requires_grad_(True) for p in start]
-    flora = Flora(ours, lr=1e-2, rank=2, base="adamw", beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.1)
+    flora = Flora(ours, lr=1e-2, rank=2, base="adamw", beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.1,
+                  **PAPER_ALG2)  # Adam's first moment: the EMA of the gradient
     adamw = torch.optim.AdamW(reference, lr=1e-2, betas=BETAS, weight_decay=0.1, foreach=False)
     for step in range(3):
         grads = [torch.randn_like(p) for p in start]
@@ -242,10 +244,31 @@ def test_compare_sizes_each_method_through_the_registry():
 
     assert method_overrides("galore+velora", 8, 32, 50)["options"] == {"galore_rank": 8, "update_proj_gap": 50,
                                                                         "galore_scale": 0.25}
-    assert method_overrides("flora", 8, 32, 50)["options"] == {"flora_rank": 8, "flora_kappa": 50}
+    # FLoRA runs as the paper does (issue #16): Adafactor base, kappa 1000 whatever the GaLore refresh gap
+    assert method_overrides("flora", 8, 32, 50)["options"] == {"flora_rank": 8, "flora_kappa": 1000,
+                                                               "optimizer": "adafactor"}
     assert method_overrides("velora", 8, 32, 50)["options"] == {}
     for method in ("full", "lora", "dora", "galore", "flora", "gradnormlorp"):
         TrainConfig(method=method, **method_overrides(method, 8, 32, 50))  # every override is a valid option
+
+
+def test_compare_flora_row_is_the_papers_setting_and_says_so():
+    from velora.experiments.compare import TUNED_LR, describe, method_overrides, table_label
+    from velora.experiments.compare_report import table_rows
+
+    config = TrainConfig(method="flora", lr=TUNED_LR["flora"], **method_overrides("flora", 8, 32, 50))
+    options = config.method_options()
+    optimizer = build_optimizer(prepare_model(_model(), "flora", options), "flora", options)
+    groups = [g for g in optimizer.param_groups if g["compress"]]
+    assert {(g["base"], g["kappa"], g["momentum"], g["exact_current"], g["orthogonal"], g["eps1"]) for g in groups} \
+        == {("adafactor", 1000, "update", True, True, 1e-15)} and TUNED_LR["flora"] == 3e-2
+    assert "kappa=1000, Adafactor base" in describe("flora", 8, 32, 50)
+    assert (table_label("flora"), table_label("velora+flora"), table_label("full")) == \
+        ("flora (Adafactor, κ=1000)", "velora+flora (Adafactor, κ=1000)", "full")
+    row = {"method": "flora", "label": table_label("flora"), "lr": 3e-2, "val_ppl": 50.0,
+           "val_ppl_vs_full_pct": 1.0, "activation_bytes": 0, "peak_bytes": 0, "peak_breakdown": {},
+           "step_time_ratio": None}
+    assert table_rows({"rows": [row]})[0][0] == "flora (Adafactor, κ=1000)"
 
 
 # ---- core's layer hook: a method's layer type is wrapped without core knowing it ------------------------------
@@ -331,8 +354,9 @@ def test_velora_plan_takes_the_generated_flags_and_checks_them_in_one_line(capsy
 
 
 def test_flora_eps1_reaches_the_adafactor_base_and_changes_the_step():
-    """``flora_eps1`` (``--flora-eps1``): the v_hat floor of Flora's Adafactor base (the FLoRA authors' 1e-15), checked
-    against a run without it on gradients below float32 eps, where torch's rule clamps the row mean."""
+    """``flora_eps1`` (``--flora-eps1``): the floor of Flora's Adafactor base (default 1e-15, the FLoRA authors' v_hat
+    floor 1e-30), checked against torch's rule (float32 eps) on gradients below float32 eps, where that rule clamps
+    the row mean."""
     from velora.methods.options import MethodOptions
 
     def step(options: dict) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
@@ -345,10 +369,13 @@ def test_flora_eps1_reaches_the_adafactor_base_and_changes_the_step():
         optimizer.step()
         return [p.detach().clone() for p in model.parameters()], optimizer
 
-    default, _ = step({})
+    default, optimizer = step({})
+    assert {group["eps1"] for group in optimizer.param_groups} == {1e-15}  # Flora's default since issue #16
     floored, optimizer = step({"flora_eps1": 1e-15})
-    assert {group["eps1"] for group in optimizer.param_groups} == {1e-15}
-    assert any(not torch.equal(a, b) for a, b in zip(default, floored))
+    assert all(torch.equal(a, b) for a, b in zip(default, floored))
+    torch_rule, optimizer = step({"flora_eps1": torch.finfo(torch.float32).eps})
+    assert {group["eps1"] for group in optimizer.param_groups} == {torch.finfo(torch.float32).eps}
+    assert any(not torch.equal(a, b) for a, b in zip(torch_rule, floored))
     with pytest.raises(ValueError, match="flora_eps1=1e-15 applies to FLoRA's Adafactor base only"):
         step({"flora_eps1": 1e-15, "optimizer": "adamw"})
     with pytest.raises(ValueError, match="flora_eps1=-1"):

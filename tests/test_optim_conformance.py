@@ -203,6 +203,9 @@ LLAMA_SETTINGS = {
     "flora-exact-current": lambda m: Flora(m, lr=0.1, rank=8, kappa=10, exact_current=True),
     "flora-orthonormal": lambda m: Flora(m, lr=0.1, rank=8, kappa=10, orthogonal=True),
     "flora-authors": lambda m: Flora.authors_code(m, lr=0.1, rank=8, kappa=10),
+    "flora-alg2": lambda m: Flora.paper_alg2(m, lr=0.1, rank=8, kappa=10),
+    "flora-residual": lambda m: Flora(m, lr=0.1, rank=8, kappa=10, residual=True),
+    "flora-adamw-residual": lambda m: Flora(m, lr=3e-3, rank=8, kappa=10, base="adamw", residual=True),
     "flora-adamw-update-exact": lambda m: Flora(m, lr=3e-3, rank=8, kappa=10, base="adamw", momentum="update",
                                                 exact_current=True, orthogonal=True),
     "flora-8bit-update-exact": lambda m: Flora(m, lr=0.1, rank=8, kappa=10, eight_bit=True, momentum="update",
@@ -229,7 +232,7 @@ def _llama_gradnorm(model):
     return _gradnorm(model, lr=3e-3, gap=10, targets=targets, rank=8, proj_rank=4)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(LLAMA_SETTINGS))
 def test_loss_goes_down_on_tiny_llama_real_text(name):
     torch.manual_seed(0)
     model = build_model(build_config("llama-tiny", vocab_size=256))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from velora.optim import Flora, GaLoreAdamW, derive_seed, random_projection
+from velora.optim.flora import PAPER_ALG2
 
 torch.set_num_threads(1)
 F64 = dict(rtol=1e-12, atol=1e-14)
@@ -41,7 +42,8 @@ def test_flora_without_momentum_is_float64_torch_adafactor():
 @pytest.mark.parametrize("base", ["adafactor", "adamw"])
 def test_flora_compressed_momentum_is_float64(base):
     # one step from zero: M = (1 - beta1) * G A^T with A the seed's projection in float64, written out here
-    matrix, _, optimizer, grads = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, base=base, seed=4), (6, 40), steps=1)
+    matrix, _, optimizer, grads = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, base=base, seed=4, **PAPER_ALG2), (6, 40),
+                                       steps=1)
     momentum = optimizer.state[matrix]["momentum"]
     projection = random_projection(derive_seed(4, 0, 0), 6, 3, dtype=torch.float64)  # (r, rows): rows < cols
     assert momentum.dtype == torch.float64
@@ -50,7 +52,7 @@ def test_flora_compressed_momentum_is_float64(base):
 
 def test_flora_full_orthogonal_projection_matches_float64_adamw():
     flora = _run(lambda ps: Flora(ps, lr=1e-2, rank=10, kappa=2, base="adamw", orthogonal=True, weight_decay=0.1,
-                                  force_compress=True), steps=6)
+                                  force_compress=True, momentum="gradient"), steps=6)
     adamw = _run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), steps=6)
     # the projection's rows are orthonormal to float32 precision (drawn in float32 on every rank)
     torch.testing.assert_close(flora[0], adamw[0], rtol=0, atol=1e-6)

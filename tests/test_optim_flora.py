@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from velora.optim import Flora, derive_seed, random_projection
+from velora.optim.flora import PAPER_ALG2
 from velora.optim.projections import compression_plan
 from velora.optim.quant import dequantize_blockwise, quantize_blockwise
 from velora.training.models import build_config, build_model
@@ -35,7 +36,7 @@ def _run(make, shape, steps, grads_seed=1, zero_grad_at=()):
                                             ((10, 6), "larger")])
 def test_adamw_base_with_full_orthogonal_projection_matches_torch_adamw(shape, project):
     # rank == projected dim and orthogonal projections: compression is exact, across kappa boundaries
-    flora = _run(lambda ps: Flora(ps, lr=1e-2, rank=10, kappa=3, base="adamw", weight_decay=0.1,
+    flora = _run(lambda ps: Flora(ps, lr=1e-2, rank=10, kappa=3, base="adamw", weight_decay=0.1, momentum="gradient",
                                   orthogonal=True, project=project, force_compress=True), shape, steps=8)
     adamw = _run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), shape, steps=8)
     assert "seed" in flora[2].state[flora[0]]  # the matrix really went through the projection path
@@ -118,7 +119,7 @@ def test_first_momentum_is_the_gradient_projected_on_the_chosen_side(project):
     # one step from zero: M = (1 - beta1) * (G compressed on the chosen side), written out here
     for shape in ((6, 40), (40, 6)):
         matrix, _, optimizer = _run(lambda ps: Flora(ps, lr=1e-2, rank=3, beta1=0.9, base="adamw", seed=4,
-                                                     project=project), shape, steps=1)
+                                                     project=project, **PAPER_ALG2), shape, steps=1)
         generator = torch.Generator().manual_seed(1)  # the first gradient _run fed
         grad = torch.randn(shape, generator=generator).double()  # (rows, cols)
         rows, cols = shape

@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, KAPPA, STEPS = 1e-2, 0.9, 0.999, 1e-8, 0.1, 3, 7
 OPTIONS = list(product(("gradient", "update"), (False, True)))  # (momentum, exact_current)
+BEST_MEASURED = {"momentum": "update", "exact_current": True, "orthogonal": True, "residual": False}  # the defaults
 
 
 def _grads(shape, steps=STEPS) -> list[torch.Tensor]:
@@ -80,8 +81,11 @@ class _AdamW:
         return weight * (1 - LR * WEIGHT_DECAY) - LR / bias_correction1 / clip * update
 
 
-def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False, seed=0) -> torch.Tensor:
-    """FLoRA momentum on one matrix; ``rank=None``: uncompressed momentum. Projects the smaller side."""
+def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False, seed=0, residual=False,
+               kappa=KAPPA) -> torch.Tensor:
+    """FLoRA momentum on one matrix; ``rank=None``: uncompressed momentum. Projects the smaller side. ``residual``:
+    orthonormal rows Q (Q Q^T = I), and the complement of the direction's row space gets the source with the
+    weight of an exact m_hat (AdamW: bias_correction1, as the step divides by it; Adafactor: 1)."""
     weight = _start(shape)
     second_moment = (_Adafactor if base == "adafactor" else _AdamW)(shape)
     transposed = shape[0] < shape[1]  # work on (k, p) with p the smaller side
@@ -89,12 +93,14 @@ def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False
     history = torch.zeros((kept, rank) if rank else (kept, projected), dtype=torch.float64)
 
     def draw(cycle):  # (r, p)
-        return random_projection(derive_seed(seed, 0, cycle), projected, rank, dtype=torch.float64,
-                                 orthogonal=orthogonal)
+        drawn = random_projection(derive_seed(seed, 0, cycle), projected, rank, dtype=torch.float64,
+                                  orthogonal=orthogonal)
+        return drawn * math.sqrt(rank / projected) if residual else drawn
 
     projection = draw(0) if rank else None
     for t, grad in enumerate(_grads(shape)):
         step = t + 1
+        bias_correction1 = 1 - BETA1**step if base == "adamw" else 1.0
         inverse_root = second_moment.inverse_root(grad, step)  # (n, m)
         source = grad if momentum == "gradient" else grad * inverse_root  # (n, m)
         source = source.T if transposed else source  # (k, p)
@@ -102,16 +108,20 @@ def _reference(shape, base, momentum, exact_current, rank=None, orthogonal=False
             history = BETA1 * history + (1 - BETA1) * source
             direction = history
         else:
+            old = projection
             exact = BETA1 * history @ projection + (1 - BETA1) * source  # (k, p)
-            if t > 0 and t % KAPPA == 0:
-                new_projection = draw(t // KAPPA)
+            if t > 0 and t % kappa == 0:
+                new_projection = draw(t // kappa)
                 history = history @ projection @ new_projection.T  # (k, r)
                 projection = new_projection
             history = BETA1 * history + (1 - BETA1) * source @ projection.T  # (k, r)
             direction = exact if exact_current else history @ projection  # (k, p)
+            if residual:  # exact_current: source + beta1 (M_old Q_old - source Q_old^T Q_old) on Adafactor
+                rows = old if exact_current else projection
+                share = bias_correction1 - (1 - BETA1 if exact_current else 0.0)  # the complement's missing weight
+                direction = direction + share * (source - source @ rows.T @ rows)  # (k, p)
         direction = direction.T if transposed else direction  # (n, m)
         update = direction * inverse_root if momentum == "gradient" else direction
-        bias_correction1 = 1 - BETA1**step if base == "adamw" else 1.0
         weight = second_moment.apply(weight, update, step, bias_correction1)
     return weight
 
@@ -155,6 +165,54 @@ def test_low_rank_flora_matches_the_written_out_compressed_algorithm(base, momen
     assert (flora - other).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("base", ["adafactor", "adamw"])
+@pytest.mark.parametrize("momentum, exact_current", OPTIONS)
+def test_residual_flora_matches_the_written_out_algorithm_across_kappa(base, momentum, exact_current):
+    shape = (10, 6)  # columns projected at rank 3, kappa boundaries at steps 3 and 6
+    flora, _ = _run_flora(shape, rank=3, base=base, momentum=momentum, exact_current=exact_current,
+                          orthogonal=True, residual=True)
+    expected = _reference(shape, base, momentum, exact_current, rank=3, orthogonal=True, residual=True)
+    torch.testing.assert_close(flora, expected, rtol=1e-10, atol=1e-12)
+    plain = _reference(shape, base, momentum, exact_current, rank=3, orthogonal=True)
+    assert (flora - plain).abs().max() > 1e-4  # the option is not silently ignored
+
+
+@pytest.mark.parametrize("base", ["adafactor", "adamw"])
+@pytest.mark.parametrize("momentum, exact_current", OPTIONS)
+def test_residual_flora_is_the_exact_ema_inside_the_row_space_and_the_source_outside(base, momentum, exact_current):
+    # no resampling in 7 steps: Flora's residual direction must be m_t P + c_t source_t (I - P), with m_t the
+    # uncompressed EMA, P the projector onto the drawn rows (from a pseudo-inverse, not Flora's scaling) and c_t the
+    # weight an exact m_hat gives the source where the EMA is absent (bias_correction1 for AdamW, 1 for Adafactor)
+    shape, rank = (6, 10), 3
+    matrix = torch.nn.Parameter(_start(shape))
+    optimizer = Flora([matrix], lr=LR, rank=rank, kappa=100, weight_decay=WEIGHT_DECAY, base=base, momentum=momentum,
+                      exact_current=exact_current, orthogonal=True, residual=True)
+    drawn = random_projection(derive_seed(0, 0, 0), shape[0], rank, dtype=torch.float64, orthogonal=True)  # (r, p)
+    projector = torch.linalg.pinv(drawn) @ drawn  # (p, p)
+    weight = _start(shape)
+    second_moment = (_Adafactor if base == "adafactor" else _AdamW)(shape)
+    ema = torch.zeros(shape, dtype=torch.float64)
+    for t, grad in enumerate(_grads(shape)):
+        matrix.grad = grad.clone()
+        optimizer.step()
+        step = t + 1
+        correction = 1 - BETA1**step if base == "adamw" else 1.0
+        inverse_root = second_moment.inverse_root(grad, step)  # (n, m)
+        source = grad if momentum == "gradient" else grad * inverse_root  # (n, m)
+        ema = BETA1 * ema + (1 - BETA1) * source  # (n, m), rows = the projected side
+        complement = torch.eye(shape[0], dtype=torch.float64) - projector  # (p, p)
+        direction = projector @ ema + correction * complement @ source  # (n, m)
+        update = direction * inverse_root if momentum == "gradient" else direction
+        weight = second_moment.apply(weight, update, step, correction)
+        torch.testing.assert_close(matrix.detach(), weight, rtol=0, atol=1e-6)  # rows orthonormal to ~1e-7
+
+
+def test_residual_needs_orthonormal_rows():
+    with pytest.raises(ValueError) as info:
+        Flora([torch.nn.Parameter(torch.zeros(4, 6))], lr=LR, rank=2, orthogonal=False, residual=True)
+    assert "residual=True needs orthogonal=True" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_exact_current_keeps_the_first_step_exact():
     # one step from zero: the direction is (1 - beta1) * G exactly, whatever the rank
     shape = (6, 40)
@@ -171,16 +229,17 @@ def test_exact_current_keeps_the_first_step_exact():
 # --- state: the kind check and states saved before the options existed --------------------------------------------
 
 def _saved(**options) -> dict:
-    _, optimizer = _run_flora((6, 10), rank=3, **options)
+    _, optimizer = _run_flora((6, 10), rank=3, **{**PAPER_ALG2, **options})
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
 
 
-def _fresh(**options) -> tuple[torch.nn.Parameter, Flora]:
+def _fresh(defaults: dict = PAPER_ALG2, **options) -> tuple[torch.nn.Parameter, Flora]:
+    """A Flora with ``defaults`` (the paper's Alg. 2 unless given) overridden by ``options``."""
     matrix = torch.nn.Parameter(_start((6, 10)))
-    return matrix, Flora([matrix], lr=LR, rank=3, kappa=KAPPA, weight_decay=WEIGHT_DECAY, **options)
+    return matrix, Flora([matrix], lr=LR, rank=3, kappa=KAPPA, weight_decay=WEIGHT_DECAY, **{**defaults, **options})
 
 
 @pytest.mark.parametrize("saved_options, here_options, fragment", [
@@ -188,6 +247,8 @@ def _fresh(**options) -> tuple[torch.nn.Parameter, Flora]:
     (dict(), dict(momentum="update"), "momentum='gradient' but this one has momentum='update'"),
     (dict(exact_current=True), dict(), "exact_current=True saved vs False here"),
     (dict(orthogonal=True), dict(), "orthogonal=True saved vs False here"),
+    (dict(orthogonal=True), dict(orthogonal=True, residual=True), "residual=False but this one has residual=True"),
+    (dict(orthogonal=True, residual=True), dict(orthogonal=True), "residual=True but this one has residual=False"),
 ])
 def test_a_state_saved_with_other_options_is_refused_in_one_line(saved_options, here_options, fragment):
     saved = _saved(**saved_options)
@@ -199,8 +260,9 @@ def test_a_state_saved_with_other_options_is_refused_in_one_line(saved_options, 
 
 
 def _legacy(saved: dict) -> dict:
-    """The state_dict layout of Flora before the options existed: no "momentum"/"exact_current" group keys."""
-    groups = [{k: v for k, v in g.items() if k not in ("momentum", "exact_current")} for g in saved["param_groups"]]
+    """The state_dict layout of Flora before the options existed: no "momentum"/"exact_current"/"residual" keys."""
+    groups = [{k: v for k, v in g.items() if k not in ("momentum", "exact_current", "residual")}
+              for g in saved["param_groups"]]
     return {**saved, "param_groups": groups}
 
 
@@ -221,7 +283,7 @@ def test_a_state_saved_before_the_options_existed_loads_as_alg2_and_resumes_bitw
     resumed.data.copy_(interrupted.detach())
     optimizer.load_state_dict(legacy)
     group = optimizer.param_groups[0]
-    assert group["momentum"] == "gradient" and group["exact_current"] is False
+    assert group["momentum"] == "gradient" and group["exact_current"] is False and group["residual"] is False
     for grad in grads[2:]:  # crosses the kappa boundaries at steps 3 and 6
         resumed.grad = grad.clone()
         optimizer.step()
@@ -231,6 +293,12 @@ def test_a_state_saved_before_the_options_existed_loads_as_alg2_and_resumes_bitw
                               (dict(exact_current=True), "exact_current=False but this one has exact_current=True")):
         with pytest.raises(ValueError, match=fragment):
             _fresh(**options)[1].load_state_dict(legacy)
+    # ... and by today's defaults (update, current exact, orthonormal), in one line, leaving the optimizer untouched
+    _, default = _fresh(defaults={})
+    with pytest.raises(ValueError) as info:
+        default.load_state_dict(legacy)
+    assert "orthogonal=False saved vs True here" in str(info.value)  # the first difference found names itself
+    assert "\n" not in str(info.value) and not default.state
 
 
 # --- arguments and presets -------------------------------------------------------------------------------------
@@ -252,7 +320,8 @@ def test_presets_name_the_paper_and_the_authors_settings():
     paper = Flora.paper_alg2([param], lr=LR, rank=2, kappa=5).param_groups[0]
     assert {k: paper[k] for k in PAPER_ALG2} == PAPER_ALG2 and paper["kappa"] == 5
     default = Flora([param], lr=LR, rank=2).param_groups[0]
-    assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # today's defaults are Alg. 2 read literally
+    # the defaults are the best measured choice (issue #16); Alg. 2 is the preset above
+    assert {k: default[k] for k in PAPER_ALG2} == BEST_MEASURED and default["eps1"] == 1e-15
     authors = Flora.authors_code([param], lr=LR, rank=2).param_groups[0]
     assert {k: authors[k] for k in AUTHORS_CODE} == AUTHORS_CODE
     assert authors["momentum"] == "update" and authors["exact_current"] is True and authors["base"] == "adafactor"
@@ -272,7 +341,10 @@ def test_method_options_pass_the_momentum_options_to_flora():
     group = build_optimizer(model, "flora", options).param_groups[0]
     assert (group["momentum"], group["exact_current"], group["orthogonal"]) == ("update", True, True)
     default = build_optimizer(model, "flora", MethodOptions.from_flat({"lr": 1e-2, "flora_rank": 4})).param_groups[0]
-    assert {k: default[k] for k in PAPER_ALG2} == PAPER_ALG2  # velora train's defaults stay Alg. 2
+    assert {k: default[k] for k in PAPER_ALG2} == BEST_MEASURED and default["eps1"] == 1e-15  # velora train's too
+    alg2 = MethodOptions.from_flat(dict(lr=1e-2, flora_rank=4, flora_momentum="gradient", flora_exact_current=False,
+                                        flora_momentum_orthogonal=False))
+    assert {k: build_optimizer(model, "flora", alg2).param_groups[0][k] for k in PAPER_ALG2} == PAPER_ALG2
     with pytest.raises(ValueError, match="flora_momentum='adam'"):
         MethodOptions.from_flat({"lr": 1e-2, "flora_momentum": "adam"})
 

@@ -46,7 +46,11 @@ SETTING = dict(model="llama-small", data="stdlib", tokenizer="bpe", vocab_size=2
 TUNING_SETTING = {**SETTING, "seq_len": 128, "batch_size": 8, "steps": 250, "warmup_steps": 25}
 RANK = 64  # r / d_model = 64 / 128, the ratio of Tab. 4's 60M column (128 / 256)
 SUB_TOKEN_SIZE = 4  # M = D/32 for the value projection (D = 128); the down projection (D = 352) has 88 groups
-UPDATE_GAP = 50  # GaLore / GradNormLoRP subspace refresh and FLoRA kappa (kept from the 250-step tuning run)
+UPDATE_GAP = 50  # GaLore / GradNormLoRP subspace refresh (kept from the 250-step tuning run)
+# FLoRA as the paper runs it (issue #16): Adafactor base, kappa = 1000 (never resampled in 1000 steps), with Flora's
+# defaults (update momentum, current step exact, orthonormal rows, eps1 1e-15; benchmarks/bench_flora_momentum.py)
+PAPER_OPTIONS = {"flora": {"optimizer": "adafactor", "flora_kappa": 1000}}
+TABLE_TAGS = {"flora": "Adafactor, κ=1000"}  # beside the method's name in the table: the base and kappa it ran with
 
 # Learning rates. Every method was first tuned on TUNING_SETTING (250 steps x 8 x 128, TUNING_GRID), then re-tuned
 # on the default setting (LR_GRID, same seed; each grid brackets its best; FLoRA with its smaller-side projection):
@@ -55,8 +59,8 @@ TUNING_GRID = {"full": (1e-3, 3e-3, 1e-2, 2e-2), "velora": (3e-3, 1e-2), "lora":
                "galore": (1e-2, 2e-2), "flora": (3e-4, 1e-3, 3e-3, 1e-2), "gradnormlorp": (3e-3, 1e-2)}
 LR_GRID = {"full": (1e-3, 2e-3, 3e-3), "velora": (1e-3, 2e-3, 3e-3), "lora": (5e-4, 1e-3, 2e-3, 4e-3),
            "galore": (2.5e-3, 5e-3, 1e-2, 2e-2), "gradnormlorp": (2.5e-3, 5e-3, 1e-2, 2e-2),
-           "flora": (5e-4, 1e-3, 2e-3, 4e-3)}
-TUNED_LR = {"full": 2e-3, "velora": 2e-3, "lora": 2e-3, "galore": 5e-3, "flora": 2e-3, "gradnormlorp": 5e-3,
+           "flora": (1.5e-2, 3e-2, 6e-2)}  # flora: Adafactor base, the bench's seed-0 grid (bench_flora_momentum.py)
+TUNED_LR = {"full": 2e-3, "velora": 2e-3, "lora": 2e-3, "galore": 5e-3, "flora": 3e-2, "gradnormlorp": 5e-3,
             "dora": 2e-3}
 # the 250-step optima, used by `bench flora-kappa` on TUNING_SETTING
 TUNING_LR = {"full": 3e-3, "velora": 3e-3, "lora": 1e-3, "galore": 1e-2, "flora": 1e-3, "gradnormlorp": 1e-2,
@@ -78,8 +82,15 @@ PAPER = {
 def method_overrides(method: str, rank: int, sub_token_size: int, update_gap: int) -> dict[str, Any]:
     """TrainConfig fields (options / velora) a method needs beyond the shared setting: its options at rank r and
     refresh interval T, as its registry entry sizes them (``BaseMethod.sized``)."""
-    options = base_methods()[parse_method(method).base].sized(rank, update_gap)
+    base = parse_method(method).base
+    options = {**base_methods()[base].sized(rank, update_gap), **PAPER_OPTIONS.get(base, {})}
     return {"options": options, "velora": {"sub_token_size": sub_token_size, "target_modules": "paper"}}
+
+
+def table_label(method: str) -> str:
+    """The method's name in the table, with the base and kappa beside it where they are not the usual ones."""
+    tag = TABLE_TAGS.get(parse_method(method).base)
+    return f"{method} ({tag})" if tag else method
 
 
 def describe(method: str, rank: int, sub_token_size: int, update_gap: int) -> str:
@@ -89,7 +100,8 @@ def describe(method: str, rank: int, sub_token_size: int, update_gap: int) -> st
         "lora": f"peft LoRA r={rank} on all linears + trainable embeddings/norms/head",
         "dora": f"peft DoRA r={rank} on all linears + trainable embeddings/norms/head",
         "galore": f"GaLore AdamW r={rank}, T={update_gap}, scale 0.25 on attention/MLP weights",
-        "flora": f"FLoRA compressed momentum r={rank}, kappa={update_gap} (AdamW base)",
+        "flora": f"FLoRA compressed momentum r={rank}, kappa=1000, Adafactor base (the paper's setting), update "
+                 "momentum with the current step exact, orthonormal rows, eps1 1e-15 (Flora's defaults)",
         "gradnormlorp": f"GradNormLoRP r={rank}, projection r={rank // 2}, T={update_gap}, scale 0.25",
     }.get(parsed.base, parsed.base)
     if parsed.velora:
@@ -111,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=RANK, help="rank of LoRA / GaLore / FLoRA / GradNormLoRP")
     parser.add_argument("--sub-token-size", type=int, default=SUB_TOKEN_SIZE, help="VeLoRA sub-token size M")
     parser.add_argument("--update-gap", type=int, default=UPDATE_GAP,
-                        help="GaLore/GradNormLoRP subspace refresh and FLoRA kappa (steps)")
+                        help="GaLore/GradNormLoRP subspace refresh (steps); FLoRA keeps the paper's kappa=1000")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="override a tuned learning rate, e.g. --lr velora=1e-3 (repeatable)")
     parser.add_argument("--data", default=SETTING["data"], help="corpus (default: the offline stdlib corpus)")
@@ -238,6 +250,7 @@ def summarize(args, methods: list[str], finished: dict[str, dict[str, Any]], set
     for method, result in results.items():
         row = {
             "method": method,
+            "label": table_label(method),
             "description": describe(method, args.rank, args.sub_token_size, args.update_gap),
             "lr": result["lr"],
             "lr_source": result["lr_source"],

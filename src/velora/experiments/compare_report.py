@@ -16,7 +16,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[Any]]:
         breakdown = row["peak_breakdown"] or {}
         delta = row["val_ppl_vs_full_pct"]
         delta_text = "–" if delta is None or row["method"] == "full" else f"{delta:+.1f}%"
-        rows.append([row["method"], f"{row['lr']:g}", row["val_ppl"], delta_text,
+        rows.append([row.get("label", row["method"]), f"{row['lr']:g}", row["val_ppl"], delta_text,
                      mib(row["activation_bytes"]), mib(row["peak_bytes"]),
                      mib(breakdown.get("parameters")), mib(breakdown.get("gradients")),
                      mib(breakdown.get("optimizer_state")), mib(breakdown.get("activations")),

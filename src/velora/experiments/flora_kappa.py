@@ -3,8 +3,10 @@
 Pre-training llama-small from scratch (the 8 x 128 setting the `velora compare` lrs were tuned on) with
 FLoRA's compressed momentum (AdamW base, r = 32 = d/4, smaller side of each weight projected) resampling
 its projection every kappa steps, against uncompressed AdamW; one more row projects the larger side
-(our former default: less state, more noise). At the paper's kappa = 1000, rows for the momentum options of
-issue #16 (velora.optim.Flora: momentum="update", exact_current, orthonormal rows, and the authors' choices).
+(our former default: less state, more noise). The kappa rows run the paper's Alg. 2 (named explicitly: Flora's
+defaults are the issue #16 choices). At the paper's kappa = 1000, rows for the momentum options of issue #16
+(velora.optim.Flora: momentum="update", exact_current, orthonormal rows, each one changed from Alg. 2; Flora's
+defaults; the residual), every option spelled out so a later change of defaults leaves the rows as they are.
 """
 
 from __future__ import annotations
@@ -19,14 +21,21 @@ from velora.experiments.compare import TUNING_LR, TUNING_SETTING
 KAPPAS = (10, 50, 1000)
 LARGER_SIDE_KAPPAS = (1000,)
 OPTIONS_KAPPA = 1000
-# label -> MethodOptions of Flora's momentum options (docs/optim.md, "FLoRA momentum options")
+# Flora's momentum options as the paper's Alg. 2 reads (velora.optim.flora.PAPER_ALG2)
+ALG2_OPTIONS = {"flora_momentum": "gradient", "flora_exact_current": False, "flora_momentum_orthogonal": False,
+                "flora_momentum_residual": False}
+# label -> MethodOptions of Flora's momentum options (docs/optim.md, "FLoRA momentum options"), each from Alg. 2
 MOMENTUM_OPTIONS = {
-    "momentum=update": {"flora_momentum": "update"},
-    "current step exact": {"flora_exact_current": True},
-    "orthonormal rows": {"flora_momentum_orthogonal": True},
-    "authors' choices (update, current exact)": {"flora_momentum": "update", "flora_exact_current": True},
-    "update, current exact, orthonormal rows": {"flora_momentum": "update", "flora_exact_current": True,
-                                                "flora_momentum_orthogonal": True},
+    "momentum=update": {**ALG2_OPTIONS, "flora_momentum": "update"},
+    "current step exact": {**ALG2_OPTIONS, "flora_exact_current": True},
+    "orthonormal rows": {**ALG2_OPTIONS, "flora_momentum_orthogonal": True},
+    "authors' choices (update, current exact)": {**ALG2_OPTIONS, "flora_momentum": "update",
+                                                 "flora_exact_current": True},
+    "Flora's defaults (update, current exact, orthonormal rows)": {
+        **ALG2_OPTIONS, "flora_momentum": "update", "flora_exact_current": True, "flora_momentum_orthogonal": True},
+    "residual (gradient, current exact, orthonormal rows)": {
+        **ALG2_OPTIONS, "flora_exact_current": True, "flora_momentum_orthogonal": True,
+        "flora_momentum_residual": True},
 }
 RANK = 32
 # FLoRA Tab. 3 as printed (T5-small 60M on XSum, Adafactor base, memory in GiB; the kappa=10 ROUGE-L of 31.8 exceeds
@@ -43,10 +52,10 @@ PAPER_NOTE = ("FLoRA Tab. 3 (papers/flora-paper.txt; T5-small 60M on XSum, Adafa
               "at the same 1.79 GiB; the paper picks kappa = 1000 for its runs")
 
 
-def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
+def build_variants(steps: int) -> list[Variant]:
+    """AdamW, then FLoRA at each kappa (Alg. 2; the larger side at LARGER_SIDE_KAPPAS), then each momentum option."""
     from velora.training.loop import TrainConfig
 
-    steps = args.steps or 150
     setting = {**TUNING_SETTING, "steps": steps, "warmup_steps": max(1, steps // 10)}
     variants = [Variant("AdamW (uncompressed)", TrainConfig(method="full", lr=TUNING_LR["full"], **setting),
                         {"kappa": "–", "side": "–"})]
@@ -57,10 +66,15 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
         label = (f"FLoRA kappa={kappa}" + (" larger side" if side == "larger" else "")
                  + (f", {momentum}" if momentum != "Alg. 2" else "") + (" (never resampled)" if kappa >= steps else ""))
         options = {"flora_rank": RANK, "flora_kappa": kappa, "flora_project": side,
-                   **MOMENTUM_OPTIONS.get(momentum, {})}
+                   **MOMENTUM_OPTIONS.get(momentum, ALG2_OPTIONS)}
         variants.append(Variant(label, TrainConfig(method="flora", lr=TUNING_LR["flora"], options=options, **setting),
                                 {"kappa": kappa, "side": side, "momentum_options": momentum}))
-    rows = ablation.run_variants(variants, out, not args.no_progress, say)
+    return variants
+
+
+def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
+    steps = args.steps or 150
+    rows = ablation.run_variants(build_variants(steps), out, not args.no_progress, say)
     reference = rows[0]
     table = []
     for r in rows:
@@ -80,7 +94,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
             chosen = [r for r in rows[1:] if r["side"] == side and r["momentum_options"] == "Alg. 2"]
             axis.semilogx([r["kappa"] for r in chosen], [r["val_ppl"] for r in chosen], style,
                           label=f"FLoRA r={RANK}, {side} side" + (" (default)" if side == "smaller" else ""))
-        for r, marker in zip([r for r in rows[1:] if r["momentum_options"] != "Alg. 2"], "sDvPX"):
+        for r, marker in zip([r for r in rows[1:] if r["momentum_options"] != "Alg. 2"], "sDvPX*"):
             axis.semilogx([r["kappa"]], [r["val_ppl"]], marker, label=r["momentum_options"])
         axis.axhline(reference["val_ppl"], color="gray", linestyle="--", label="AdamW (uncompressed)")
         axis.set_xlabel("kappa (resampling interval, steps)")

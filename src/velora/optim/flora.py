@@ -17,14 +17,22 @@ moment (default; row (rows, 1) + column (1, cols) statistics, same update rule a
 ``torch.optim.Adafactor``) or Adam's full second moment with bias corrections (``base="adamw"``,
 same update rule as ``torch.optim.AdamW``).
 
-Two momentum options (docs/optim.md, "FLoRA momentum options"); the defaults are Alg. 2 read literally:
-- ``momentum="gradient"`` (default, Alg. 2): M averages the raw gradient G; the decompressed momentum is then
-  preconditioned by the base (divided by sqrt(v_hat)). ``momentum="update"`` (the authors' flora-opt package;
-  Optax's Adafactor averages its update too): M averages the preconditioned update U = G / sqrt(v_hat) and the
-  decompressed momentum is the step direction itself.
-- ``exact_current=False`` (default, Alg. 2): the current G (or U) is compressed with the history and the
-  direction is (M_new) @ A. ``exact_current=True`` (the authors' code): only the history is compressed,
+Momentum options (docs/optim.md, "FLoRA momentum options"). The defaults are the best measured choice on
+``velora compare``'s setting (issue #16: update, current exact, orthonormal rows, eps1 = 1e-15); the paper's Alg. 2
+read literally is one setting away: ``Flora.paper_alg2(...)`` / ``PAPER_ALG2``.
+- ``momentum="update"`` (default; the authors' flora-opt package, and Optax's Adafactor): M averages the
+  preconditioned update U = G / sqrt(v_hat) and the decompressed momentum is the step direction itself.
+  ``momentum="gradient"`` (Alg. 2): M averages the raw gradient G; the decompressed momentum is then
+  preconditioned by the base (divided by sqrt(v_hat)).
+- ``exact_current=True`` (default, the authors' code): only the history is compressed,
   direction = beta1 * (M_old @ A_old) + (1 - beta1) * G exactly; M is then updated as above.
+  ``exact_current=False`` (Alg. 2): the current G (or U) is compressed with the history, direction = M_new @ A.
+- ``orthogonal=True`` (default): orthonormal rows scaled by sqrt(p / r) (E[A^T A] = I as the paper's Gaussian
+  N(0, 1/r) rows, less noise at the same memory); ``False``: the paper's Gaussian rows.
+- ``residual=True`` (ours, not in the paper; off by default): the direction's component outside the row space of
+  the (orthonormal) rows Q is the current G (or U) itself, the inside one the compressed EMA; with exact_current
+  on Adafactor, direction = G + beta1 * (M_old @ Q - (G @ Q.T) @ Q). Without it that component is missing (Alg. 2)
+  or decays with (1 - beta1) (exact_current); GaLore-family work (Fira) also passes the residual through.
 
 Which parameters keep full state: pass the model itself (``Flora(model, ...)``) and only the
 attention/MLP matrices are candidates (``projections.projectable_parameters``: ``nn.Linear``/Conv1D
@@ -61,9 +69,7 @@ from velora.optim._common import (
 )
 from velora.optim.projections import (
     check_project_side,
-    compress,
     compression_plan,
-    decompress,
     derive_seed,
     orient,
     random_projection,
@@ -77,12 +83,13 @@ __all__ = ["Flora"]
 _BASES = ("adafactor", "adamw")
 _MOMENTUM_SOURCES = ("gradient", "update")
 # what a state saved before these options existed was built with
-_LEGACY_OPTIONS = {"momentum": "gradient", "exact_current": False}
+_LEGACY_OPTIONS = {"momentum": "gradient", "exact_current": False, "residual": False}
 # one setting away from the constructor: the FLoRA paper's Alg. 2 read literally, and the authors' package's choices
-PAPER_ALG2 = {"momentum": "gradient", "exact_current": False, "orthogonal": False}
+PAPER_ALG2 = {"momentum": "gradient", "exact_current": False, "orthogonal": False, "residual": False}
 # eps1 = 1e-15: v_hat floored at 1e-30, as flora-opt adds 1e-30 to G^2 (torch's default clamps the row-statistic mean
 # at float32 eps, which bites after gradient clipping: docs/optim.md "eps of the Adafactor base")
-AUTHORS_CODE = {"momentum": "update", "exact_current": True, "orthogonal": False, "base": "adafactor", "eps1": 1e-15}
+AUTHORS_CODE = {"momentum": "update", "exact_current": True, "orthogonal": False, "residual": False,
+                "base": "adafactor", "eps1": 1e-15}
 
 
 class Flora(TensorStateOptimizer):
@@ -99,17 +106,24 @@ class Flora(TensorStateOptimizer):
         base: "adafactor" (factored second moment) or "adamw" (full second moment, bias-corrected).
         seed: base seed; the projection of parameter i in cycle c is seeded by derive_seed(seed, i, c).
         eight_bit: keep the first moment block-wise 8-bit (``velora.optim.quant``).
-        orthogonal: orthonormalise the projection rows (exact round trip when rank == projected dim).
+        eps1: the Adafactor base's floor: v_hat >= eps1^2 and its row-statistic mean >= eps1 (default 1e-15: a v_hat
+            floor of 1e-30, as the Adafactor paper and flora-opt; None: torch.optim.Adafactor's rule, the working
+            precision's eps, which clamps clipped gradients' small statistics).
+        orthogonal: orthonormal projection rows scaled by sqrt(p / r) (default; exact round trip when rank ==
+            projected dim) or the paper's Gaussian N(0, 1/r) rows (False).
         project: which side of each matrix is projected: "smaller" (default, as the FLoRA reference code, less
             noise; state max(n, m) x r) or "larger" (state min(n, m) x r: less memory, more noise).
         force_compress: compress every 2-D parameter even when it saves no memory (for testing).
-        momentum: what the compressed first moment averages: "gradient" (default, the paper's Alg. 2: the raw
-            gradient, preconditioned after decompression) or "update" (the authors' package: the base's
-            preconditioned update G / sqrt(v_hat), as Optax's Adafactor momentum).
-        exact_current: keep the current step's gradient (or update) exact and compress only the history (the
-            authors' code), instead of passing it through A.T A too (default False, Alg. 2 literally).
+        momentum: what the compressed first moment averages: "update" (default; the authors' package: the base's
+            preconditioned update G / sqrt(v_hat), as Optax's Adafactor momentum) or "gradient" (the paper's
+            Alg. 2: the raw gradient, preconditioned after decompression).
+        exact_current: keep the current step's gradient (or update) exact and compress only the history (default
+            True, the authors' code), or pass it through A.T A too (False, Alg. 2 literally).
+        residual: outside the orthonormal rows' span, step along the current gradient (or update) itself (our
+            departure from Alg. 2; needs ``orthogonal=True``; default False).
 
-    ``Flora.paper_alg2(...)`` and ``Flora.authors_code(...)`` build the two named settings.
+    ``Flora.paper_alg2(...)`` (Alg. 2 literally) and ``Flora.authors_code(...)`` (flora-opt) build the two named
+    settings.
     """
 
     def __init__(
@@ -125,22 +139,24 @@ class Flora(TensorStateOptimizer):
         beta2: float = 0.999,
         eps: float = 1e-8,
         beta2_decay: float = -0.8,
-        eps1: float | None = None,
+        eps1: float | None = 1e-15,
         eps2: float = 1e-3,
         clip_threshold: float = 1.0,
         weight_decay: float = 0.0,
         eight_bit: bool = False,
-        orthogonal: bool = False,
+        orthogonal: bool = True,
         project: str = "smaller",
         force_compress: bool = False,
-        momentum: str = "gradient",
-        exact_current: bool = False,
+        momentum: str = "update",
+        exact_current: bool = True,
+        residual: bool = False,
     ):
         defaults = dict(
             lr=lr, rank=rank, kappa=kappa, beta1=beta1, base=base, seed=seed, beta2=beta2, eps=eps,
             beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
             weight_decay=weight_decay, eight_bit=eight_bit, orthogonal=orthogonal, project=project,
             force_compress=force_compress, compress=True, momentum=momentum, exact_current=exact_current,
+            residual=residual,
         )
         if isinstance(params, nn.Module):
             # a model: compress only attention/MLP matrices (see projections.projectable_parameters)
@@ -150,7 +166,8 @@ class Flora(TensorStateOptimizer):
     @classmethod
     def paper_alg2(cls, params, lr: float, rank: int, **kwargs) -> Flora:
         """The FLoRA paper's Alg. 2 read literally: EMA of the raw gradient, the current gradient compressed
-        too, Gaussian rows N(0, 1/r) (``PAPER_ALG2``; also today's defaults). Other keywords as ``Flora``."""
+        too, Gaussian rows N(0, 1/r), no residual (``PAPER_ALG2``; the defaults before issue #16). Other keywords as
+        ``Flora``."""
         return cls(params, lr, rank, **_with_preset("paper_alg2", PAPER_ALG2, kwargs))
 
     @classmethod
@@ -174,8 +191,12 @@ class Flora(TensorStateOptimizer):
         if group["momentum"] not in _MOMENTUM_SOURCES:
             raise ValueError(f"momentum={group['momentum']!r} is not one of {_MOMENTUM_SOURCES} (what the compressed "
                              "first moment averages: the raw gradient or the preconditioned update)")
-        if not isinstance(group["exact_current"], bool):
-            raise ValueError(f"exact_current={group['exact_current']!r} must be True or False")
+        for key in ("exact_current", "residual"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{key}={group[key]!r} must be True or False")
+        if group["residual"] and not group["orthogonal"]:
+            raise ValueError("residual=True needs orthogonal=True (the complement of a Gaussian projection's row space "
+                             "is not I - A^T A); set orthogonal=True or residual=False")
         if group["beta2_decay"] >= 0:
             raise ValueError(f"beta2_decay={group['beta2_decay']} must be negative (Adafactor uses -0.8)")
 
@@ -238,7 +259,8 @@ class Flora(TensorStateOptimizer):
 
     def _momentum_direction(self, state, source, group, plan, steps_done: int, param_index: int) -> torch.Tensor:
         """Update the (compressed) first moment with ``source`` (the gradient or the preconditioned update) and
-        return the decompressed momentum (with ``exact_current``: the decompressed history and ``source`` exact)."""
+        return the decompressed momentum (with ``exact_current``: the decompressed history and ``source`` exact;
+        with ``residual``: outside the projection's row space, ``source`` itself)."""
         beta1 = group["beta1"]
         if plan is None:
             momentum = read_moment(state, "momentum", source.dtype)  # same shape as the param
@@ -248,24 +270,31 @@ class Flora(TensorStateOptimizer):
         oriented = orient(source, plan.transposed)  # (k, p)
         make = dict(n=plan.projected_dim, r=plan.rank, device=source.device, dtype=source.dtype,
                     orthogonal=group["orthogonal"])  # drawn in float32, used in the working precision
-        projection = random_projection(int(state["seed"]), **make)  # (r, p)
+        projection = _momentum_projection(int(state["seed"]), make, group["residual"])  # (r, p)
         momentum = read_moment(state, "momentum", source.dtype)  # (k, r)
-        direction = None
+        direction, subspace = None, projection
         if group["exact_current"]:
             # the history, decompressed with the matrix it was stored in (before any transfer), plus the exact source
             direction = (momentum @ projection).lerp_(oriented, 1 - beta1)  # (k, p)
         kappa = group["kappa"]
         if steps_done > 0 and steps_done % kappa == 0:
             new_seed = derive_seed(group["seed"], param_index, steps_done // kappa)
-            new_projection = random_projection(new_seed, **make)  # (r, p)
+            new_projection = _momentum_projection(new_seed, make, group["residual"])  # (r, p)
             # M A_old A_new^T, with A_old regenerated from the old seed *before* the seed is replaced
             momentum = momentum @ (projection @ new_projection.T)  # (k, r) @ (r, r)
             state["seed"].fill_(new_seed)
             projection = new_projection
-        momentum.lerp_(compress(source, projection, plan.transposed), 1 - beta1)  # (k, r)
+        momentum.lerp_(oriented @ projection.T, 1 - beta1)  # (k, r)
         write_moment(state, "momentum", momentum, signed=True)
         if direction is None:
-            return decompress(momentum, projection, plan.transposed)  # (n, m)
+            direction, subspace = momentum @ projection, projection  # (k, p)
+        if group["residual"]:
+            # the complement of the momentum's row space gets the source with the weight an exact EMA's m_hat gives a
+            # direction that does not decay: bias_correction1 (AdamW divides the step by it, Adafactor does not)
+            weight = 1 - beta1 ** (steps_done + 1) if group["base"] == "adamw" else 1.0
+            present = (1 - beta1) if group["exact_current"] else 0.0  # the complement's weight already in direction
+            complement = oriented - (oriented @ subspace.T) @ subspace  # (k, p): source (I - Q^T Q)
+            direction.add_(complement, alpha=weight - present)
         return orient(direction, plan.transposed)  # (n, m)
 
     def _update(self, param: torch.Tensor, group: dict, param_index: int) -> None:
@@ -368,6 +397,15 @@ class Flora(TensorStateOptimizer):
             work.mul_(1 - lr * group["weight_decay"])
         denom = max(1.0, reducer.norm(update) / (math.sqrt(reducer.numel) * group["clip_threshold"]))
         work.add_(update, alpha=-alpha / denom)
+
+
+def _momentum_projection(seed: int, make: dict, residual: bool) -> torch.Tensor:
+    """The momentum projection (r, p): ``random_projection``'s rows, or for ``residual`` the orthonormal rows Q
+    themselves (Q Q^T = I: Q^T Q is the projector onto their row space, so M Q is the subspace's exact EMA)."""
+    projection = random_projection(seed, **make)  # (r, p)
+    if residual:
+        projection.mul_(math.sqrt(make["r"] / make["n"]))  # undo the sqrt(p / r) that makes E[A^T A] = I
+    return projection
 
 
 def _with_preset(name: str, preset: dict, kwargs: dict) -> dict:

@@ -15,9 +15,10 @@ class FloraConfig(ConfigBase):
     """rank: projection rank (None: ``default_rank`` of the projectable matrices). kappa: momentum resampling
     interval. accumulation: compressed gradient accumulation across the accumulation steps. orthogonal:
     orthonormal accumulation rows (less noise) or the paper's Gaussian. project: the side of each matrix
-    projected, "smaller" (the FLoRA code, less noise) or "larger". momentum ("gradient" = Alg. 2 | "update" =
-    the authors' package), exact_current, momentum_orthogonal: Flora's momentum options (docs/optim.md). eps1: the
-    Adafactor base's v_hat floor (None: torch's rule)."""
+    projected, "smaller" (the FLoRA code, less noise) or "larger". momentum ("update" = the authors' package, default |
+    "gradient" = Alg. 2), exact_current, momentum_orthogonal, momentum_residual: Flora's momentum options
+    (docs/optim.md; the defaults are the best measured, Alg. 2 is gradient / no exact current / Gaussian / no
+    residual). eps1: the Adafactor base's floor (None: Flora's default, 1e-15)."""
 
     section = "flora"  # options.flora
     prefix = "flora"
@@ -31,25 +32,29 @@ class FloraConfig(ConfigBase):
                               choices=_PROJECTION_KINDS)
     project: str = option("smaller", "side of each matrix FLoRA projects: smaller (default, as the FLoRA "
                           "reference code: less noise) or larger (less memory, more noise)")
-    momentum: str = option("gradient", "what FLoRA's momentum averages: gradient (default, Alg. 2) or update "
-                           "(the authors' package)")
-    exact_current: bool = option(False, "keep FLoRA's current step exact, compress only the history (the "
-                                 "authors' code)")
-    momentum_orthogonal: bool = option(False, "orthonormal rows for FLoRA's momentum projection (default "
-                                       "Gaussian, Alg. 2)")
-    eps1: float | None = option(None, "floor of the Adafactor base's second-moment estimate (default: torch "
-                                "Adafactor's, the float32 eps; 1e-15 = the FLoRA authors' package)", kind=float)
+    momentum: str = option("update", "what FLoRA's momentum averages: update (default, the authors' package: the "
+                           "preconditioned update) or gradient (Alg. 2)")
+    exact_current: bool = option(True, "keep FLoRA's current step exact, compress only the history (default, the "
+                                 "authors' code; --no-flora-exact-current: Alg. 2)")
+    momentum_orthogonal: bool = option(True, "orthonormal rows for FLoRA's momentum projection (default: less noise "
+                                       "at the same memory; --no-flora-momentum-orthogonal: Gaussian, Alg. 2)")
+    momentum_residual: bool = option(False, "FLoRA's momentum outside its projection's row space: the current "
+                                     "gradient/update itself (needs orthonormal momentum rows; our departure from "
+                                     "Alg. 2)")
+    eps1: float | None = option(None, "floor of the Adafactor base's second-moment estimate (default: Flora's "
+                                "1e-15, the FLoRA authors' v_hat floor 1e-30; 1.19e-7 = torch Adafactor's rule "
+                                "for float32 weights)", kind=float)
 
     def __post_init__(self) -> None:
         check_int("flora_rank", self.rank, optional=True)
         check_int("flora_kappa", self.kappa)
-        for name in ("accumulation", "orthogonal", "exact_current", "momentum_orthogonal"):
+        for name in ("accumulation", "orthogonal", "exact_current", "momentum_orthogonal", "momentum_residual"):
             check_bool(f"flora_{name}", getattr(self, name))
         from velora.optim.projections import check_project_side
 
         check_project_side(self.project)
         if self.eps1 is not None and not (isinstance(self.eps1, (int, float)) and self.eps1 > 0):
-            raise ValueError(f"flora_eps1={self.eps1!r} must be a positive number (or None for torch's default)")
+            raise ValueError(f"flora_eps1={self.eps1!r} must be a positive number (or None for Flora's default 1e-15)")
         if self.momentum not in ("gradient", "update"):
             raise ValueError(f"flora_momentum={self.momentum!r} is not 'gradient' (Alg. 2) or 'update' "
                              "(the FLoRA authors' package)")

@@ -32,7 +32,8 @@ def flora_optimizer(model: nn.Module, options: MethodOptions):
     return Flora(model, lr=settings.lr, rank=config.rank_for(projectable_parameters(model)), kappa=config.kappa,
                  beta1=beta1, beta2=beta2, weight_decay=settings.weight_decay, base=settings.name,
                  seed=options.seed, project=config.project, momentum=config.momentum,
-                 exact_current=config.exact_current, orthogonal=config.momentum_orthogonal, **extra)
+                 exact_current=config.exact_current, orthogonal=config.momentum_orthogonal,
+                 residual=config.momentum_residual, **extra)
 
 
 def compressed_accumulator(model_or_params, options: MethodOptions, accumulation_steps: int):
