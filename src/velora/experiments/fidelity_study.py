@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -50,6 +51,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"init": "batch_average_once", "rank": 2, "sub_token_size": 2 * SUB_TOKEN_SIZE}),
     Variant("svd-r4-M16", "M=16, r=4, top-4 singular vectors of the first batch (equal bytes)",
             {"init": "svd", "rank": 4, "sub_token_size": 4 * SUB_TOKEN_SIZE}),
+    # issue 17 (a) and (c): VeLoRAConfig.per_group_directions / reestimate_every (branch wt-dirs)
+    Variant("per-group", f"M={SUB_TOKEN_SIZE}, r=1, one first-batch mean direction per sub-token group",
+            {"per_group_directions": True}),
+    Variant("reest-100", f"M={SUB_TOKEN_SIZE}, r=1, v re-estimated from the batch every 100 steps",
+            {"reestimate_every": 100}),
+    Variant("per-group-reest-100", f"M={SUB_TOKEN_SIZE}, r=1, per-group directions re-estimated every 100 steps",
+            {"per_group_directions": True, "reestimate_every": 100}),
 )}
 
 
@@ -84,21 +92,41 @@ def layer_medians(diagnose_csv: Path) -> dict[str, dict[str, float]]:
             for layer, columns in values.items()}
 
 
-def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, **setting_changes) -> dict[str, Any]:
-    """Train one (variant, seed) into ``runs_dir/<variant>-s<seed>`` and return its record."""
+def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_step: int | None = None,
+            **setting_changes) -> dict[str, Any]:
+    """Train one (variant, seed) into ``runs_dir/<variant>-s<seed>[-to<stop>]`` and return its record.
+    ``stop_at_step`` ends the run early with the schedule unchanged (a screening run)."""
     from velora.training.loop import train
 
     config = study_config(variant, seed, **setting_changes)
-    folder = fresh_dir(runs_dir / f"{variant.name}-s{seed}")
+    last = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+    folder = fresh_dir(runs_dir / (f"{variant.name}-s{seed}" + ("" if last == config.steps else f"-to{last}")))
     started = time.perf_counter()
-    result = train(config, folder, measure=True, tensorboard=False, diagnose_every=every)
+    result = train(config, folder, measure=True, tensorboard=False, diagnose_every=every, stop_at_step=last)
     layers = layer_medians(folder / "diagnose.csv")
     with open(folder / "diagnose.csv") as fh:
         cosines = [float(r["cosine"]) for r in csv.DictReader(fh) if float(r["cosine"]) == float(r["cosine"])]
-    return {"variant": variant.name, "seed": seed, "config": config.to_dict(), "every": every,
+    return {"variant": variant.name, "seed": seed, "config": config.to_dict(), "every": every, "last_step": last,
             "val_ppl": result["val_ppl"], "final_loss": result["final_loss"],
             "activation_bytes": result["activation_bytes"], "median_cosine": statistics.median(cosines),
             "layers": layers, "wall_s": time.perf_counter() - started}
+
+
+def _check_options_exist(variants: list[str]) -> None:
+    from dataclasses import fields
+
+    from velora.core.config import VeLoRAConfig
+
+    known = {f.name for f in fields(VeLoRAConfig)}
+    missing = sorted({key for name in variants for key in VARIANTS[name].changes if key not in known})
+    if missing:
+        raise ValueError(f"VeLoRAConfig of this build has no option(s) {missing}, which variant(s) "
+                         f"{[n for n in variants if set(VARIANTS[n].changes) & set(missing)]} need; drop them")
+
+
+def last_step(record: dict[str, Any]) -> int:
+    """The step a run stopped at (records written before screening runs existed ran the whole schedule)."""
+    return record.get("last_step", record["config"]["steps"])
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -117,30 +145,41 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.close(descriptor)
 
 
-def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=print,
+def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=print, stop_at_step: int | None = None,
               **setting_changes) -> list[dict[str, Any]]:
-    """Train every (variant, seed) not yet in ``out/runs.jsonl`` with the same config; returns all records."""
+    """Train every (variant, seed) not yet in ``out/runs.jsonl`` with the same config and last step; returns all
+    records."""
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r} must be an integer >= 1 (steps between diagnoses)")
+    _check_options_exist(variants)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     for seed in seeds:
         for name in variants:
             config = study_config(VARIANTS[name], seed, **setting_changes).to_dict()
+            last = config["steps"] if stop_at_step is None else min(stop_at_step, config["steps"])
             done = [r for r in read_records(path) if r["variant"] == name and r["seed"] == seed
-                    and r["config"] == config and r["every"] == every]
+                    and r["config"] == config and r["every"] == every and last_step(r) == last]
             if done:
                 say(f"{name} seed {seed}: in {path} already")
                 continue
             say(f"{name} seed {seed}: training ({VARIANTS[name].description})")
-            record = run_one(VARIANTS[name], seed, out / "runs", every, **setting_changes)
+            record = run_one(VARIANTS[name], seed, out / "runs", every, stop_at_step, **setting_changes)
             append_record(path, record)
             say(f"{name} seed {seed}: median cosine {record['median_cosine']:.3f}, val ppl {record['val_ppl']:.2f}, "
                 f"{record['wall_s']:.0f} s")
+    keep_diagnose_logs(out)
     return read_records(path)
+
+
+def keep_diagnose_logs(out: Path) -> None:
+    """Copy each run's diagnose.csv to ``out/diagnose/<run>.csv``: the small part of a run folder worth keeping."""
+    for log in sorted((out / "runs").glob("*/diagnose.csv")):
+        (out / "diagnose").mkdir(exist_ok=True)
+        shutil.copyfile(log, out / "diagnose" / f"{log.parent.name}.csv")
 
 
 # ---- the table ---------------------------------------------------------------------------------------
@@ -182,8 +221,9 @@ def target_verdict(name: str, row: dict[str, Any], paper: dict[str, Any]) -> str
     return "yes" if not failed else "no (" + ", ".join(failed) + ")"
 
 
-def render(records: list[dict[str, Any]]) -> str:
-    """The markdown tables: one row per variant (means over its seeds), then per-layer median cosines."""
+def render_horizon(records: list[dict[str, Any]]) -> str:
+    """The tables of runs that stopped at one step: one row per variant (means over its seeds), then per-layer
+    median cosines."""
     summary = summarise(records)
     if not summary:
         return "no finished runs yet"
@@ -204,3 +244,18 @@ def render(records: list[dict[str, Any]]) -> str:
                   for layer in layer_names]
     return "\n\n".join([markdown_table(headers, rows), "Median gradient cosine per wrapped layer over training "
                         "(mean over the variant's seeds):", markdown_table(["layer", *summary], layer_rows)])
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """``render_horizon`` for the whole runs first, then for each shorter (screening) horizon."""
+    horizons = sorted({last_step(r) for r in records}, reverse=True)
+    if not horizons:
+        return "no finished runs yet"
+    sections = []
+    for horizon in horizons:
+        chosen = [r for r in records if last_step(r) == horizon]
+        steps = chosen[0]["config"]["steps"]
+        heading = (f"### {steps} steps (the whole schedule)" if horizon == steps else
+                   f"### screening: steps 1-{horizon} of {steps} (schedule unchanged, stopped early)")
+        sections.append(f"{heading}\n\n{render_horizon(chosen)}")
+    return "\n\n".join(sections)
