@@ -12,7 +12,7 @@ from pathlib import Path
 
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, act_mib
-from velora.experiments.control import control_sentence, freeze_compressed_layers
+from velora.experiments.control import control_sentence, frozen_control
 
 COMBINATIONS = ((), ("q_proj",), ("k_proj",), ("v_proj",), ("down_proj",), ("q_proj", "v_proj"),
                 ("v_proj", "down_proj"), ("q_proj", "v_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "down_proj"))
@@ -36,9 +36,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
             continue
         velora = {"num_groups": 32, "pad": True, "target_modules": list(targets)}
         variants.append(Variant(_short(targets), ablation.finetune_config(base, "lora+velora", velora, steps=steps)))
-    controlled = {"num_groups": 32, "pad": True, "target_modules": list(CONTROLLED)}
-    variants.append(Variant(CONTROL_LABEL, ablation.finetune_config(base, "lora+velora", controlled, steps=steps),
-                            on_model_ready=freeze_compressed_layers))
+    variants.append(frozen_control(base, steps, CONTROL_LABEL, targets=list(CONTROLLED)))
     rows = ablation.run_variants(variants, out, not args.no_progress, say)
     by_label = {r["label"]: r for r in rows}
     control = by_label[CONTROL_LABEL]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, act_mib
-from velora.experiments.control import control_sentence, freeze_compressed_layers
+from velora.experiments.control import control_sentence, frozen_control
 
 GROUPS = (64, 32, 16, 8)
 PAPER_ROWS = [["D/64", 764, 37.9], ["D/32", 779, 39.5], ["D/16", 808, 39.3], ["D/8", 865, 37.2]]
@@ -26,10 +26,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
         velora = {"num_groups": groups, "pad": True, "target_modules": "paper"}
         variants.append(Variant(f"M = D/{groups}", ablation.finetune_config(base, "lora+velora", velora, steps=steps),
                                 {"M": f"D/{groups}"}))
-    control = {"num_groups": 32, "pad": True, "target_modules": "paper"}
-    variants.append(Variant("v+down frozen (control)", ablation.finetune_config(base, "lora+velora", control,
-                                                                                steps=steps),
-                            {"M": "–"}, on_model_ready=freeze_compressed_layers))
+    variants.append(frozen_control(base, steps, columns={"M": "–"}))
     rows = ablation.run_variants(variants, out, not args.no_progress, say)
     reference = rows[0]
     table = [[r["label"], act_mib(r), r["val_ppl"], f"{100 * (r['val_ppl'] / reference['val_ppl'] - 1):+.2f}%"]

@@ -28,6 +28,17 @@ def freeze_compressed_layers(model: nn.Module) -> list[str]:
     return list(layers)
 
 
+def frozen_control(base, steps: int, label: str = "v+down frozen (control)", columns: dict | None = None,
+                   targets: Any = "paper", **changes):
+    """The fine-tuning benches' control Variant: their LoRA + VeLoRA config (M = D/32 on ``targets``) with the
+    compressed LoRA-A weights frozen. Shared by `bench layers`, `init`, `subtoken` (one setting, one number)."""
+    from velora.experiments import ablation
+
+    velora = {"num_groups": 32, "pad": True, "target_modules": targets}
+    config = ablation.finetune_config(base, "lora+velora", velora, steps=steps, **changes)
+    return ablation.Variant(label, config, columns or {}, on_model_ready=freeze_compressed_layers)
+
+
 def recovered_share(velora_ppl: float, control_ppl: float, reference_ppl: float) -> float | None:
     """Share of what exact training of the compressed layers gains over freezing them that VeLoRA keeps:
     1 = as good as exact, 0 = no better than frozen. None when freezing costs nothing (nothing to recover)."""

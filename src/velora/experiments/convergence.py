@@ -13,28 +13,35 @@ from pathlib import Path
 
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, act_mib
-from velora.experiments.control import control_sentence, freeze_compressed_layers
+from velora.experiments.control import control_sentence, frozen_control
 
 EPOCHS = 4
 TRAIN_CHARS = 150_000
 PAPER_ROWS = [[1, 36.4, 36.7], [2, 37.3, 37.5], [3, 38.4, 38.1], [4, 39.1, 39.5]]
 
 
-def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
+def convergence_variants(base: Path, steps_override: int | None) -> tuple[list[Variant], int]:
+    """LoRA, LoRA + VeLoRA and the frozen control on the convergence setting, and the steps per epoch."""
     from velora.training.loop import load_data
 
-    base = ablation.ensure_base(out.parent / "shared", args.base_steps, not args.no_progress, say)
     probe = ablation.finetune_config(base, "lora", max_train_chars=TRAIN_CHARS)
     steps_per_epoch = max(1, len(load_data(probe).train) // probe.batch_size)
-    if args.steps:
-        steps_per_epoch = max(1, args.steps // EPOCHS)
+    if steps_override:
+        steps_per_epoch = max(1, steps_override // EPOCHS)
     steps = EPOCHS * steps_per_epoch
     common = dict(max_train_chars=TRAIN_CHARS, steps=steps, eval_every=steps_per_epoch,
                   warmup_steps=max(1, steps // 20))
     variants = [Variant("LoRA", ablation.finetune_config(base, "lora", **common)),
                 Variant("LoRA + VeLoRA", ablation.finetune_config(base, "lora+velora", **common)),
-                Variant("v+down LoRA-A frozen (control)", ablation.finetune_config(base, "lora+velora", **common),
-                        on_model_ready=freeze_compressed_layers)]
+                frozen_control(base, steps, "v+down LoRA-A frozen (control)",
+                               **{k: v for k, v in common.items() if k != "steps"})]
+    return variants, steps_per_epoch
+
+
+def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
+    base = ablation.ensure_base(out.parent / "shared", args.base_steps, not args.no_progress, say)
+    variants, steps_per_epoch = convergence_variants(base, args.steps)
+    steps = EPOCHS * steps_per_epoch
     rows = ablation.run_variants(variants, out, not args.no_progress, say)
     lora, velora, control = ({h["step"] // steps_per_epoch: h["val_ppl"] for h in r["val_history"]} for r in rows)
     table = [[epoch, lora[epoch], velora[epoch], f"{100 * (velora[epoch] / lora[epoch] - 1):+.2f}%", control[epoch],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, act_mib
-from velora.experiments.control import control_sentence, freeze_compressed_layers
+from velora.experiments.control import control_sentence, frozen_control
 
 STRATEGIES = (("Random", "random"), ("SVD", "svd"), ("Fixed average", "batch_average_once"),
               ("Running average", "ema"))
@@ -27,10 +27,7 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
         velora = {"num_groups": 32, "pad": True, "target_modules": "paper", "init": init}
         variants.append(Variant(label, ablation.finetune_config(base, "lora+velora", velora, steps=steps),
                                 {"init": init}))
-    control = {"num_groups": 32, "pad": True, "target_modules": "paper"}
-    variants.append(Variant("v+down frozen (control)", ablation.finetune_config(base, "lora+velora", control,
-                                                                                steps=steps),
-                            {"init": "–"}, on_model_ready=freeze_compressed_layers))
+    variants.append(frozen_control(base, steps, columns={"init": "–"}))
     rows = ablation.run_variants(variants, out, not args.no_progress, say)
     reference = rows[0]
     table = [[r["label"], r["val_ppl"], f"{100 * (r['val_ppl'] / reference['val_ppl'] - 1):+.2f}%", act_mib(r)]
