@@ -58,6 +58,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"reestimate_every": 100}),
     Variant("per-group-reest-100", f"M={SUB_TOKEN_SIZE}, r=1, per-group directions re-estimated every 100 steps",
             {"per_group_directions": True, "reestimate_every": 100}),
+    Variant("per-group-svd-r2-M8", "M=8, r=2, per-group top-2 singular vectors of the first batch (equal bytes)",
+            {"per_group_directions": True, "init": "svd", "rank": 2, "sub_token_size": 2 * SUB_TOKEN_SIZE}),
 )}
 
 
