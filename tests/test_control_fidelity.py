@@ -96,6 +96,10 @@ def test_fidelity_study_records_resumes_and_renders(tmp_path, text_file):
     screened = run_study([PAPER], [0], tmp_path, 1, say=said.append, stop_at_step=1, **tiny)
     assert [r["last_step"] for r in screened] == [2, 2, 1] and screened[-1]["config"] == paper["config"]
     assert "screening: steps 1-1 of 2" in render(screened) and "2 steps (the whole schedule)" in render(screened)
+    # the frozen control: trained, not diagnosed (its compressed layers get no update)
+    control = run_study(["frozen-control"], [0], tmp_path, 1, say=said.append, **tiny)[-1]
+    assert control["median_cosine"] is None and control["layers"] == {} and control["val_ppl"] != paper["val_ppl"]
+    assert "| frozen-control |" in render(read_records(tmp_path / "runs.jsonl"))
 
 
 def test_fidelity_study_refuses_an_option_this_build_lacks(tmp_path, monkeypatch):

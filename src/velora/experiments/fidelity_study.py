@@ -23,6 +23,7 @@ from typing import Any
 
 from velora.experiments.common import fresh_dir, markdown_table, mib
 from velora.experiments.compare import RANK, SETTING, SUB_TOKEN_SIZE, TUNED_LR, UPDATE_GAP, method_overrides
+from velora.experiments.control import freeze_compressed_layers
 
 METHOD = "velora"  # compare's velora row: full AdamW training with VeLoRA on v_proj + down_proj
 TARGET_COSINE_FACTOR = 2.0  # issue 17: at least double the paper default's median gradient cosine ...
@@ -38,6 +39,7 @@ class Variant:
     description: str
     changes: dict[str, Any] = field(default_factory=dict)
     seeded_directions: bool = False  # the directions are drawn from VeLoRAConfig.seed: tie it to the run seed
+    frozen: bool = False  # the control: the layers VeLoRA would compress get no update (nothing to diagnose)
 
 
 # M, rank: saved scalars per token are D * rank / M, so (M, r) = (4, 1), (8, 2), (16, 4) keep equal bytes
@@ -60,6 +62,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"per_group_directions": True, "reestimate_every": 100}),
     Variant("per-group-svd-r2-M8", "M=8, r=2, per-group top-2 singular vectors of the first batch (equal bytes)",
             {"per_group_directions": True, "init": "svd", "rank": 2, "sub_token_size": 2 * SUB_TOKEN_SIZE}),
+    Variant("frozen-control", "control: v_proj + down_proj weights frozen at init (no VeLoRA, no update)",
+            frozen=True),
 )}
 
 
@@ -104,13 +108,15 @@ def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_ste
     last = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     folder = fresh_dir(runs_dir / (f"{variant.name}-s{seed}" + ("" if last == config.steps else f"-to{last}")))
     started = time.perf_counter()
-    result = train(config, folder, measure=True, tensorboard=False, diagnose_every=every, stop_at_step=last)
-    layers = layer_medians(folder / "diagnose.csv")
-    with open(folder / "diagnose.csv") as fh:
-        cosines = [float(r["cosine"]) for r in csv.DictReader(fh) if float(r["cosine"]) == float(r["cosine"])]
+    hook = freeze_compressed_layers if variant.frozen else None
+    result = train(config, folder, measure=True, tensorboard=False, diagnose_every=0 if variant.frozen else every,
+                   stop_at_step=last, on_model_ready=hook)
+    layers = {} if variant.frozen else layer_medians(folder / "diagnose.csv")
+    cosines = [] if variant.frozen else defined_cosines(folder / "diagnose.csv")
     return {"variant": variant.name, "seed": seed, "config": config.to_dict(), "every": every, "last_step": last,
             "val_ppl": result["val_ppl"], "final_loss": result["final_loss"],
-            "activation_bytes": result["activation_bytes"], "median_cosine": statistics.median(cosines),
+            "activation_bytes": result["activation_bytes"],
+            "median_cosine": statistics.median(cosines) if cosines else None,
             "layers": layers, "wall_s": time.perf_counter() - started}
 
 
@@ -129,6 +135,13 @@ def _check_options_exist(variants: list[str]) -> None:
 def last_step(record: dict[str, Any]) -> int:
     """The step a run stopped at (records written before screening runs existed ran the whole schedule)."""
     return record.get("last_step", record["config"]["steps"])
+
+
+def defined_cosines(diagnose_csv: Path) -> list[float]:
+    """Every layer's cosine at every diagnosed step of diagnose.csv, NaN rows (zero gradient) left out."""
+    with open(diagnose_csv) as fh:
+        cosines = [float(r["cosine"]) for r in csv.DictReader(fh)]
+    return [c for c in cosines if c == c]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -171,7 +184,7 @@ def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=
             say(f"{name} seed {seed}: training ({VARIANTS[name].description})")
             record = run_one(VARIANTS[name], seed, out / "runs", every, stop_at_step, **setting_changes)
             append_record(path, record)
-            say(f"{name} seed {seed}: median cosine {record['median_cosine']:.3f}, val ppl {record['val_ppl']:.2f}, "
+            say(f"{name} seed {seed}: median cosine {_fmt(record['median_cosine'])}, val ppl {record['val_ppl']:.2f}, "
                 f"{record['wall_s']:.0f} s")
     keep_diagnose_logs(out)
     return read_records(path)
@@ -185,6 +198,15 @@ def keep_diagnose_logs(out: Path) -> None:
 
 
 # ---- the table ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean over seeds; None (a frozen control has no cosine) when any is None."""
+    return None if any(v is None for v in values) else statistics.mean(values)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -201,9 +223,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "val_ppl": statistics.mean(r["val_ppl"] for r in runs),
             "val_ppl_per_seed": [r["val_ppl"] for r in runs],
             "activation_bytes": statistics.mean(r["activation_bytes"] for r in runs),
-            "median_cosine": statistics.mean(r["median_cosine"] for r in runs),
+            "median_cosine": _mean([r["median_cosine"] for r in runs]),
             "layers": {layer: statistics.mean(r["layers"][layer]["cosine"] for r in runs) for layer in layer_names},
-            "energy": statistics.mean(statistics.median(v["energy"] for v in r["layers"].values()) for r in runs),
+            "energy": _mean([statistics.median(v["energy"] for v in r["layers"].values()) if r["layers"] else None
+                             for r in runs]),
         }
     return summary
 
@@ -213,6 +236,8 @@ def target_verdict(name: str, row: dict[str, Any], paper: dict[str, Any]) -> str
     shared = [s for s in row["seeds"] if s in paper["seeds"]]
     if name == PAPER or not shared:
         return "–"
+    if row["median_cosine"] is None:
+        return "control"
     bytes_ratio = row["activation_bytes"] / paper["activation_bytes"]
     cosine_ratio = row["median_cosine"] / paper["median_cosine"]
     ppl = statistics.mean(p for s, p in zip(row["seeds"], row["val_ppl_per_seed"]) if s in shared)
@@ -234,18 +259,20 @@ def render_horizon(records: list[dict[str, Any]]) -> str:
                "cosine vs paper", "median energy", "val ppl (mean)", "val ppl per seed", "meets #17 target"]
     rows = []
     for name, row in summary.items():
+        cosine = row["median_cosine"]
         rows.append([name, VARIANTS[name].description if name in VARIANTS else "?",
                      ",".join(str(s) for s in row["seeds"]), f"{mib(row['activation_bytes']):.3f}",
                      f"{row['activation_bytes'] / paper['activation_bytes']:.3f}x" if paper else "–",
-                     f"{row['median_cosine']:.3f}", f"{row['median_cosine'] / paper['median_cosine']:.2f}x"
-                     if paper else "–", f"{row['energy']:.3f}", f"{row['val_ppl']:.2f}",
+                     _fmt(cosine), f"{cosine / paper['median_cosine']:.2f}x" if paper and cosine is not None else "–",
+                     _fmt(row["energy"]), f"{row['val_ppl']:.2f}",
                      " / ".join(f"{p:.2f}" for p in row["val_ppl_per_seed"]),
                      target_verdict(name, row, paper) if paper else "–"])
-    layer_names = list(next(iter(summary.values()))["layers"])
-    layer_rows = [[f"`{layer}`"] + [f"{row['layers'].get(layer, float('nan')):.3f}" for row in summary.values()]
+    diagnosed = {name: row for name, row in summary.items() if row["layers"]}
+    layer_names = list(next(iter(diagnosed.values()))["layers"]) if diagnosed else []
+    layer_rows = [[f"`{layer}`"] + [_fmt(row["layers"].get(layer)) for row in diagnosed.values()]
                   for layer in layer_names]
     return "\n\n".join([markdown_table(headers, rows), "Median gradient cosine per wrapped layer over training "
-                        "(mean over the variant's seeds):", markdown_table(["layer", *summary], layer_rows)])
+                        "(mean over the variant's seeds):", markdown_table(["layer", *diagnosed], layer_rows)])
 
 
 def render(records: list[dict[str, Any]]) -> str:
