@@ -28,6 +28,14 @@ from velora.optim.projections import compression_plan, derive_seed, random_proje
 VOCAB, WIDTH, SEQ, PER_RANK, WORLD = 64, 32, 8, 2, 2
 VELORA = VeLoRAConfig(sub_token_size=16, target_modules="paper")
 COMM_RANK, COMM_SEED = 4, 11
+# the direction options of VeLoRAConfig (issue #17): 3 steps, so reestimate_every=2 re-estimates at the third
+DIRECTION_CONFIGS = {
+    "per_group": VeLoRAConfig(sub_token_size=16, target_modules="paper", per_group_directions=True),
+    "reestimate": VeLoRAConfig(sub_token_size=16, target_modules="paper", per_group_directions=True,
+                               reestimate_every=2),
+    "reestimate_svd": VeLoRAConfig(sub_token_size=16, target_modules="paper", init="svd", rank=2,
+                                   reestimate_every=2),
+}
 
 
 class _Attention(nn.Module):
@@ -199,6 +207,14 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
         results[name] = {"v_first": v_first, "params": {k: v.clone() for k, v in model.state_dict().items()},
                          "in_sync": velora_state_in_sync(model), "optimizer_state": state}
 
+    # per-group directions and periodic re-estimation, synchronised as the first-batch init is
+    for key, config in DIRECTION_CONFIGS.items():
+        model = _model(config)
+        v_first = {}
+        _train(_ddp(model), torch.optim.AdamW(model.parameters(), lr=1e-2), batches, rank=rank, record_v=v_first)
+        results[key] = {"v_first": v_first, "v_last": _velora_v(model), "in_sync": velora_state_in_sync(model),
+                        "params": {k: v.clone() for k, v in model.state_dict().items()}}
+
     # FSDP2: every VeLoRA layer, every block and the root sharded over the 2 ranks (gloo on CPU)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -304,6 +320,24 @@ def test_v_identical_across_ranks_after_first_step_without_buffer_broadcast(rank
         assert first.keys() == set(velora_modules(_model()))
         for name in first:
             assert torch.equal(first[name], second[name]), name  # bitwise, not just close
+
+
+@pytest.mark.parametrize("key", list(DIRECTION_CONFIGS))
+def test_direction_options_keep_v_identical_across_ranks(ranks, key):
+    first, second = (r[key] for r in ranks)
+    assert first["in_sync"] and second["in_sync"]
+    for name in first["v_last"]:
+        assert torch.equal(first["v_first"][name], second["v_first"][name]), name
+        assert torch.equal(first["v_last"][name], second["v_last"][name]), name
+        if key.startswith("reestimate"):  # the third forward re-estimated v on both ranks
+            assert not torch.equal(first["v_last"][name], first["v_first"][name]), name
+    if key == "reestimate_svd":
+        return  # svd takes the first rank's batch, so a one-rank run on the whole batch is no reference
+    reference = _model(DIRECTION_CONFIGS[key])
+    _train(reference, OPTIMIZERS["adamw"](reference), _batches(3))
+    assert reference.layers[0].self_attn.v_proj.velora_v.dim() == 3  # (G, M, r): per group
+    for rank_result in ranks:  # the mean over ranks of per-group means = the whole batch's per-group means
+        _assert_close_dicts(rank_result[key]["params"], reference.state_dict())
 
 
 def test_unsynced_v_differs_and_broadcast_velora_state_repairs_it(ranks):

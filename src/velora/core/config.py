@@ -66,6 +66,8 @@ class VeLoRAConfig:
     mode: str = "auto"
     sync_across_ranks: bool = True
     fuse_lora: bool = True
+    per_group_directions: bool = False
+    reestimate_every: int | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -97,7 +99,8 @@ class VeLoRAConfig:
             raise ValueError(f"svd_max_samples={self.svd_max_samples} must be >= rank={self.rank}")
         if not math.isfinite(float(self.scale)) or float(self.scale) == 0.0:
             raise ValueError(f"scale={self.scale} must be a finite non-zero number")
-        for name in ("pad", "sync_across_ranks", "fuse_lora"):
+        self._check_reestimate_every()
+        for name in ("pad", "sync_across_ranks", "fuse_lora", "per_group_directions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.mode not in MODES:
@@ -106,6 +109,18 @@ class VeLoRAConfig:
             raise ValueError(f"VeLoRAConfig version={self.version} is not supported by this release "
                              f"(expects {CONFIG_VERSION}); upgrade velora-torch")
         self.target_modules = _normalise_targets(self.target_modules)
+
+    def _check_reestimate_every(self) -> None:
+        every = self.reestimate_every
+        if every is None:
+            return
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"reestimate_every={every!r} must be a positive integer (training forwards between "
+                             "re-estimates of v) or None (v fixed after the first batch)")
+        if isinstance(self.init, torch.Tensor) or self.init not in ("batch_average_once", "svd"):
+            init = "a tensor" if isinstance(self.init, torch.Tensor) else repr(self.init)
+            raise ValueError(f"reestimate_every={every} re-estimates v from data, but init={init} does not build v "
+                             "from data that way; use init='batch_average_once' or 'svd' (or reestimate_every=None)")
 
     # ---- targets -------------------------------------------------------------------------------
     def target_patterns(self) -> tuple[str, ...]:

@@ -161,8 +161,8 @@ def _loss(model: nn.Module, batch: Any, loss_fn) -> torch.Tensor:
 
 def _layer_fidelity(name: str, layer: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]],
                     grads: list[torch.Tensor | None]) -> LayerFidelity:
-    directions = layer.velora_v  # (M, r), as the op uses it
-    size, rank = directions.shape
+    directions = layer.velora_v  # (M, r) or (G, M, r), as the op uses it
+    size, rank = directions.shape[-2:]
     in_features = layer._velora_in_features()
     exact = approx = None
     kept = total = 0.0

@@ -84,11 +84,16 @@ def velora_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` that keeps only the sub-token coefficients of x for backward.
 
-    ``directions`` is (M, r) with orthonormal columns (or (M,) for rank 1); M must divide
-    in_features unless the caller pads (the module wrapper handles padding via ``pad=True``).
+    ``directions`` is (M, r) with orthonormal columns (or (M,) for rank 1), or (G, M, r): group g of every token
+    projected on its own directions (G = in_features / M); M must divide in_features unless the caller pads (the
+    module wrapper handles padding via ``pad=True``).
     """
     if directions.dim() == 1:
         directions = directions.unsqueeze(1)
-    if directions.dim() != 2:
-        raise ValueError(f"directions of shape {tuple(directions.shape)} must be (M,) or (M, r)")
+    if directions.dim() not in (2, 3):
+        raise ValueError(f"directions of shape {tuple(directions.shape)} must be (M,), (M, r) or (G, M, r)")
+    groups = -(-x.shape[-1] // directions.shape[-2])  # ceil(D / M)
+    if directions.dim() == 3 and directions.shape[0] != groups:
+        raise ValueError(f"per-group directions of shape {tuple(directions.shape)} need {groups} groups for "
+                         f"in_features={x.shape[-1]} and M={directions.shape[-2]}; pass ({groups}, M, r)")
     return VeLoRALinearFunction.apply(x, weight, bias, directions, scale)

@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 
 from velora.core.runtime import is_distributed
-from velora.core.subtoken import compute_dtype, mean_sub_token
 
 # ---- guards --------------------------------------------------------------------------------------------
 
@@ -34,12 +33,13 @@ def in_checkpoint_recompute() -> bool:
 
 
 def projection_problem(v: torch.Tensor) -> str | None:
-    """Why (M, r) v is not a set of orthonormal columns, or None. One host sync."""
+    """Why (M, r) v (or each (M, r) of a per-group (G, M, r) v) is not a set of orthonormal columns, or None."""
     work = v.detach().to(torch.float64)
     if not torch.isfinite(work).all():
         return f"a non-finite velora_v (max |v| = {work.abs().max().item():.3g})"
     tolerance = max(1e-4, 8 * torch.finfo(v.dtype).eps)
-    gram_error = (work.t() @ work - torch.eye(v.shape[1], dtype=torch.float64, device=v.device)).abs().max()
+    identity = torch.eye(v.shape[-1], dtype=torch.float64, device=v.device)  # (r, r)
+    gram_error = (work.transpose(-1, -2) @ work - identity).abs().max()  # max over (r, r) / (G, r, r)
     if gram_error > tolerance:
         return f"a velora_v whose columns are not orthonormal (|VᵀV - I| = {gram_error.item():.3g})"
     return None
@@ -50,13 +50,6 @@ def projection_problem(v: torch.Tensor) -> str | None:
 
 def distributed(enabled: bool) -> bool:
     return enabled and is_distributed()
-
-
-def local_mean(x: torch.Tensor, sub_token_size: int, has_tokens: bool) -> torch.Tensor:
-    """Mean sub-token of x (M,); zeros for a zero-token batch, which contributes no weight below."""
-    if has_tokens:
-        return mean_sub_token(x, sub_token_size)
-    return torch.zeros(sub_token_size, device=x.device, dtype=compute_dtype(x.dtype))
 
 
 def mean_over_ranks(mean: torch.Tensor, has_tokens: bool, enabled: bool) -> torch.Tensor | None:

@@ -16,19 +16,12 @@ import warnings
 import torch
 from torch import nn
 
+from velora.core import directions as estimates
 from velora.core.config import VeLoRAConfig
 from velora.core.functional import VeLoRALinearFunction
-from velora.core.layer_support import (
-    autocast_cast,
-    broadcast,
-    first_rank_with_tokens,
-    in_checkpoint_recompute,
-    local_mean,
-    mean_over_ranks,
-    projection_problem,
-)
+from velora.core.layer_support import autocast_cast, in_checkpoint_recompute, projection_problem
 from velora.core.lora_fused import fuse, unfuse
-from velora.core.subtoken import compute_dtype, initial_directions, orthonormalise
+from velora.core.subtoken import compute_dtype, num_groups
 
 
 class VeLoRAMixin:
@@ -70,17 +63,27 @@ class VeLoRAMixin:
         return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
 
     def _velora_prepare(self, x: torch.Tensor) -> None:
-        """Before a training forward: build v from the first batch, or take one EMA step."""
+        """Before a training forward: build v from the first batch, take one EMA step, or re-estimate v when due."""
         if not self._velora_checked:
             self._velora_check_state()
+        recompute = in_checkpoint_recompute()  # a recompute re-runs a forward that already took its step
         if not self._velora_ready:
             if "_velora_expected_state" in self.__dict__:  # its saved v was expected (velora.core.persistence)
                 from velora.core.persistence import refuse_fresh_init
 
                 refuse_fresh_init(self)
             self._velora_initialise(x)
-        elif self.velora_config.init == "ema" and not in_checkpoint_recompute():
-            self._velora_ema_update(x)  # a recompute skips it: the original forward took this step's step
+        elif self.velora_config.init == "ema" and not recompute:
+            self._velora_ema_update(x)
+        elif self._velora_reestimate_due() and not recompute:
+            self._velora_initialise(x)  # out of place, from this batch, synchronised as the first one was
+        if "velora_step" in self._buffers and not recompute:
+            self._velora_forwards += 1
+            self.velora_step.add_(1)  # a host-side mirror decides when it is due: no device sync per forward
+
+    def _velora_reestimate_due(self) -> bool:
+        every = self.velora_config.reestimate_every
+        return every is not None and self._velora_forwards > 0 and self._velora_forwards % every == 0
 
     # ---- v -------------------------------------------------------------------------------------
     @property
@@ -100,41 +103,32 @@ class VeLoRAMixin:
 
     @torch.no_grad()
     def _velora_initialise(self, x: torch.Tensor) -> None:
-        cfg, size, x = self.velora_config, self.velora_sub_token_size, x.detach()
-        sync = cfg.sync_across_ranks
-        has_tokens = x.numel() > 0
+        """v from this batch (velora.core.directions.from_batch), or the data-free directions; a batch with no
+        sub-token on any rank leaves v as it is (the output needs no v; a later batch sets it)."""
+        cfg, size = self.velora_config, self.velora_sub_token_size
         try:
-            directions = _fixed_directions(cfg, size, x.device, self._velora_name)
-            source = None if directions is not None else first_rank_with_tokens(has_tokens, x.device, sync)
-            if directions is None and source is None:
-                return  # no sub-token on any rank yet (zero-token batch): the output needs no v, the next batch sets it
-            if directions is None and cfg.init == "svd":
-                directions = broadcast(initial_directions(x, size, cfg.rank, "svd", max_samples=cfg.svd_max_samples),
-                                       sync, source)
-            elif directions is None:  # batch_average_once / ema: the mean over every rank's first batch
-                mean = mean_over_ranks(local_mean(x, size, has_tokens), has_tokens, sync)  # (M,)
-                directions = initial_directions(x, size, cfg.rank, "batch_average_once",
-                                                max_samples=cfg.svd_max_samples, mean=mean)
-                directions = broadcast(directions, sync, source)  # rank>1 residual SVD is per-rank
-                if cfg.init == "ema":
-                    self.velora_running_mean = mean.to(self.velora_running_mean)
-        except ValueError as err:  # e.g. NaN/Inf in the first batch: say which layer
+            fixed = _fixed_directions(cfg, self.velora_v.shape, x.device, self._velora_name)
+            estimate = None if fixed is not None else estimates.from_batch(x, cfg, size)
+        except ValueError as err:  # e.g. NaN/Inf in the batch: say which layer
             raise ValueError(f"VeLoRA init of {self._velora_name!r}: {err}") from None
+        if fixed is None and estimate is None:
+            return
+        directions, mean = (fixed, None) if fixed is not None else estimate
+        if cfg.init == "ema" and mean is not None:
+            self.velora_running_mean = mean.to(self.velora_running_mean)
         self.set_velora_directions(directions)
 
     @torch.no_grad()
     def _velora_ema_update(self, x: torch.Tensor) -> None:
-        decay, size, has_tokens = self.velora_config.ema_decay, self.velora_sub_token_size, x.numel() > 0
-        mean = mean_over_ranks(local_mean(x.detach(), size, has_tokens), has_tokens,
-                               self.velora_config.sync_across_ranks)
+        mean = estimates.ema_mean(x, self.velora_config, self.velora_sub_token_size)  # (M,) / (G, M)
         if mean is None:
             return  # a zero-token batch carries no statistics: the running mean does not decay
         if not torch.isfinite(mean).all():
             raise ValueError(f"VeLoRA ema update of {self._velora_name!r}: the batch holds NaN/Inf")
+        decay = self.velora_config.ema_decay
         running = decay * self.velora_running_mean + (1 - decay) * mean.to(self.velora_running_mean)
         self.velora_running_mean = running
-        if running.norm() > 0:
-            self.velora_v = (running / running.norm()).unsqueeze(1).to(self.velora_v)
+        self.velora_v = estimates.normalised_running_mean(running, self.velora_v).to(self.velora_v)
 
     # ---- state ---------------------------------------------------------------------------------
     def reset_velora_state(self) -> None:
@@ -145,8 +139,10 @@ class VeLoRAMixin:
         self.velora_initialised = torch.zeros((), dtype=torch.bool, device=device)
         if "velora_running_mean" in self._buffers:
             self.velora_running_mean = torch.zeros(self.velora_running_mean.shape, device=device, dtype=dtype)
-        self._velora_ready = False
-        fixed = _fixed_directions(self.velora_config, self.velora_sub_token_size, device, self._velora_name)
+        if "velora_step" in self._buffers:
+            self.velora_step = torch.zeros((), dtype=torch.int64, device=device)
+        self._velora_ready, self._velora_forwards = False, 0
+        fixed = _fixed_directions(self.velora_config, self.velora_v.shape, device, self._velora_name)
         if fixed is not None:
             self.set_velora_directions(fixed)
         self._velora_checked = not self.velora_v.is_meta
@@ -186,11 +182,14 @@ class VeLoRAMixin:
             if problem is not None:
                 raise ValueError(f"VeLoRA layer {name!r} is marked initialised but holds {problem}; load a "
                                  "checkpoint saved with VeLoRA, or call reset_velora_state() to rebuild v from data")
+        if "velora_step" in self._buffers:  # the re-estimate counter, read once here (after wrap, load or reset)
+            self._velora_forwards = int(self.velora_step)
         self._velora_checked = True
 
     def extra_repr(self) -> str:
+        per_group = ", per_group" if self.velora_config.per_group_directions else ""
         return (f"{super().extra_repr()}, velora(sub_token_size={self.velora_sub_token_size}, "
-                f"rank={self.velora_config.rank}, init={self.velora_config.init!r})")
+                f"rank={self.velora_config.rank}, init={self.velora_config.init!r}{per_group})")
 
 
 def _is_identity(x: torch.Tensor) -> bool:
@@ -286,7 +285,10 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     module.__class__ = wrapper
     try:
         size = config.sub_token_size_for(module._velora_in_features(), name)
-        fixed = _fixed_directions(config, size, module.weight.device, name)
+        shape = (size, config.rank)  # (M, r), or (G, M, r) with one set of directions per group
+        if config.per_group_directions:
+            shape = (num_groups(module._velora_in_features(), size), *shape)
+        fixed = _fixed_directions(config, shape, module.weight.device, name)
     except ValueError:
         module.__class__ = base_class  # a failed apply leaves the layer as it was
         raise
@@ -297,28 +299,27 @@ def _wrap(module: nn.Module, name: str, config: VeLoRAConfig) -> bool:
     module._velora_base_class = base_class
     module._velora_name = name
     module._velora_ready = False
+    module._velora_forwards = 0  # training forwards so far (mirrors velora_step when reestimate_every is set)
     module._velora_checked = False  # the first training forward validates v once
-    module.register_buffer("velora_v", torch.zeros(size, config.rank, device=weight.device, dtype=dtype))
+    module.register_buffer("velora_v", torch.zeros(shape, device=weight.device, dtype=dtype))
     module.register_buffer("velora_initialised", torch.zeros((), dtype=torch.bool, device=weight.device))
     if config.init == "ema":
-        module.register_buffer("velora_running_mean", torch.zeros(size, device=weight.device, dtype=dtype))
+        module.register_buffer("velora_running_mean", torch.zeros(shape[:-1], device=weight.device, dtype=dtype))
+    if config.reestimate_every is not None:
+        module.register_buffer("velora_step", torch.zeros((), dtype=torch.int64, device=weight.device))
     if fixed is not None:  # data-independent: set now so the directions exist before the first batch
         module.set_velora_directions(fixed)
     return True
 
 
-def _fixed_directions(config: VeLoRAConfig, size: int, device, name: str) -> torch.Tensor | None:
-    """Directions that need no data (a user tensor, or the seeded ``random`` init); None otherwise."""
+def _fixed_directions(config: VeLoRAConfig, shape, device, name: str) -> torch.Tensor | None:
+    """Directions of ``shape`` that need no data (a user tensor, or the seeded ``random`` init); None otherwise.
+    Built on the CPU: a ``with torch.device("meta")`` block would catch them, and meta cannot check a norm."""
     if isinstance(config.init, torch.Tensor):
-        init = config.init
-        if init.shape[0] != size or (init.dim() == 2 and init.shape[1] != config.rank):
-            raise ValueError(f"init tensor of shape {tuple(init.shape)} does not fit {name!r} "
-                             f"(expects ({size},) or ({size}, {config.rank}))")
-        directions = orthonormalise(init.to(device="cpu" if torch.device(device).type == "meta" else device))
-        return directions.to(device=device)  # built off the meta device, which cannot check the norm
-    if config.init == "random":  # on the CPU explicitly: a `with torch.device("meta")` block would catch it
-        seed_input = torch.zeros(1, size, device="cpu")
-        return initial_directions(seed_input, size, config.rank, "random", seed=config.seed).to(device)
+        return estimates.given_directions(config.init, torch.Size(shape), name).to(device)
+    if config.init == "random":
+        groups = shape[0] if len(shape) == 3 else None
+        return estimates.seeded_directions(shape[-2], shape[-1], groups, config.seed).to(device)
     return None
 
 
@@ -399,12 +400,12 @@ def remove_velora(model: nn.Module) -> nn.Module:
     for module in model.modules():
         unfuse(module)
     for module in velora_modules(model).values():
-        for key in ("velora_v", "velora_initialised", "velora_running_mean"):
+        for key in ("velora_v", "velora_initialised", "velora_running_mean", "velora_step"):
             if key in module._buffers:
                 del module._buffers[key]
         base_class = module._velora_base_class
         for attr in ("velora_config", "velora_sub_token_size", "_velora_base_class", "_velora_name",
-                     "_velora_ready", "_velora_checked", "_velora_dora_probe"):
+                     "_velora_ready", "_velora_checked", "_velora_dora_probe", "_velora_forwards"):
             module.__dict__.pop(attr, None)
         module.__class__ = base_class
     return model

@@ -1,7 +1,8 @@
 """VeLoRA's v from any saved form: ``load_velora_state(model, source)``.
 
-v and its "initialised" flag are buffers of the wrapped layers (``velora_v`` (M, r), ``velora_initialised``,
-``velora_running_mean`` for ``init="ema"``), so they are written by every save path: ``save_pretrained`` of a
+v and its "initialised" flag are buffers of the wrapped layers (``velora_v`` (M, r) or (G, M, r) per group,
+``velora_initialised``, ``velora_running_mean`` for ``init="ema"``, the ``velora_step`` counter for
+``reestimate_every``), so they are written by every save path: ``save_pretrained`` of a
 transformers model, peft's adapter ``save_pretrained`` (it keeps every key under ``lora_``), safetensors
 ``save_model`` (our run checkpoints) and ``state_dict()``. What does not restore them is ``from_pretrained``:
 the fresh model has no VeLoRA layers yet, so transformers reports the keys as unexpected and peft drops them.
@@ -29,7 +30,7 @@ from torch import nn
 
 __all__ = ["load_velora_state", "read_tensors", "require_velora_state", "flag_saved_state", "VELORA_BUFFERS"]
 
-VELORA_BUFFERS = ("velora_v", "velora_initialised", "velora_running_mean")
+VELORA_BUFFERS = ("velora_v", "velora_initialised", "velora_running_mean", "velora_step")
 PEFT_PREFIX = "base_model.model."
 # files a folder may hold its weights in, in the order they are tried
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -180,16 +181,20 @@ def _restore_layer(name: str, layer: nn.Module, buffers: dict[str, torch.Tensor]
     if needs_running_mean and "velora_running_mean" not in buffers:
         raise ValueError(f"{name!r} uses init='ema' but {where} holds no velora_running_mean for it; apply_velora "
                          "with the config the model was saved with")
+    if "velora_step" in layer._buffers and "velora_step" not in buffers:
+        raise ValueError(f"{name!r} re-estimates v (reestimate_every) but {where} holds no velora_step for it, so "
+                         "the next re-estimate would fall elsewhere; apply_velora with the config it was saved with")
     for buffer in VELORA_BUFFERS:
         if buffer not in layer._buffers or buffer not in buffers:
             continue
         current, saved = layer._buffers[buffer], buffers[buffer]
         if current.shape != saved.shape:
             raise ValueError(f"{buffer} of {name!r} has shape {tuple(saved.shape)} in {where} but "
-                             f"{tuple(current.shape)} here; apply_velora with the sub_token_size/rank it was "
-                             "saved with")
+                             f"{tuple(current.shape)} here; apply_velora with the sub_token_size/rank/"
+                             "per_group_directions it was saved with")
         setattr(layer, buffer, saved.to(device=current.device, dtype=current.dtype).clone())  # (M, r) / () / (M,)
     layer._velora_ready = bool(layer.velora_initialised)
+    layer._velora_checked = False  # validate v and read the re-estimate counter at the next training forward
     layer.__dict__.pop("_velora_expected_state", None)
 
 

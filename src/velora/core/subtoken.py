@@ -1,7 +1,8 @@
 """Sub-token grouping, compression, reconstruction and the initial projection directions.
 
 Shapes: T tokens (all leading dims flattened), D features, M = sub-token size, G = ceil(D/M) groups,
-r = rank (number of orthonormal directions, 1 in the paper). V is (M, r) with orthonormal columns.
+r = rank (number of orthonormal directions, 1 in the paper). V is (M, r) with orthonormal columns, shared by
+every group (the paper), or (G, M, r): one set of directions per sub-token group (``per_group_directions``).
 Pure tensor functions: no module state, no global RNG.
 """
 
@@ -46,26 +47,37 @@ def z_storage_shift(dtype: torch.dtype, sub_token_size: int) -> int:
 def compress(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """z = group(x) · V, kept in x's dtype, computed in fp32 for half inputs. (..., D) -> (T, G, r).
 
+    ``directions`` (M, r) is shared by every group; (G, M, r) projects group g on its own V_g.
     For fp16 x the stored z is scaled by 2⁻ᵏ (``z_storage_shift``) so it cannot overflow; ``reconstruct`` and
     ``factored_weight_grad`` undo it.
     """
-    sub_token_size, rank = directions.shape
+    sub_token_size, rank = directions.shape[-2:]
     work = compute_dtype(x.dtype)
     groups = group(x, sub_token_size)  # (T, G, M), a view when M divides D
     tokens, count = groups.shape[0], groups.shape[1]
-    # one (T·G, M) @ (M, r) matmul over all sub-tokens
-    z = torch.mm(_as(groups.reshape(tokens * count, sub_token_size), work), _as(directions, work))  # (T·G, r)
+    if directions.dim() == 3:  # per group: one batched (G, T, M) @ (G, M, r) matmul
+        z = torch.bmm(_as(groups, work).transpose(0, 1), _as(directions, work))  # (G, T, r)
+        z = z.transpose(0, 1).reshape(tokens * count, rank)  # (T·G, r)
+    else:  # one (T·G, M) @ (M, r) matmul over all sub-tokens
+        z = torch.mm(_as(groups.reshape(tokens * count, sub_token_size), work), _as(directions, work))  # (T·G, r)
     shift = z_storage_shift(x.dtype, sub_token_size)
     if shift:
         z = z.mul_(2.0 ** -shift)  # (T·G, r), exact: a power of two
     return _as(z, x.dtype).view(tokens, count, rank)  # (T, G, r)
 
 
+def expand_z(z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """z Vᵀ per group: (T, G, r) with V (M, r) or (G, M, r) -> (T, G, M), in the dtypes given."""
+    if directions.dim() == 3:
+        return torch.einsum("tgr,gmr->tgm", z, directions)  # (T, G, M)
+    return torch.matmul(z, directions.t())  # (T, G, M)
+
+
 def reconstruct(z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0) -> torch.Tensor:
     """x̂ = scale · z Vᵀ, ungrouped: (T, G, r) -> (T, D), for z as ``compress`` stores it (fp16 z is shifted).
     Only tests and diagnostics materialise this."""
-    scale = scale * 2.0 ** z_storage_shift(z.dtype, directions.shape[0])  # undo compress's fp16 shift
-    x_hat = torch.matmul(z.to(directions.dtype), directions.t())  # (T, G, M)
+    scale = scale * 2.0 ** z_storage_shift(z.dtype, directions.shape[-2])  # undo compress's fp16 shift
+    x_hat = expand_z(z.to(directions.dtype), directions)  # (T, G, M)
     x_hat = x_hat.reshape(z.shape[0], -1)[:, :in_features]  # (T, D)
     return (x_hat * scale).to(z.dtype)
 
@@ -73,25 +85,27 @@ def reconstruct(z: torch.Tensor, directions: torch.Tensor, in_features: int, sca
 def factored_weight_grad(
     grad_out: torch.Tensor, z: torch.Tensor, directions: torch.Tensor, in_features: int, scale: float = 1.0
 ) -> torch.Tensor:
-    """grad_W = Gᵀ x̂ without forming x̂: grad_W.view(O, G, M) = (Gᵀ z).view(O, G, r) Vᵀ.
+    """grad_W = Gᵀ x̂ without forming x̂: grad_W.view(O, G, M) = (Gᵀ z).view(O, G, r) Vᵀ (V_gᵀ per group g).
 
-    grad_out: (T, O); z: (T, G, r); returns (O, D) in grad_out's dtype.
+    grad_out: (T, O); z: (T, G, r); directions: (M, r) or (G, M, r); returns (O, D) in grad_out's dtype.
     """
     tokens, out_features = grad_out.shape
     _, groups, rank = z.shape
-    sub_token_size = directions.shape[0]
+    sub_token_size = directions.shape[-2]
     gz = grad_out.t().mm(_as(z, grad_out.dtype).reshape(tokens, groups * rank))  # (O, G*r), M× smaller than Gᵀ x̂
     if scale != 1.0:
         gz = gz * scale  # on (O, G*r), not on the M× larger (O, D) result
     v = _as(directions, grad_out.dtype)
     shift = z_storage_shift(z.dtype, sub_token_size)
     if shift:
-        v = v * 2.0 ** shift  # (M, r): undo compress's fp16 shift on the small factor, exactly
-    if rank == 1:
+        v = v * 2.0 ** shift  # (M, r) / (G, M, r): undo compress's fp16 shift on the small factor, exactly
+    if v.dim() == 3:
+        grad_w = expand_z(gz.view(out_features, groups, rank), v)  # (O, G, r) x (G, M, r) -> (O, G, M)
+    elif rank == 1:
         grad_w = gz.unsqueeze(-1) * v.view(sub_token_size)  # (O, G, 1) * (M,) -> (O, G, M)
     else:
         grad_w = torch.matmul(gz.view(out_features, groups, rank), v.t())  # (O, G, r) @ (r, M) -> (O, G, M)
-    grad_w = grad_w.view(out_features, groups * sub_token_size)  # (O, G*M)
+    grad_w = grad_w.reshape(out_features, groups * sub_token_size)  # (O, G*M), a view but per group (einsum)
     if grad_w.shape[1] != in_features:
         grad_w = grad_w[:, :in_features]  # drop the zero-padded tail
     return grad_w

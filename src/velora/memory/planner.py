@@ -126,8 +126,8 @@ def _preset_velora_directions(model: nn.Module) -> int:
     modules = velora_modules(model)
     for module in modules.values():
         if not module.velora_ready:
-            sub_token_size, velora_rank = module.velora_v.shape
-            module.set_velora_directions(torch.eye(sub_token_size, velora_rank))  # (M, r), orthonormal columns
+            shape = module.velora_v.shape  # (M, r), or (G, M, r) with per-group directions
+            module.set_velora_directions(torch.eye(*shape[-2:]).expand(shape))  # orthonormal columns
     return len(modules)
 
 
