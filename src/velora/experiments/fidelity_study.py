@@ -193,6 +193,8 @@ def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=
 def keep_diagnose_logs(out: Path) -> None:
     """Copy each run's diagnose.csv to ``out/diagnose/<run>.csv``: the small part of a run folder worth keeping."""
     for log in sorted((out / "runs").glob("*/diagnose.csv")):
+        if not (log.parent / "result.json").exists():
+            continue  # still training (another study process): copied once it has finished
         (out / "diagnose").mkdir(exist_ok=True)
         shutil.copyfile(log, out / "diagnose" / f"{log.parent.name}.csv")
 
