@@ -212,6 +212,8 @@ def test_bench_subtoken_reuses_base_and_reports_memory_ordering(tmp_path, tiny_a
     sizes = [r["activation_bytes"] for r in summary["rows"]]
     # LoRA alone keeps the most; then a larger sub-token M (fewer groups) keeps fewer scalars
     assert sizes[0] > sizes[1] > sizes[2] > sizes[3] > sizes[4]
+    # issue 17's control row: the compressed LoRA-A weights frozen, read against VeLoRA in the verdict
+    assert summary["rows"][-1]["label"] == "v+down frozen (control)" and "Control (v+down frozen" in summary["verdict"]
     assert summary["paper"]["rows"][1] == ["D/32", 779, 39.5]
     assert (out / "subtoken.png").exists() and "Paper (VeLoRA Tab. 5b" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["runtime_s"] == summary["runtime_s"] > 0

@@ -34,6 +34,7 @@ class Variant:
     label: str
     config: Any  # TrainConfig
     columns: dict[str, Any] = field(default_factory=dict)
+    on_model_ready: Callable | None = None  # passed to train(): e.g. the frozen control (experiments/control.py)
 
 
 def ensure_base(root: Path, steps: int, progress: bool, say, model: str | None = None) -> Path:
@@ -74,7 +75,8 @@ def run_variants(variants: list[Variant], out: Path, progress: bool, say, before
     for index, variant in enumerate(variants, 1):
         say(f"[{index}/{len(variants)}] {variant.label}")
         slug = "".join(c if c.isalnum() else "-" for c in variant.label.lower()).strip("-")
-        result = train(variant.config, fresh_dir(out / "runs" / slug), progress=progress, tensorboard=False)
+        result = train(variant.config, fresh_dir(out / "runs" / slug), progress=progress, tensorboard=False,
+                       on_model_ready=variant.on_model_ready)
         result.pop("_model")
         rows.append({"label": variant.label, **variant.columns, "method": result["method"], "lr": result["lr"],
                      "val_ppl": result["val_ppl"], "val_history": result["val_history"],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from velora.experiments import ablation
 from velora.experiments.ablation import Variant, act_mib
+from velora.experiments.control import control_sentence, frozen_control
 
 STRATEGIES = (("Random", "random"), ("SVD", "svd"), ("Fixed average", "batch_average_once"),
               ("Running average", "ema"))
@@ -26,17 +27,20 @@ def run_experiment(args: argparse.Namespace, out: Path, say) -> dict:
         velora = {"num_groups": 32, "pad": True, "target_modules": "paper", "init": init}
         variants.append(Variant(label, ablation.finetune_config(base, "lora+velora", velora, steps=steps),
                                 {"init": init}))
+    variants.append(frozen_control(base, steps, columns={"init": "–"}))
     rows = ablation.run_variants(variants, out, not args.no_progress, say)
     reference = rows[0]
     table = [[r["label"], r["val_ppl"], f"{100 * (r['val_ppl'] / reference['val_ppl'] - 1):+.2f}%", act_mib(r)]
              for r in rows]
-    ranked = sorted(rows[1:], key=lambda r: r["val_ppl"])
+    ranked = sorted(rows[1:-1], key=lambda r: r["val_ppl"])
     verdict = (f"Ranking here (best first): {', '.join(r['label'] for r in ranked)}. The paper ranks fixed average > "
                "running average > SVD > random. "
                + ("Agreement: the average-based inits beat random and SVD." if {r["label"] for r in ranked[:2]} ==
                   {"Fixed average", "Running average"} else
                   "Partial or no agreement with the paper's ranking at this scale; the spread is "
-                  f"{ranked[-1]['val_ppl'] - ranked[0]['val_ppl']:.2f} ppl."))
+                  f"{ranked[-1]['val_ppl'] - ranked[0]['val_ppl']:.2f} ppl.")
+               + " " + control_sentence(next(r for r in rows if r["label"] == "Fixed average"), rows[-1], reference,
+                                        "LoRA"))
 
     def plot(plt, rows):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
