@@ -236,6 +236,9 @@ def _train_config(method: str, accumulation_steps: int, batch_size: int = 2, **o
 # the loop under --parallel fsdp2: GaLore (refresh every 2 steps) with VeLoRA, FLoRA momentum + compressed accumulation
 LOOP_RUNS = {"galore": ("galore+velora", 1, dict(galore_rank=4, update_proj_gap=2)),
              "flora": ("flora+velora", 2, dict(flora_rank=4, flora_kappa=2, flora_accumulation=True))}
+# stopped at step 2 and resumed through DCP (a train() call costs ~1 s per rank): FLoRA, whose state is the richest
+# (momentum, seeds, kappa crossing, open accumulation sums); GaLore's state resumes bitwise in the optimizer test
+LOOP_RESUMED = ("flora",)
 
 
 def _train(config, out: str, **kwargs) -> dict:
@@ -251,11 +254,13 @@ def _loop_runs(out_dir: str) -> dict:
     for name, (method, accumulation_steps, options) in LOOP_RUNS.items():
         config = _train_config(method, accumulation_steps, **options)
         whole = _train(config, f"{out_dir}/{name}-whole", parallel="fsdp2")
+        results[name] = {"whole": _full(whole["_model"]), "losses": [loss for _, loss in whole["loss_curve"]]}
+        if name not in LOOP_RESUMED:
+            continue
         _train(config, f"{out_dir}/{name}-resumed", parallel="fsdp2", stop_at_step=2)
         resumed = _train(config, f"{out_dir}/{name}-resumed", parallel="fsdp2", resume=True)
-        results[name] = {"whole": _full(whole["_model"]), "resumed": _full(resumed["_model"]),
-                         "losses": [loss for _, loss in whole["loss_curve"]],
-                         "resumed_losses": [loss for _, loss in resumed["loss_curve"]]}
+        results[name].update({"resumed": _full(resumed["_model"]),
+                              "resumed_losses": [loss for _, loss in resumed["loss_curve"]]})
     try:
         _train(_train_config("lora", 1), f"{out_dir}/lora", parallel="fsdp2")
     except ValueError as err:
@@ -471,7 +476,7 @@ def test_accumulator_state_saved_through_dcp_mid_cycle_continues_bitwise_at_2_ra
     _assert_equal_to(_full(model), ranks[0]["accumulate_dcp"]["uninterrupted"])
 
 
-@pytest.mark.parametrize("name", list(LOOP_RUNS))
+@pytest.mark.parametrize("name", LOOP_RESUMED)
 def test_the_training_loop_under_fsdp2_resumes_bitwise(ranks, name):
     for result in ranks:
         runs = result["loop"][name]
