@@ -201,6 +201,7 @@ def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str, make_optimizer
     _flora_steps(model, optimizer, range(half), rank, world)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+    saved_whole = _whole_state(model, optimizer)  # what was saved, gathered: a 2 -> 1 load must give it bitwise
     _flora_steps(model, optimizer, range(half, STEPS), rank, world)
     resumed_model = _sharded(FLORA_WIDTHS, mesh)
     resumed = make_optimizer(resumed_model)
@@ -209,7 +210,18 @@ def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str, make_optimizer
     dcp.load(loaded, checkpoint_id=checkpoint)
     set_state_dict(resumed_model, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     _flora_steps(resumed_model, resumed, range(half, STEPS), rank, world)
-    return {"uninterrupted": _full(model), "resumed": _full(resumed_model)}
+    return {"uninterrupted": _full(model), "resumed": _full(resumed_model), "saved_whole": saved_whole}
+
+
+def _whole_state(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """Every model and optimizer tensor as whole (unsharded) tensors, by FQN (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    whole = {f"model.{k}": v for k, v in model_state.items()}
+    for fqn, entry in optimizer_state["state"].items():
+        whole.update({f"optim.{fqn}.{k}": v for k, v in entry.items() if isinstance(v, torch.Tensor)})
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in whole.items()}
 
 
 def _eight_bit_state_dict(mesh, rank: int, world: int) -> str:
@@ -409,6 +421,12 @@ def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tm
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
     wide_weight = model.layers[1].weight  # (6, 12): "smaller" would project its rows
     assert optimizer.state[wide_weight]["momentum"].shape == (6, FLORA_OPTIONS["rank"])
+    # the resharded load is lossless: every model and optimizer tensor bitwise what the 2 ranks held when they saved
+    # (the 1-process continuation below then only differs from the 2-rank one by the gradient's reduction order)
+    loaded, expected = _whole_state(model, optimizer), ranks[0]["dcp"]["saved_whole"]
+    assert loaded.keys() == expected.keys() and len(expected) > len(_full(model))
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
     _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
     _assert_equal_to(_full(model), ranks[0]["dcp"]["uninterrupted"])
 
