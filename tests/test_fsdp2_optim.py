@@ -370,12 +370,26 @@ def test_an_eight_bit_state_under_fsdp2_is_refused_in_one_line_when_saved(ranks)
         assert "FSDP2" in message and "eight_bit=False" in message and "\n" not in message, message
 
 
-def test_flora_state_saved_through_dcp_at_2_ranks_continues_bitwise(ranks):
+def _assert_resumed_bitwise(ranks, scenario: str) -> None:
+    """On every rank: the run resumed from DCP ends bitwise where the uninterrupted one did."""
     for result in ranks:
-        uninterrupted, resumed = result["dcp"]["uninterrupted"], result["dcp"]["resumed"]
+        uninterrupted, resumed = result[scenario]["uninterrupted"], result[scenario]["resumed"]
         assert uninterrupted.keys() == resumed.keys()
         for name, expected in uninterrupted.items():
             assert torch.equal(resumed[name], expected), name
+
+
+def _whole_checkpoint(checkpoint: str, tmp_path) -> dict:
+    """A DCP checkpoint as one process reads it: DCP's own converter to whole tensors (a 2 -> 1 reshard)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = tmp_path / "whole.pt"
+    dcp_to_torch_save(checkpoint, whole)
+    return torch.load(whole, weights_only=False)
+
+
+def test_flora_state_saved_through_dcp_at_2_ranks_continues_bitwise(ranks):
+    _assert_resumed_bitwise(ranks, "dcp")
 
 
 def test_a_state_recording_the_projected_columns_keeps_them_in_one_process():
@@ -410,12 +424,9 @@ def test_a_state_recording_the_projected_columns_keeps_them_in_one_process():
 def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tmp_path):
     """Reshard 2 -> 1: DCP's own converter gives the whole tensors; one process (same options, project="smaller")
     loads them, keeps projecting the columns the shards projected, and ends where the 2 ranks did."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    whole = tmp_path / "whole.pt"
-    dcp_to_torch_save(ranks[0]["checkpoint"], whole)
-    saved = torch.load(whole, weights_only=False)
+    saved = _whole_checkpoint(ranks[0]["checkpoint"], tmp_path)
     model = _Net(FLORA_WIDTHS)
     optimizer = _flora(model, "adafactor")
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
@@ -449,17 +460,10 @@ def test_svd_projected_optimizers_under_fsdp2_equal_one_process_on_the_whole_bat
 
 
 def test_galore_state_saved_through_dcp_at_2_ranks_continues_bitwise_and_loads_in_one_process(ranks, tmp_path):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    for result in ranks:
-        uninterrupted, resumed = result["galore_dcp"]["uninterrupted"], result["galore_dcp"]["resumed"]
-        assert uninterrupted.keys() == resumed.keys()
-        for name, expected in uninterrupted.items():
-            assert torch.equal(resumed[name], expected), name
-    whole = tmp_path / "whole.pt"
-    dcp_to_torch_save(ranks[0]["galore_checkpoint"], whole)
-    saved = torch.load(whole, weights_only=False)
+    _assert_resumed_bitwise(ranks, "galore_dcp")
+    saved = _whole_checkpoint(ranks[0]["galore_checkpoint"], tmp_path)
     model = _Net(FLORA_WIDTHS)
     optimizer = _galore(model)
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
@@ -471,16 +475,9 @@ def test_galore_state_saved_through_dcp_at_2_ranks_continues_bitwise_and_loads_i
 
 def test_accumulator_state_saved_through_dcp_mid_cycle_continues_bitwise_at_2_ranks_and_in_one_process(ranks,
                                                                                                     tmp_path):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    for result in ranks:
-        uninterrupted, resumed = result["accumulate_dcp"]["uninterrupted"], result["accumulate_dcp"]["resumed"]
-        assert uninterrupted.keys() == resumed.keys()
-        for name, expected in uninterrupted.items():
-            assert torch.equal(resumed[name], expected), name
-    whole = tmp_path / "whole.pt"
-    dcp_to_torch_save(ranks[0]["accumulate_checkpoint"], whole)
-    saved = torch.load(whole, weights_only=False)
+    _assert_resumed_bitwise(ranks, "accumulate_dcp")
+    saved = _whole_checkpoint(ranks[0]["accumulate_checkpoint"], tmp_path)
     model = _Net(WIDE_WIDTHS)
     model.load_state_dict(saved["model"])
     accumulator = _accumulator(model, "smaller")  # the same options: "smaller" would project the (8, 10) rows
