@@ -9,7 +9,7 @@ wrapped layer: the cosine VeLoRA's v reaches (velora.diagnose) and those hindsig
 (M=4 r=1, M=8 r=2, M=16 r=4). If twice the measured cosine is above the ceiling, the target cannot be met at equal
 bytes by any fixed direction on this model.
 
-    python benchmarks/fidelity_ceiling.py            # 300 steps of compare's schedule, seed 0 (~3 min on 2 cores)
+    python benchmarks/fidelity_ceiling.py            # 300 steps of compare's schedule, seed 0 (~1 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -98,8 +99,9 @@ def main(argv=None) -> int:
         print(f"step {step}: measured", flush=True)
 
     config = study_config(VARIANTS["paper"], args.seed)
-    train(config, args.out / "ceiling-run", progress=False, measure=False, tensorboard=False, memory_check=False,
-          stop_at_step=args.steps, on_model_ready=ready, on_step=on_step)
+    with tempfile.TemporaryDirectory() as run_dir:  # the run's checkpoints are not kept
+        train(config, Path(run_dir) / "run", progress=False, measure=False, tensorboard=False, memory_check=False,
+              stop_at_step=args.steps, on_model_ready=ready, on_step=on_step)
     rows = state["rows"]
     columns = [c for c in rows[0] if c not in ("step", "layer")]
     medians = {c: statistics.median(r[c] for r in rows) for c in columns}
