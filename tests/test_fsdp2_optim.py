@@ -379,6 +379,15 @@ def _assert_resumed_bitwise(ranks, scenario: str) -> None:
             assert torch.equal(resumed[name], expected), name
 
 
+def _assert_loaded_bitwise(model: nn.Module, optimizer, expected: dict[str, torch.Tensor]) -> None:
+    """The resharded (2 -> 1) load is lossless: every model and optimizer tensor is bitwise what the 2 ranks held
+    when they saved (the 1-process continuation then differs from the 2-rank one only by the reduction order)."""
+    loaded = _whole_state(model, optimizer)
+    assert loaded.keys() == expected.keys() and len(expected) > len(_full(model))
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 def _whole_checkpoint(checkpoint: str, tmp_path) -> dict:
     """A DCP checkpoint as one process reads it: DCP's own converter to whole tensors (a 2 -> 1 reshard)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -432,12 +441,7 @@ def test_flora_state_saved_through_dcp_at_2_ranks_loads_in_one_process(ranks, tm
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
     wide_weight = model.layers[1].weight  # (6, 12): "smaller" would project its rows
     assert optimizer.state[wide_weight]["momentum"].shape == (6, FLORA_OPTIONS["rank"])
-    # the resharded load is lossless: every model and optimizer tensor bitwise what the 2 ranks held when they saved
-    # (the 1-process continuation below then only differs from the 2-rank one by the gradient's reduction order)
-    loaded, expected = _whole_state(model, optimizer), ranks[0]["dcp"]["saved_whole"]
-    assert loaded.keys() == expected.keys() and len(expected) > len(_full(model))
-    for name, tensor in expected.items():
-        assert torch.equal(loaded[name], tensor), name
+    _assert_loaded_bitwise(model, optimizer, ranks[0]["dcp"]["saved_whole"])
     _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
     _assert_equal_to(_full(model), ranks[0]["dcp"]["uninterrupted"])
 
@@ -469,6 +473,7 @@ def test_galore_state_saved_through_dcp_at_2_ranks_continues_bitwise_and_loads_i
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
     assert optimizer.state[model.layers[0].weight]["exp_avg"].shape == (12, GALORE_OPTIONS["rank"])  # right: rows
     assert optimizer.state[model.layers[1].weight]["exp_avg"].shape == (GALORE_OPTIONS["rank"], 12)  # left
+    _assert_loaded_bitwise(model, optimizer, ranks[0]["galore_dcp"]["saved_whole"])
     _flora_steps(model, optimizer, range(STEPS // 2, STEPS), 0, 1)
     _assert_equal_to(_full(model), ranks[0]["galore_dcp"]["uninterrupted"])
 
