@@ -23,3 +23,14 @@ def forward_backward(model: nn.Module, x: torch.Tensor):
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out.detach(), x.grad, grads
+
+
+def fused_ran(layer: nn.Module, model: nn.Module, x: torch.Tensor) -> bool:
+    """True if ``layer``'s output came out of the fused LoRA + VeLoRA Function on ``model(x)`` (a forward hook on
+    the fused layer itself does not block fusion)."""
+    seen = []
+    handle = layer.register_forward_hook(
+        lambda module, args, output: seen.append(type(output.grad_fn).__name__ if output.grad_fn else None))
+    model(x)
+    handle.remove()
+    return seen[0] == "LoRAVeLoRAFunctionBackward"

@@ -54,12 +54,7 @@ run = lora_helpers.forward_backward
 
 def fused_ran(model: nn.Module, x: torch.Tensor) -> bool:
     """True if the first LoRA layer's output came out of the fused Function."""
-    seen = []
-    handle = layers(model)[0].register_forward_hook(  # a hook on the fused layer itself does not block fusion
-        lambda module, args, output: seen.append(type(output.grad_fn).__name__ if output.grad_fn else None))
-    model(x)
-    handle.remove()
-    return seen[0] == "LoRAVeLoRAFunctionBackward"
+    return lora_helpers.fused_ran(layers(model)[0], model, x)
 
 
 def batch(dtype=torch.float64, seed=1) -> torch.Tensor:

@@ -232,12 +232,7 @@ step = lora_helpers.forward_backward
 
 def fused_4bit_ran(model: nn.Module, x: torch.Tensor) -> bool:
     """True if the first 4-bit LoRA layer's output came out of the fused Function."""
-    seen = []
-    handle = peft_4bit_layers(model)[0].register_forward_hook(  # a hook on the fused layer does not block it
-        lambda module, args, output: seen.append(type(output.grad_fn).__name__ if output.grad_fn else None))
-    model(x)
-    handle.remove()
-    return seen[0] == "LoRAVeLoRAFunctionBackward"
+    return lora_helpers.fused_ran(peft_4bit_layers(model)[0], model, x)
 
 
 def tokens(dtype=torch.float32, seed=1) -> torch.Tensor:
