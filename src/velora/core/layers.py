@@ -66,7 +66,10 @@ class VeLoRAMixin:
         """Before a training forward: build v from the first batch, take one EMA step, or re-estimate v when due."""
         if not self._velora_checked:
             self._velora_check_state()
-        recompute = in_checkpoint_recompute()  # a recompute re-runs a forward that already took its step
+        # a recompute re-runs a forward that already took its step; only an EMA or counted v needs to know (the
+        # check walks autograd's hook stack, so the paper's fixed v skips it on every forward)
+        stateful = self.velora_config.init == "ema" or "velora_step" in self._buffers
+        recompute = stateful and in_checkpoint_recompute()
         if not self._velora_ready:
             if "_velora_expected_state" in self.__dict__:  # its saved v was expected (velora.core.persistence)
                 from velora.core.persistence import refuse_fresh_init
