@@ -5,6 +5,7 @@ the real layer's bytes, and a missing bitsandbytes is a one-line error."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -217,8 +218,7 @@ def qlora_layers(dtype=torch.float32, adapter_dtype=None, quant_type="nf4", seed
     return model
 
 
-def with_velora(model: nn.Module, **overrides) -> nn.Module:
-    return lora_helpers.with_velora(model, M, **overrides)
+with_velora = functools.partial(lora_helpers.with_velora, default_sub_token_size=M)
 
 
 def peft_4bit_layers(model: nn.Module) -> list[nn.Module]:
