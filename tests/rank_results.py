@@ -1,9 +1,14 @@
 """Run a gloo worker on every rank of a local process group and read back what each rank saved; and run such an
-expensive producer once per test session even when pytest-xdist spreads its callers over several workers."""
+expensive producer once per test session even when pytest-xdist spreads its callers over several workers.
+
+Every test module's 2-rank gloo worker runs in one spawn per session (``gloo_ranks``): starting a rank costs more
+CPU than most of the workers' own scenarios (a fresh interpreter importing torch and the test module), so one
+spawn running the modules' workers in turn replaces one spawn per module."""
 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import shutil
 from collections.abc import Callable
@@ -34,18 +39,28 @@ def once_per_session(tmp_path_factory, name: str, produce: Callable[[Path], None
     return folder
 
 
-def run_ranks(worker, world: int, out_dir: Path, timeout_s: int) -> list[dict]:
-    """``worker(rank, world, out_dir)`` saves ``{out_dir}/rank{rank}.pt``; returns those dicts in rank order."""
-    run_local(worker, world, args=(str(out_dir),), timeout_s=timeout_s)
-    return read_ranks(out_dir, world)
-
-
 def read_ranks(out_dir: Path, world: int) -> list[dict]:
+    """The ``{out_dir}/rank{rank}.pt`` dict each rank's worker saved, in rank order."""
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-def run_ranks_once(worker, world: int, tmp_path_factory, name: str, timeout_s: int) -> list[dict]:
-    """``run_ranks`` once per session (``once_per_session``), whichever xdist worker asks first."""
-    folder = once_per_session(tmp_path_factory, name,
-                              lambda out: run_local(worker, world, args=(str(out),), timeout_s=timeout_s))
-    return read_ranks(folder, world)
+# module -> its rank worker ``fn(rank, world, out_dir)``, run in this order in the session's one spawn
+GLOO_WORKERS = {"test_core_reliability": "_zero_token_ranks_worker", "test_distributed_optim": "_worker",
+                "test_distributed": "_ranks_worker", "test_fsdp2_optim": "_worker"}
+GLOO_WORLD = 2
+
+
+def _every_module_worker(rank: int, world: int, out_dir: str) -> None:
+    for module, name in GLOO_WORKERS.items():
+        folder = Path(out_dir) / module
+        folder.mkdir(exist_ok=True)
+        getattr(importlib.import_module(module), name)(rank, world, str(folder))
+
+
+def gloo_ranks(tmp_path_factory, module: str) -> list[dict]:
+    """What each rank of the session's one 2-rank gloo spawn saved for ``module`` (its GLOO_WORKERS entry)."""
+    if module not in GLOO_WORKERS:
+        raise KeyError(f"{module} has no rank worker in GLOO_WORKERS; add it there")
+    folder = once_per_session(tmp_path_factory, "gloo", lambda out: run_local(
+        _every_module_worker, GLOO_WORLD, args=(str(out),), timeout_s=600))
+    return read_ranks(folder / module, GLOO_WORLD)

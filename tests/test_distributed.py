@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rank_results import run_ranks_once
+from rank_results import gloo_ranks
 from torch import nn
 
 from velora import VeLoRAConfig, apply_velora, velora_modules
@@ -279,7 +279,7 @@ def _ranks_worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks_once(_ranks_worker, WORLD, tmp_path_factory, "ddp", timeout_s=180)
+    return gloo_ranks(tmp_path_factory, __name__)
 
 
 def _assert_close_dicts(actual: dict, expected: dict, rtol=1e-9, atol=1e-11):

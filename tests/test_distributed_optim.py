@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from rank_results import run_ranks_once
+from rank_results import gloo_ranks
 from torch import nn
 
 WORLD, STEPS = 2, 3
@@ -101,7 +101,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks_once(_worker, WORLD, tmp_path_factory, "optim_ranks", timeout_s=180)
+    return gloo_ranks(tmp_path_factory, __name__)
 
 
 def _plain_ddp_reference() -> dict[str, torch.Tensor | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rank_results import run_ranks_once
+from rank_results import gloo_ranks
 from torch import nn
 
 WORLD, STEPS, BATCH = 2, 6, 8
@@ -316,7 +316,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks_once(_worker, WORLD, tmp_path_factory, "fsdp2_ranks", timeout_s=240)
+    return gloo_ranks(tmp_path_factory, __name__)
 
 
 def _assert_equal_to(got: dict, expected: dict) -> None:
