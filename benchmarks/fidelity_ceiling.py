@@ -30,7 +30,7 @@ from velora.core.fidelity import _loss, _plain_layers, _untouched, diagnose  # n
 from velora.core.layers import velora_modules  # noqa: E402
 from velora.experiments.fidelity_study import VARIANTS, study_config  # noqa: E402
 
-LAYOUTS = ((4, 1), (8, 2), (16, 4))  # (M, r): D * r / M saved scalars per token, equal bytes
+LAYOUTS = ((4, 1), (8, 2), (16, 4), (32, 8))  # (M, r): D * r / M saved scalars per token, equal bytes
 
 
 def exact_gradients(model, batch) -> dict[str, torch.Tensor]:
@@ -50,8 +50,33 @@ def exact_gradients(model, batch) -> dict[str, torch.Tensor]:
             out_grad = grad.reshape(-1, output.shape[-1]).double()  # (T, O)
             part = out_grad.t() @ x.reshape(-1, layer._velora_in_features()).double()  # (O, D)
             total = part if total is None else total + part
-        exact[name] = total
+        exact[name] = (total, torch.cat([x.reshape(-1, layer._velora_in_features()) for x, _ in calls[name]]))
     return exact
+
+
+def input_directions(gradient: torch.Tensor, inputs: torch.Tensor) -> dict[str, float]:
+    """Cosines reached by directions read off this batch's inputs X (T, D) before the backward (realisable at
+    training time): per group, the top-r eigenvectors of X_cᵀX_c (the batch's own SVD) or the normalised batch mean."""
+    out_features, in_features = gradient.shape
+    result = {}
+    for size, rank in LAYOUTS:
+        if in_features % size:
+            continue
+        chunks = gradient.reshape(out_features, in_features // size, size)  # (O, G, M)
+        total = float((chunks * chunks).sum())
+        x = inputs.reshape(-1, in_features // size, size).double()  # (T, G, M)
+        covariance = torch.einsum("tgm,tgn->gmn", x, x)  # (G, M, M)
+        basis = torch.linalg.eigh(covariance).eigenvectors[..., -rank:]  # (G, M, r) top-r per group
+        kept = float(torch.einsum("ogm,gmr->ogr", chunks, basis).square().sum())
+        result[f"batch-svd per-group M={size} r={rank}"] = (kept / total) ** 0.5
+        shared = torch.linalg.eigh(covariance.sum(0)).eigenvectors[:, -rank:]  # (M, r)
+        kept = float(torch.einsum("ogm,mr->ogr", chunks, shared).square().sum())
+        result[f"batch-svd shared M={size} r={rank}"] = (kept / total) ** 0.5
+        if rank == 1:
+            mean = torch.nn.functional.normalize(x.mean(0), dim=-1)  # (G, M)
+            kept = float(torch.einsum("ogm,gm->og", chunks, mean).square().sum())
+            result[f"batch-mean per-group M={size} r=1"] = (kept / total) ** 0.5
+    return result
 
 
 def ceilings(gradient: torch.Tensor) -> dict[str, float]:
@@ -94,8 +119,9 @@ def main(argv=None) -> int:
             return
         model, batch = state["model"], state["batch"].detach().clone()
         report = {r.name: r.cosine for r in diagnose(model, batch).layers}
-        for name, gradient in exact_gradients(model, batch).items():
-            state["rows"].append({"step": step, "layer": name, "velora": report[name], **ceilings(gradient)})
+        for name, (gradient, inputs) in exact_gradients(model, batch).items():
+            state["rows"].append({"step": step, "layer": name, "velora": report[name], **ceilings(gradient),
+                                  **input_directions(gradient, inputs)})
         print(f"step {step}: measured", flush=True)
 
     config = study_config(VARIANTS["paper"], args.seed)

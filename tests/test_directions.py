@@ -142,6 +142,24 @@ def test_svd_init_per_group_takes_each_groups_top_singular_vectors():
         torch.testing.assert_close(model[0].velora_v[index].abs(), top.abs(), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("degenerate", [None, "zero group", "rank-1 group"])
+def test_per_group_svd_in_one_batched_call_equals_the_one_group_rule_per_group(dtype, degenerate):
+    from velora.core.subtoken import initial_directions
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 4 * 8, generator=generator, dtype=torch.float64)  # (B, T, D), G = 4 groups of M = 8
+    if degenerate == "zero group":
+        x[..., 8:16] = 0  # group 1 spans nothing: its basis is completed (the per-group fallback)
+    if degenerate == "rank-1 group":
+        x[..., 16:24] = x[..., 16:17] * torch.arange(1.0, 9.0, dtype=torch.float64)  # group 2 spans one direction
+    x = x.to(dtype)
+    got = estimate(x, 8, 3, "svd", per_group=True, max_samples=12)  # 18 sub-tokens per group, strided to 12
+    rows = x.reshape(-1, 4, 8).transpose(0, 1)  # (G, T, M)
+    expected = torch.stack([initial_directions(rows[g], 8, 3, "svd", max_samples=12) for g in range(4)])
+    assert got.shape == (4, 8, 3) and torch.equal(got, expected)
+
+
 def test_padding_per_group_builds_the_padded_last_group_from_its_real_features():
     model, x = layer(in_features=22, pad=True), batch(in_features=22)  # G = 6, last group 2 real features
     model(x).sum().backward()

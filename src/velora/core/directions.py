@@ -19,6 +19,7 @@ from velora.core.subtoken import (
     initial_directions,
     mean_sub_token,
     orthonormalise,
+    state_dtype,
     subsample_rows,
 )
 
@@ -44,6 +45,10 @@ def estimate(x: torch.Tensor, sub_token_size: int, rank: int, strategy: str, *, 
         directions = _normalised_means(group(x, sub_token_size), mean, max_samples)
         if directions is not None:
             return directions
+    if strategy == "svd" and x.numel():  # every group's SVD in one batched call
+        directions = _batched_top_singular(group(x, sub_token_size), rank, max_samples)
+        if directions is not None:
+            return directions
     rows = group(x, sub_token_size).transpose(0, 1)  # (G, T, M), group g's sub-tokens in rows[g]
     return torch.stack([
         initial_directions(rows[index], sub_token_size, rank, strategy, max_samples=max_samples,
@@ -66,6 +71,27 @@ def _normalised_means(groups: torch.Tensor, mean: torch.Tensor, max_samples: int
     if not bool((norm > floor).all()):  # one host sync per estimate
         return None
     return (mean / norm.unsqueeze(-1)).unsqueeze(-1)  # (G, M, 1)
+
+
+def _batched_top_singular(groups: torch.Tensor, rank: int, max_samples: int) -> torch.Tensor | None:
+    """Each group's top-``rank`` right singular vectors (G, M, r), signs as ``top_right_singular`` sets them, from
+    one batched SVD of (T, G, M) sub-tokens; None when some group spans fewer than ``rank`` directions or holds
+    NaN/Inf (the per-group fallback completes its basis or raises)."""
+    work = state_dtype(groups.dtype)
+    sample = subsample_rows(groups, max_samples).to(work).transpose(0, 1)  # (G, N, M)
+    if not torch.isfinite(sample).all():
+        return None
+    try:
+        _, singular, vh = torch.linalg.svd(sample, full_matrices=False)  # (G, k), (G, k, M)
+    except RuntimeError:  # ill-conditioned: the per-group path falls back to eigh
+        return None
+    floor = singular[:, :1] * torch.finfo(work).eps * max(sample.shape[1:])  # (G, 1)
+    if singular.shape[1] < rank or not bool((singular[:, rank - 1:rank] > floor).all()):  # one host sync
+        return None
+    v = vh[:, :rank].transpose(1, 2)  # (G, M, r)
+    pivot = v.abs().argmax(dim=1, keepdim=True)  # (G, 1, r): largest-magnitude entry of each column ...
+    signs = torch.sign(v.gather(1, pivot))  # (G, 1, r) ... made positive, so the result is reproducible
+    return v * torch.where(signs == 0, torch.ones_like(signs), signs)  # (G, M, r)
 
 
 def seeded_directions(sub_token_size: int, rank: int, groups: int | None, seed: int) -> torch.Tensor:

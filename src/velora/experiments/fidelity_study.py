@@ -62,6 +62,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"per_group_directions": True, "reestimate_every": 100}),
     Variant("per-group-svd-r2-M8", "M=8, r=2, per-group top-2 singular vectors of the first batch (equal bytes)",
             {"per_group_directions": True, "init": "svd", "rank": 2, "sub_token_size": 2 * SUB_TOKEN_SIZE}),
+    # (b) + (c) every step: each training forward's own per-group top-r directions (v is part of what is saved)
+    Variant("per-group-svd-r4-M16-reest-1", "M=16, r=4, per-group top-4 singular vectors of each batch (equal bytes)",
+            {"per_group_directions": True, "init": "svd", "rank": 4, "sub_token_size": 4 * SUB_TOKEN_SIZE,
+             "reestimate_every": 1}),
+    Variant("per-group-svd-r8-M32-reest-1", "M=32, r=8, per-group top-8 singular vectors of each batch (equal bytes)",
+            {"per_group_directions": True, "init": "svd", "rank": 8, "sub_token_size": 8 * SUB_TOKEN_SIZE,
+             "reestimate_every": 1}),
     Variant("frozen-control", "control: v_proj + down_proj weights frozen at init (no VeLoRA, no update)",
             frozen=True),
 )}
