@@ -394,3 +394,18 @@ def test_cli_diagnose_json(capsys, text_file):
     assert all(0 < row["energy"] <= 1 and row["z_bytes"] * 16 == row["x_bytes"] for row in data["layers"])
     assert main(["diagnose", "--method", "lora", "--data", str(text_file), "--tokenizer", "byte"]) == 2
     assert "add +velora" in capsys.readouterr().err
+
+
+def test_cli_diagnose_per_group_directions_keep_at_least_the_shared_ones_energy(capsys, text_file):
+    """--per-group reaches the layers: each group's own top-2 singular vectors of the diagnosed batch keep at least
+    the energy of the top-2 shared by every group (a per-group optimum is at least the shared one, group by group)."""
+    from velora.cli import main
+
+    energies = {}
+    for extra in ([], ["--per-group"]):
+        assert main(["diagnose", "--model", "llama-tiny", "--method", "velora", "--data", str(text_file),
+                     "--tokenizer", "byte", "--batch", "2", "--seq", "32", "--sub-token-size", "8", "--init", "svd",
+                     "--rank", "2", "--json", *extra]) == 0
+        energies[bool(extra)] = [row["energy"] for row in json.loads(capsys.readouterr().out)["layers"]]
+    assert all(group >= shared - 1e-6 for shared, group in zip(energies[False], energies[True], strict=True))
+    assert sum(energies[True]) > sum(energies[False]) + 1e-3

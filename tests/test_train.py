@@ -232,3 +232,31 @@ def test_eval_batches_zero_scores_the_whole_validation_split(text_file):
     assert first != pytest.approx(result["val_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="eval_batches=-1"):
         tiny(text_file, eval_batches=-1)
+
+
+def test_cli_velora_direction_flags_reach_every_layer_and_a_bad_value_is_one_line(tmp_path, text_file, capsys):
+    """--velora-rank / --velora-per-group / --velora-reestimate-every build the layers they name: per-group top-2
+    directions (G, M, 2), re-estimated on every one of the 3 steps x 2 micro-batches (the saved counter)."""
+    from safetensors.torch import load_file
+
+    from velora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "velora", "--data", str(text_file), "--tokenizer", "byte", "--model",
+                 "llama-tiny", "--steps", "3", "--batch-size", "2", "--accumulation-steps", "2", "--seq-len", "16",
+                 "--eval-batches", "1", "--sub-token-size", "8", "--velora-init", "svd", "--velora-rank", "2",
+                 "--velora-per-group", "--velora-reestimate-every", "1", "--out", str(out), "--no-progress",
+                 "--no-memory"]) == 0
+    saved = load_file(str(out / "checkpoints" / "step-0000003" / "model.safetensors"))
+    directions = {k: v for k, v in saved.items() if k.endswith("velora_v")}
+    steps = {k: int(v) for k, v in saved.items() if k.endswith("velora_step")}
+    assert directions and {tuple(v.shape[1:]) for v in directions.values()} == {(8, 2)}
+    assert all(v.shape[0] > 1 for v in directions.values())  # one (M, r) set per group
+    assert len(steps) == len(directions) and set(steps.values()) == {6}  # every training forward counted
+    config = json.loads((out / "config.json").read_text())["velora"]
+    assert (config["rank"], config["per_group_directions"], config["reestimate_every"]) == (2, True, 1)
+    capsys.readouterr()
+    assert main(["train", "--method", "velora", "--data", str(text_file), "--velora-reestimate-every", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "reestimate_every=0" in err and len(err.strip().splitlines()) == 1

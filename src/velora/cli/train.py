@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the projection vector v is initialised")
     velora.add_argument("--velora-targets", default="paper",
                         help="comma-separated module names or 'paper' (value + MLP down projections)")
+    velora.add_argument("--velora-rank", type=int, default=1,
+                        help="directions per sub-token, r (default 1, the paper's; saved scalars per token D*r/M)")
+    velora.add_argument("--velora-per-group", action="store_true",
+                        help="one set of directions per sub-token group instead of one shared by all groups")
+    velora.add_argument("--velora-reestimate-every", type=int, default=None, metavar="K",
+                        help="re-estimate the directions from the batch every K training forwards (micro-batches; "
+                             "1: every forward; default: never, the paper's fixed first-batch v)")
     # one flag per option of the method configs (velora.methods.options), generated from their declarations
     add_option_flags(parser.add_argument_group("method options"))
     out = parser.add_argument_group("output")
@@ -118,7 +125,9 @@ def config_from_args(args: argparse.Namespace):
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         eval_batches=args.eval_batches, eval_every=args.eval_every, save_every=args.save_every,
         init_from=args.init_from, dtype=args.dtype, options=options,
-        velora={"sub_token_size": args.sub_token_size, "init": args.velora_init, "target_modules": targets},
+        velora={"sub_token_size": args.sub_token_size, "init": args.velora_init, "target_modules": targets,
+                "rank": args.velora_rank, "per_group_directions": args.velora_per_group,
+                "reestimate_every": args.velora_reestimate_every},
     )
 
 
