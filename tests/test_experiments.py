@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -160,17 +161,27 @@ def test_compare_numbers_do_not_depend_on_jobs(tmp_path, text_file, capsys, monk
 
 
 @pytest.mark.slow
-def test_compare_worker_failure_fails_the_command(tmp_path, text_file, monkeypatch):
-    from velora.cli import main
-    from velora.training.loop import TrainingDiverged
+def test_a_failing_job_on_a_worker_stops_the_queue_and_is_raised_with_its_method(tmp_path, text_file, monkeypatch):
+    """A job that diverges on a spawned worker comes back as the same exception type, its message prefixed with
+    the method and the worker's traceback attached; the queue stops there (the next job never starts) and the
+    worker is gone. One worker keeps the test to one fresh interpreter: stopping a busy second worker is the
+    Ctrl-C test's path, and compare's handling of the raised error is the rerun test's."""
+    from velora.experiments.compare_jobs import Job, run_parallel
+    from velora.training.loop import TrainConfig, TrainingDiverged, load_data
 
-    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(TrainingDiverged, match="method velora: training stopped: loss is nan"):
-        main(["compare", "--model", "llama-tiny", "--steps", "3", "--methods", "full,velora", "--lr", "velora=1e30",
-              "--data", str(text_file), "--seq-len", "32", "--out", str(tmp_path / "out"), "--jobs", "2",
-              "--no-progress"])
-    results = tmp_path / "out" / "results.json"  # full may finish first: its row only, marked incomplete
-    assert not results.exists() or "velora" in json.loads(results.read_text())["missing"]
+    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))  # the worker inherits the environment
+    configs = {method: TrainConfig(method=method, model="llama-tiny", data=str(text_file), tokenizer="byte",
+                                   steps=3, batch_size=2, seq_len=32, warmup_steps=1, eval_batches=1, lr=lr)
+               for method, lr in (("velora", 1e30), ("full", 2e-3))}
+    load_data(configs["full"])  # the token cache, as compare builds it before starting workers
+    jobs = [Job(method, config, tmp_path / method, threads=1, progress=False) for method, config in configs.items()]
+    said: list[str] = []
+    with pytest.raises(TrainingDiverged, match="method velora: training stopped: loss is nan") as raised:
+        run_parallel(jobs, 1, said.append)
+    assert any("traceback in the worker process of velora" in note for note in raised.value.__notes__)
+    assert [line.split(" (")[0] for line in said] == ["started velora"]  # full was never sent
+    assert not (tmp_path / "full" / "result.json").exists()
+    assert multiprocessing.active_children() == []  # the worker was stopped and joined
 
 
 def test_compare_rejects_bad_jobs(tmp_path, capsys):
