@@ -90,13 +90,18 @@ def _model_config(config, vocab_size: int):
     return None
 
 
-def rough_step_bytes(model_config, batch: int, seq: int, bytes_per_value: int) -> int:
-    """A generous estimate (weights, gradients and two optimizer moments, plus ~40 saved values per hidden
-    unit per layer and the logits thrice): below a quarter of the available memory, planning is skipped."""
+def parameter_count(model_config) -> int:
+    """The number of parameters of the model ``model_config`` builds (on the meta device: no memory)."""
     with torch.device("meta"):
         from velora.training.models import build_model
 
-        n_params = sum(p.numel() for p in build_model(model_config).parameters())
+        return sum(p.numel() for p in build_model(model_config).parameters())
+
+
+def rough_step_bytes(model_config, batch: int, seq: int, bytes_per_value: int, n_params: int | None = None) -> int:
+    """A generous estimate (weights, gradients and two optimizer moments, plus ~40 saved values per hidden
+    unit per layer and the logits thrice): below a quarter of the available memory, planning is skipped."""
+    n_params = parameter_count(model_config) if n_params is None else n_params
     hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 1024)
     layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 12)
     vocab = getattr(model_config, "vocab_size", 32000)
@@ -122,8 +127,18 @@ def check_memory_fits(config, vocab_size: int, device: torch.device, say) -> Non
     if model_config is None:
         say(f"memory pre-check skipped for hub model {config.model!r} (its config is not fetched to plan it)")
         return
+    from velora.methods.registry import parse_method
+
     bytes_per_value = 2 if config.dtype == "bfloat16" else 4
-    if rough_step_bytes(model_config, config.batch_size, config.seq_len, bytes_per_value) < free_bytes / 4:
+    n_params = parameter_count(model_config)
+    gib = 2**30
+    weights = n_params * bytes_per_value  # a lower bound of any step's peak, unless the weights are quantised
+    if weights > free_bytes and parse_method(config.method).base != "qlora":  # no need to plan a step
+        raise ValueError(f"--model {config.model} --method {config.method} needs {weights / gib:.1f} GiB for its "
+                         f"{config.dtype} weights alone ({n_params / 1e9:.2f} B parameters; a step needs more) but "
+                         f"{free_bytes / gib:.1f} GiB is {source}; use a smaller model, --method qlora, "
+                         "or --ignore-memory-check")
+    if rough_step_bytes(model_config, config.batch_size, config.seq_len, bytes_per_value, n_params) < free_bytes / 4:
         return
     from velora.memory.planner import plan
 
@@ -136,7 +151,6 @@ def check_memory_fits(config, vocab_size: int, device: torch.device, say) -> Non
         return
     peak = planned["peak_bytes"]
     if peak > free_bytes:
-        gib = 2**30
         raise ValueError(f"--model {config.model} --method {config.method} needs a planned peak of "
                          f"{peak / gib:.1f} GiB per step (batch {config.batch_size} x seq {config.seq_len}, "
                          f"{config.dtype}) but {free_bytes / gib:.1f} GiB is {source}; use a smaller model, batch "
