@@ -6,8 +6,10 @@ per group, re-estimated — can beat the V built from the exact gradient itself 
 of Σ_chunks G_cᵀ G_c (one V per layer) or of each G_cᵀ G_c (one V per group). This script trains compare's velora
 row (paper default) for ``--steps`` of its schedule and, at the listed steps, on that step's batch, reports per
 wrapped layer: the cosine VeLoRA's v reaches (velora.diagnose) and those hindsight ceilings at equal saved bytes
-(M=4 r=1, M=8 r=2, M=16 r=4). If twice the measured cosine is above the ceiling, the target cannot be met at equal
-bytes by any fixed direction on this model.
+(M=4 r=1, M=8 r=2, M=16 r=4, M=32 r=8). If twice the measured cosine is above the ceiling, the target cannot be met
+at equal bytes by any fixed direction on this model. The ``batch-`` rows are not oracles: directions read off the
+batch's own inputs before the backward (per group or shared, top-r singular vectors or the mean), which a layer can
+compute during its forward (``per_group_directions=True, init="svd", reestimate_every=1``).
 
     python benchmarks/fidelity_ceiling.py            # 300 steps of compare's schedule, seed 0 (~1 min on 2 cores)
 """
@@ -54,16 +56,21 @@ def exact_gradients(model, batch) -> dict[str, torch.Tensor]:
     return exact
 
 
+def _layouts(gradient: torch.Tensor):
+    """(M, r, chunks (O, G, M), ‖G‖²) of one layer's exact gradient G (O, D) for each layout whose M divides D."""
+    out_features, in_features = gradient.shape
+    for size, rank in LAYOUTS:
+        if in_features % size == 0:
+            chunks = gradient.reshape(out_features, in_features // size, size)  # (O, G, M)
+            yield size, rank, chunks, float(chunks.square().sum())
+
+
 def input_directions(gradient: torch.Tensor, inputs: torch.Tensor) -> dict[str, float]:
     """Cosines reached by directions read off this batch's inputs X (T, D) before the backward (realisable at
     training time): per group, the top-r eigenvectors of X_cᵀX_c (the batch's own SVD) or the normalised batch mean."""
-    out_features, in_features = gradient.shape
+    in_features = gradient.shape[1]
     result = {}
-    for size, rank in LAYOUTS:
-        if in_features % size:
-            continue
-        chunks = gradient.reshape(out_features, in_features // size, size)  # (O, G, M)
-        total = float((chunks * chunks).sum())
+    for size, rank, chunks, total in _layouts(gradient):
         x = inputs.reshape(-1, in_features // size, size).double()  # (T, G, M)
         covariance = torch.einsum("tgm,tgn->gmn", x, x)  # (G, M, M)
         basis = torch.linalg.eigh(covariance).eigenvectors[..., -rank:]  # (G, M, r) top-r per group
@@ -81,14 +88,9 @@ def input_directions(gradient: torch.Tensor, inputs: torch.Tensor) -> dict[str, 
 
 def ceilings(gradient: torch.Tensor) -> dict[str, float]:
     """Hindsight cosine ceilings of one layer's exact gradient G (O, D) for each (M, r) layout."""
-    out_features, in_features = gradient.shape
     result = {}
-    for size, rank in LAYOUTS:
-        if in_features % size:
-            continue
-        chunks = gradient.reshape(out_features, in_features // size, size)  # (O, G, M)
+    for size, rank, chunks, total in _layouts(gradient):
         per_group = torch.einsum("ogm,ogn->gmn", chunks, chunks)  # (G, M, M): Σ_o G_c^T G_c per chunk
-        total = float(per_group.diagonal(dim1=-2, dim2=-1).sum())
         shared_eig = torch.linalg.eigvalsh(per_group.sum(0))  # (M,) ascending
         group_eig = torch.linalg.eigvalsh(per_group)  # (G, M) ascending
         result[f"shared M={size} r={rank}"] = (float(shared_eig[-rank:].sum()) / total) ** 0.5
@@ -135,7 +137,9 @@ def main(argv=None) -> int:
     lines += [f"| {c} | {v:.3f} | {v / medians['velora']:.2f}x |" for c, v in medians.items()]
     text = (f"Hindsight ceilings (benchmarks/fidelity_ceiling.py, compare's velora row, seed {args.seed}, steps "
             f"{sorted(measured_at)} of {args.steps}; {len(rows)} layer-steps). 'velora' = the paper default's measured "
-            "cosine; the other rows = the best any fixed direction could do on the same batch at equal saved bytes.\n\n"
+            "cosine; 'shared' / 'per-group' = the best any direction could do on the same batch at equal saved bytes, "
+            "with hindsight (read off the exact gradient); 'batch-' = directions read off that batch's inputs before "
+            "the backward, realisable during the forward.\n\n"
             + "\n".join(lines) + "\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
