@@ -446,3 +446,23 @@ def test_only_rank_zero_draws_progress_under_torchrun(torchrun_train):
     assert done.returncode == 0, done.stderr[-3000:]
     bars = [line for line in done.stderr.splitlines() if line.lstrip().startswith("flora+velora ")]
     assert len(bars) == 1, done.stderr[-2000:]
+
+
+def test_the_pre_check_measures_a_preset_once_per_process_and_a_config_file_every_time(tmp_path):
+    """The size the memory pre-check plans with equals the model train builds; presets are measured once per
+    (preset, vocabulary, sequence length), a config.json is re-read on every run (it may have changed)."""
+    import velora.training.guards as guards
+    from velora.training.models import build_config, build_model
+
+    guards._preset_size.cache_clear()
+    run = tiny(tmp_path / "unused.txt", model="llama-tiny")
+    size = guards._size(run, 300)
+    model = build_model(build_config("llama-tiny", vocab_size=300))
+    assert size == (sum(p.numel() for p in model.parameters()), 64, 2, 300)
+    assert guards._size(run, 300) == size and guards._preset_size.cache_info().hits == 1
+    assert guards._size(run, 301)[0] == size[0] + 2 * 64  # another vocabulary: embedding and head rows
+    config_file = tmp_path / "model.json"
+    for layers in (2, 3):
+        config_file.write_text(json.dumps({**build_config("llama-tiny").to_dict(), "num_hidden_layers": layers}))
+        assert guards._size(tiny(tmp_path / "unused.txt", model=str(config_file)), 300)[2] == layers
+    assert guards._preset_size.cache_info().misses == 2  # the two presets; the file never went through the cache

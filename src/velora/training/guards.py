@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 from pathlib import Path
@@ -79,15 +80,20 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
 
 def _model_config(config, vocab_size: int):
     """The transformers config ``train`` will build, or None for a hub model (not looked up)."""
-    from velora.training.models import PRESETS, build_config
+    from velora.training.models import PRESETS
 
     if config.model in PRESETS or config.model.endswith(".json") or Path(config.model).is_dir():
-        overrides = {"vocab_size": vocab_size} if config.tokenizer != "model" else {}
-        model_config = build_config(config.model, **overrides)
-        if getattr(model_config, "max_position_embeddings", config.seq_len) < config.seq_len:
-            model_config.max_position_embeddings = config.seq_len
-        return model_config
+        return _built_config(config.model, vocab_size if config.tokenizer != "model" else None, config.seq_len)
     return None
+
+
+def _built_config(model: str, vocab_size: int | None, seq_len: int):
+    from velora.training.models import build_config
+
+    model_config = build_config(model, **({} if vocab_size is None else {"vocab_size": vocab_size}))
+    if getattr(model_config, "max_position_embeddings", seq_len) < seq_len:
+        model_config.max_position_embeddings = seq_len
+    return model_config
 
 
 def parameter_count(model_config) -> int:
@@ -98,13 +104,35 @@ def parameter_count(model_config) -> int:
         return sum(p.numel() for p in build_model(model_config).parameters())
 
 
-def rough_step_bytes(model_config, batch: int, seq: int, bytes_per_value: int, n_params: int | None = None) -> int:
-    """A generous estimate (weights, gradients and two optimizer moments, plus ~40 saved values per hidden
-    unit per layer and the logits thrice): below a quarter of the available memory, planning is skipped."""
-    n_params = parameter_count(model_config) if n_params is None else n_params
+def model_size(model_config) -> tuple[int, int, int, int]:
+    """(parameters, hidden size, layers, vocabulary size) of the model ``model_config`` builds."""
     hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 1024)
     layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 12)
-    vocab = getattr(model_config, "vocab_size", 32000)
+    return parameter_count(model_config), hidden, layers, getattr(model_config, "vocab_size", 32000)
+
+
+@functools.lru_cache(maxsize=64)
+def _preset_size(model: str, vocab_size: int | None, seq_len: int) -> tuple[int, int, int, int]:
+    """``model_size`` of a preset, measured once per process: building a config and a meta model costs ~0.2 s, which
+    a process training many small runs (a bench, compare, the tests) would pay before every run."""
+    return model_size(_built_config(model, vocab_size, seq_len))
+
+
+def _size(config, vocab_size: int) -> tuple[int, int, int, int] | None:
+    """``model_size`` of the model ``train`` will build (presets cached; config files read each time, as they may
+    change), or None for a hub model."""
+    from velora.training.models import PRESETS
+
+    if config.model in PRESETS:
+        return _preset_size(config.model, vocab_size if config.tokenizer != "model" else None, config.seq_len)
+    model_config = _model_config(config, vocab_size)
+    return None if model_config is None else model_size(model_config)
+
+
+def rough_step_bytes(size: tuple[int, int, int, int], batch: int, seq: int, bytes_per_value: int) -> int:
+    """A generous estimate from ``model_size`` (weights, gradients and two optimizer moments, plus ~40 saved values
+    per hidden unit per layer and the logits thrice): below a quarter of the available memory, planning is skipped."""
+    n_params, hidden, layers, vocab = size
     return bytes_per_value * (4 * n_params + batch * seq * (40 * hidden * layers + 3 * vocab))
 
 
@@ -123,14 +151,14 @@ def check_memory_fits(config, vocab_size: int, device: torch.device, say) -> Non
         say("memory pre-check skipped: the available memory is unknown on this system")
         return
     free_bytes, source = available
-    model_config = _model_config(config, vocab_size)
-    if model_config is None:
+    size = _size(config, vocab_size)
+    if size is None:
         say(f"memory pre-check skipped for hub model {config.model!r} (its config is not fetched to plan it)")
         return
     from velora.methods.registry import parse_method
 
     bytes_per_value = 2 if config.dtype == "bfloat16" else 4
-    n_params = parameter_count(model_config)
+    n_params = size[0]
     gib = 2**30
     weights = n_params * bytes_per_value  # a lower bound of any step's peak, unless the weights are quantised
     if weights > free_bytes and parse_method(config.method).base != "qlora":  # no need to plan a step
@@ -138,14 +166,14 @@ def check_memory_fits(config, vocab_size: int, device: torch.device, say) -> Non
                          f"{config.dtype} weights alone ({n_params / 1e9:.2f} B parameters; a step needs more) but "
                          f"{free_bytes / gib:.1f} GiB is {source}; use a smaller model, --method qlora, "
                          "or --ignore-memory-check")
-    if rough_step_bytes(model_config, config.batch_size, config.seq_len, bytes_per_value, n_params) < free_bytes / 4:
+    if rough_step_bytes(size, config.batch_size, config.seq_len, bytes_per_value) < free_bytes / 4:
         return
     from velora.memory.planner import plan
 
     optimizer, options = _plan_options(config)
     try:
-        planned = plan(model_config, config.method, optimizer, batch=config.batch_size, seq=config.seq_len,
-                       dtype="bf16" if config.dtype == "bfloat16" else "fp32", **options)
+        planned = plan(_model_config(config, vocab_size), config.method, optimizer, batch=config.batch_size,
+                       seq=config.seq_len, dtype="bf16" if config.dtype == "bfloat16" else "fp32", **options)
     except Exception as err:  # noqa: BLE001 - a planner gap must not block training; it is reported
         say(f"memory pre-check skipped: planning failed ({type(err).__name__}: {str(err)[:160]})")
         return
