@@ -6,6 +6,7 @@ progress board, saves each result as it arrives and stops every worker when one 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -102,6 +103,26 @@ def _worker(conn) -> None:
     conn.close()
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Block SIGINT in this thread while workers are started: a spawned interpreter keeps the blocked mask through
+    exec, so a Ctrl-C while it imports cannot print its KeyboardInterrupt traceback (the parent stops it). A Ctrl-C
+    during the block stays pending and is delivered on leaving it. No-op where signal masks do not exist."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    # multiprocessing starts its resource tracker with the first process and unblocks SIGINT after doing so:
+    # started here first, it leaves the mask alone below
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _failure(method: str, err: BaseException | None, text: str, trace: str) -> BaseException:
     """The worker's exception (same type when possible), its message prefixed with the method."""
     failure: BaseException = RuntimeError(f"method {method} failed: {text}")
@@ -123,12 +144,13 @@ def run_parallel(jobs: list[Job], n_jobs: int, say, board: ProgressBoard | None 
     """
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenMP state
     workers = {}  # parent end of each worker's pipe -> its process
-    for i in range(n_jobs):
-        parent_end, child_end = context.Pipe()
-        process = context.Process(target=_worker, args=(child_end,), name=f"velora-compare-{i}")
-        process.start()
-        child_end.close()  # the child holds the only copy: its exit closes the pipe
-        workers[parent_end] = process
+    with _sigint_blocked():  # the workers inherit the mask: Ctrl-C reaches this process alone, even mid start-up
+        for i in range(n_jobs):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=_worker, args=(child_end,), name=f"velora-compare-{i}")
+            process.start()
+            child_end.close()  # the child holds the only copy: its exit closes the pipe
+            workers[parent_end] = process
     queue = list(jobs)
     idle = list(workers)
     busy: dict[Any, tuple[Job, float]] = {}  # parent end -> (the job it trains, start time)
