@@ -184,6 +184,30 @@ def test_a_failing_job_on_a_worker_stops_the_queue_and_is_raised_with_its_method
     assert multiprocessing.active_children() == []  # the worker was stopped and joined
 
 
+def test_a_ctrl_c_held_back_while_workers_start_stops_every_started_worker(monkeypatch):
+    """The Ctrl-C that the start-up holds back is delivered when SIGINT is unblocked: run_parallel raises it and
+    stops the workers it started (still importing: terminated, not waited for), leaving no process behind."""
+    import contextlib
+    import time
+
+    from velora.experiments import compare_jobs
+
+    real = compare_jobs._sigint_blocked
+
+    @contextlib.contextmanager
+    def pressed_during_start_up():
+        with real():
+            yield
+        raise KeyboardInterrupt  # what the pending SIGINT does on leaving the block
+
+    monkeypatch.setattr(compare_jobs, "_sigint_blocked", pressed_during_start_up)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        compare_jobs.run_parallel([], 2, lambda line: None)
+    assert multiprocessing.active_children() == []
+    assert time.perf_counter() - started < 5  # a worker left to finish its imports would take ~10 s
+
+
 def test_compare_rejects_bad_jobs(tmp_path, capsys):
     from velora.cli import main
 

@@ -144,18 +144,19 @@ def run_parallel(jobs: list[Job], n_jobs: int, say, board: ProgressBoard | None 
     """
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/OpenMP state
     workers = {}  # parent end of each worker's pipe -> its process
-    with _sigint_blocked():  # the workers inherit the mask: Ctrl-C reaches this process alone, even mid start-up
-        for i in range(n_jobs):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(target=_worker, args=(child_end,), name=f"velora-compare-{i}")
-            process.start()
-            child_end.close()  # the child holds the only copy: its exit closes the pipe
-            workers[parent_end] = process
     queue = list(jobs)
-    idle = list(workers)
     busy: dict[Any, tuple[Job, float]] = {}  # parent end -> (the job it trains, start time)
     results: dict[str, dict[str, Any]] = {}
-    try:
+    done = False
+    try:  # a Ctrl-C held back during the start-up lands on leaving the block: inside, so started workers are stopped
+        with _sigint_blocked():  # the workers inherit the mask: Ctrl-C reaches this process alone, even mid start-up
+            for i in range(n_jobs):
+                parent_end, child_end = context.Pipe()
+                process = context.Process(target=_worker, args=(child_end,), name=f"velora-compare-{i}")
+                process.start()
+                child_end.close()  # the child holds the only copy: its exit closes the pipe
+                workers[parent_end] = process
+        idle = list(workers)
         while queue or busy:
             while queue and idle:
                 conn, job = idle.pop(0), queue.pop(0)
@@ -186,9 +187,10 @@ def run_parallel(jobs: list[Job], n_jobs: int, say, board: ProgressBoard | None 
                     on_result(job.method, message[1])
             if board is not None:
                 board.tick()
+        done = True
     finally:
         for conn, process in workers.items():
-            if conn in busy:  # only after a failure: its result is no longer wanted
+            if conn in busy or not done:  # a failure or Ctrl-C: nothing a worker would still do is wanted
                 process.terminate()
             elif process.is_alive():
                 try:
