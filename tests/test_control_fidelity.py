@@ -66,6 +66,10 @@ def test_fidelity_study_paper_row_is_compares_velora_row():
     assert study_config(VARIANTS[PAPER], SETTING["seed"]).to_dict() == compare_row.to_dict()
     random = study_config(VARIANTS["random"], 2)
     assert random.seed == 2 and random.velora["seed"] == 2 and random.velora["init"] == "random"
+    # a variant with its own lr changes that and nothing else of the row it varies
+    slower = study_config(VARIANTS["per-group-svd-r8-M32-reest-1-lr1e-3"], 0).to_dict()
+    tuned = study_config(VARIANTS["per-group-svd-r8-M32-reest-1"], 0).to_dict()
+    assert (slower.pop("lr"), tuned.pop("lr")) == (1e-3, TUNED_LR["velora"]) and slower == tuned
 
 
 def test_fidelity_study_records_resumes_and_renders(tmp_path, text_file):

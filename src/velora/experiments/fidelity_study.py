@@ -40,6 +40,7 @@ class Variant:
     changes: dict[str, Any] = field(default_factory=dict)
     seeded_directions: bool = False  # the directions are drawn from VeLoRAConfig.seed: tie it to the run seed
     frozen: bool = False  # the control: the layers VeLoRA would compress get no update (nothing to diagnose)
+    lr: float | None = None  # None: compare's tuned lr for the velora row
 
 
 # M, rank: saved scalars per token are D * rank / M, so (M, r) = (4, 1), (8, 2), (16, 4) keep equal bytes
@@ -69,6 +70,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("per-group-svd-r8-M32-reest-1", "M=32, r=8, per-group top-8 singular vectors of each batch (equal bytes)",
             {"per_group_directions": True, "init": "svd", "rank": 8, "sub_token_size": 8 * SUB_TOKEN_SIZE,
              "reestimate_every": 1}),
+    # is the M=32 option's quality loss its every-batch fit, or the lr? (one seed each, a check, not a 3-seed row)
+    Variant("per-group-svd-r8-M32-reest-100", "M=32, r=8, per-group top-8 singular vectors re-estimated every 100 "
+            "steps (equal bytes)", {"per_group_directions": True, "init": "svd", "rank": 8,
+                                    "sub_token_size": 8 * SUB_TOKEN_SIZE, "reestimate_every": 100}),
+    Variant("per-group-svd-r8-M32-reest-1-lr1e-3", "per-group-svd-r8-M32-reest-1 at lr 1e-3 (half compare's 2e-3)",
+            {"per_group_directions": True, "init": "svd", "rank": 8, "sub_token_size": 8 * SUB_TOKEN_SIZE,
+             "reestimate_every": 1}, lr=1e-3),
     Variant("frozen-control", "control: v_proj + down_proj weights frozen at init (no VeLoRA, no update)",
             frozen=True),
 )}
@@ -86,7 +94,8 @@ def study_config(variant: Variant, seed: int, **setting_changes):
     setting = {**SETTING, "seed": seed, **setting_changes}
     if "steps" in setting_changes and "warmup_steps" not in setting_changes:
         setting["warmup_steps"] = max(1, setting["steps"] // 10)  # compare's rule for a changed step count
-    return TrainConfig(method=METHOD, lr=TUNED_LR[METHOD], **{**overrides, "velora": velora}, **setting)
+    lr = TUNED_LR[METHOD] if variant.lr is None else variant.lr
+    return TrainConfig(method=METHOD, lr=lr, **{**overrides, "velora": velora}, **setting)
 
 
 # ---- one run -----------------------------------------------------------------------------------------
