@@ -160,6 +160,14 @@ def test_per_group_svd_in_one_batched_call_equals_the_one_group_rule_per_group(d
     assert got.shape == (4, 8, 3) and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_per_group_svd_of_a_batch_holding_nan_or_inf_is_a_one_line_error(bad):
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    x[0, 0, 3] = bad
+    with pytest.raises(ValueError, match="contains NaN/Inf"):
+        estimate(x, 8, 2, "svd", per_group=True, max_samples=64)
+
+
 def test_padding_per_group_builds_the_padded_last_group_from_its_real_features():
     model, x = layer(in_features=22, pad=True), batch(in_features=22)  # G = 6, last group 2 real features
     model(x).sum().backward()

@@ -76,11 +76,9 @@ def _normalised_means(groups: torch.Tensor, mean: torch.Tensor, max_samples: int
 def _batched_top_singular(groups: torch.Tensor, rank: int, max_samples: int) -> torch.Tensor | None:
     """Each group's top-``rank`` right singular vectors (G, M, r), signs as ``top_right_singular`` sets them, from
     one batched SVD of (T, G, M) sub-tokens; None when some group spans fewer than ``rank`` directions or holds
-    NaN/Inf (the per-group fallback completes its basis or raises)."""
+    NaN/Inf (NaN singular values fail the check below; the per-group fallback completes the basis or raises)."""
     work = state_dtype(groups.dtype)
     sample = subsample_rows(groups, max_samples).to(work).transpose(0, 1)  # (G, N, M)
-    if not torch.isfinite(sample).all():
-        return None
     try:
         _, singular, vh = torch.linalg.svd(sample, full_matrices=False)  # (G, k), (G, k, M)
     except RuntimeError:  # ill-conditioned: the per-group path falls back to eigh
