@@ -83,8 +83,13 @@ def _model_config(config, vocab_size: int):
     from velora.training.models import PRESETS
 
     if config.model in PRESETS or config.model.endswith(".json") or Path(config.model).is_dir():
-        return _built_config(config.model, vocab_size if config.tokenizer != "model" else None, config.seq_len)
+        return _built_config(config.model, _vocabulary(config, vocab_size), config.seq_len)
     return None
+
+
+def _vocabulary(config, vocab_size: int) -> int | None:
+    """The vocabulary size the built model gets: the tokenizer's, or None when the model keeps its own."""
+    return None if config.tokenizer == "model" else vocab_size
 
 
 def _built_config(model: str, vocab_size: int | None, seq_len: int):
@@ -124,7 +129,7 @@ def _size(config, vocab_size: int) -> tuple[int, int, int, int] | None:
     from velora.training.models import PRESETS
 
     if config.model in PRESETS:
-        return _preset_size(config.model, vocab_size if config.tokenizer != "model" else None, config.seq_len)
+        return _preset_size(config.model, _vocabulary(config, vocab_size), config.seq_len)
     model_config = _model_config(config, vocab_size)
     return None if model_config is None else model_size(model_config)
 
