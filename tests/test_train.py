@@ -99,6 +99,21 @@ def test_resume_refuses_changed_arguments(tmp_path, text_file):
         train(tiny(text_file, steps=2), tmp_path / "run", measure=False)
 
 
+def test_resume_compares_the_velora_section_as_the_config_it_builds(tmp_path, text_file):
+    """A run saved with a short VeLoRA section (the Python API, or the CLI before it wrote every VeLoRA flag) resumes
+    under a section that spells the same defaults out; a real change in it is still refused."""
+    short = {"sub_token_size": 16, "target_modules": "paper"}
+    spelled = {**short, "init": "batch_average_once", "rank": 1, "per_group_directions": False,
+               "reestimate_every": None}
+    train(tiny(text_file, method="velora", steps=2, velora=short), tmp_path / "run", measure=False, stop_at_step=1)
+    assert train(tiny(text_file, method="velora", steps=2, velora=spelled), tmp_path / "run", resume=True,
+                 measure=False)["status"] == "completed"
+    train(tiny(text_file, method="velora", steps=2, velora=short), tmp_path / "other", measure=False, stop_at_step=1)
+    with pytest.raises(ValueError, match="differ from the saved run in \\['velora'\\]"):
+        train(tiny(text_file, method="velora", steps=2, velora={**spelled, "rank": 2}), tmp_path / "other",
+              resume=True, measure=False)
+
+
 def test_crash_mid_checkpoint_keeps_previous_checkpoint_loadable(tmp_path, text_file, monkeypatch):
     config = tiny(text_file, steps=4)
     out = tmp_path / "run"

@@ -42,9 +42,23 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its VeLoRA section as the whole ``VeLoRAConfig`` it builds: a section that spells out a
+    default (the CLI writes every VeLoRA flag) equals one that leaves it out (an older run, the Python API)."""
+    from velora.core.config import VeLoRAConfig
+
+    if not isinstance(config.get("velora"), dict):
+        return config
+    try:
+        return {**config, "velora": VeLoRAConfig.from_dict(config["velora"]).to_dict()}
+    except (TypeError, ValueError):  # not a config this version builds: compared as written
+        return config
+
+
 def check_resume_arguments(previous: dict[str, Any], current: dict[str, Any], saved_config: Path,
                            allow_lr_change: bool, allow_data_change: bool) -> dict[str, list[Any]]:
     """The allowed changes ``{field: [old, new]}``; raises for any other difference."""
+    previous, current = _comparable(previous), _comparable(current)
     differs = sorted(k for k, v in current.items() if previous.get(k) != v)
     allowed = (set(LR_FIELDS) if allow_lr_change else set()) | ({"data"} if allow_data_change else set())
     refused = [k for k in differs if k not in allowed]
