@@ -524,3 +524,17 @@ def test_the_training_loop_refuses_a_method_fsdp2_does_not_run_in_one_line(ranks
     for result in ranks:
         message = result["loop"]["refusal"]
         assert "fsdp2" in message and "'lora'" in message and "--parallel ddp" in message and "\n" not in message
+
+
+def test_diagnosis_under_fsdp2_is_refused_in_one_line_before_any_work():
+    """Diagnosing runs on process rank 0 alone; a model sharded over every rank would hang it."""
+    from velora.integrations.fsdp2 import check_parallel
+    from velora.methods.registry import parse_method
+    from velora.training.config import TrainConfig
+
+    options = TrainConfig(method="galore+velora").method_options()
+    assert check_parallel("fsdp2", parse_method("galore+velora"), options, world=2) is True
+    with pytest.raises(ValueError, match=r"^--diagnose-every 50 diagnoses on process rank 0 alone, .* "
+                                         r"--parallel ddp \(the default\)$"):
+        check_parallel("fsdp2", parse_method("galore+velora"), options, world=2, diagnose_every=50)
+    assert check_parallel("ddp", parse_method("galore+velora"), options, world=2, diagnose_every=50) is False

@@ -28,7 +28,7 @@ __all__ = ["PARALLEL_MODES", "check_parallel", "shard_model", "is_fsdp2", "save_
 DCP_FOLDER = "dcp"  # inside a step folder: the sharded model, optimizer and accumulator state
 
 
-def check_parallel(parallel: str, method, options, world: int) -> bool:
+def check_parallel(parallel: str, method, options, world: int, diagnose_every: int = 0) -> bool:
     """True for FSDP2, False for DDP; one-line errors for a ``--parallel`` mode, method or option FSDP2 cannot run
     here."""
     if parallel not in PARALLEL_MODES:
@@ -42,6 +42,9 @@ def check_parallel(parallel: str, method, options, world: int) -> bool:
         raise ValueError(f"--parallel fsdp2 does not support method {method.name!r} (FSDP2 runs "
                          f"{', '.join(FSDP2_BASES)}, each optionally +velora, without +ckpt); use --parallel ddp "
                          "(DDP, the default)")
+    if diagnose_every:
+        raise ValueError(f"--diagnose-every {diagnose_every} diagnoses on process rank 0 alone, which a model sharded "
+                         "over every rank cannot run; drop --diagnose-every, or use --parallel ddp (the default)")
     if options.optim.name == "adamw8bit":
         raise ValueError("--parallel fsdp2 cannot checkpoint --optimizer adamw8bit (its 8-bit blocks follow each "
                          "rank's shard); use --optimizer adamw, or --parallel ddp (DDP, the default)")

@@ -130,7 +130,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     out = _run_folder_argument(out_dir, resume, allow_lr_change, allow_data_change)
     check_model_spec(config.model)
     sharded = fsdp2.check_parallel(parallel, parse_method(config.method), config.method_options(),
-                                   distributed.world_size())
+                                   distributed.world_size(), diagnose_every)
     checkpoint, changes = None, {}
     if out is not None:
         checkpoint, changes = open_run_folder(config, out, resume, stop_at_step, allow_lr_change, allow_data_change,
