@@ -189,6 +189,21 @@ def _refusal(mesh) -> str:
     return "accepted"
 
 
+def _svd_of_a_nan_gradient(mesh) -> str:
+    """A refresh on a gradient with a NaN in process rank 1's rows: rank 0 finds it in the gathered matrix."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from velora.optim.sharded_svd import sharded_svd_projector
+
+    whole = torch.arange(48.0).view(8, 6)
+    whole[7, 0] = float("nan")
+    try:
+        sharded_svd_projector(distribute_tensor(whole, mesh, [Shard(0)]), 2, "right")
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
 def _dcp_round_trip(mesh, rank: int, world: int, checkpoint: str, make_optimizer) -> dict:
     """Save through DCP after half the steps and go on (uninterrupted); a fresh model and optimizer load it and
     do the second half (resumed)."""
@@ -303,6 +318,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         results[name] = _full(model)
         results[f"{name}_projectors"] = _projectors(model, optimizer)
     results["refusal"] = _refusal(mesh)
+    results["svd_nan"] = _svd_of_a_nan_gradient(mesh)
     results["eight_bit"] = _eight_bit_state_dict(mesh, rank, world)
     results["dcp"] = _dcp_round_trip(mesh, rank, world, f"{out_dir}/checkpoint", lambda m: _flora(m, "adafactor"))
     results["checkpoint"] = f"{out_dir}/checkpoint"
@@ -538,3 +554,10 @@ def test_diagnosis_under_fsdp2_is_refused_in_one_line_before_any_work():
                                          r"--parallel ddp \(the default\)$"):
         check_parallel("fsdp2", parse_method("galore+velora"), options, world=2, diagnose_every=50)
     assert check_parallel("ddp", parse_method("galore+velora"), options, world=2, diagnose_every=50) is False
+
+
+def test_an_svd_refresh_that_fails_on_rank_0_stops_every_rank_in_one_line(ranks):
+    """Before, only rank 0 raised and the others waited in the broadcast until the group's timeout."""
+    first, second = (r["svd_nan"] for r in ranks)
+    assert first.startswith("cannot compute an SVD projector of a gradient holding NaN/inf")
+    assert second.startswith("the SVD refresh failed on process rank 0") and "\n" not in second

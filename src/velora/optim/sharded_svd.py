@@ -69,7 +69,7 @@ def _gather_rows_on_root(grad, group) -> torch.Tensor | None:
     root = dist.get_rank(group) == 0
     blocks = [torch.empty_like(padded) for _ in range(world)] if root else None
     COMM_TALLY.add("svd_gather", padded)
-    dist.gather(padded, blocks, group=group, group_dst=0)
+    dist.gather(padded, blocks, group=group, dst=dist.get_global_rank(group, 0))  # dst: torch >= 2.4
     return torch.cat(blocks)[:rows] if root else None  # (n, m)
 
 
@@ -81,12 +81,20 @@ def sharded_svd_projector(grad: torch.Tensor, rank: int, side: str) -> torch.Ten
     group = grad.device_mesh.get_group()
     whole = _gather_rows_on_root(grad, group)  # (n, m) on rank 0, None elsewhere
     projected_dim = int(grad.shape[0] if side == "left" else grad.shape[1])
+    projector = torch.empty(projected_dim, rank, dtype=state_dtype(grad.dtype), device=local(grad).device)
+    failure = None
     if whole is not None:
-        projector = svd_projector(whole, rank, side)  # (n, r) or (m, r)
-    else:
-        projector = torch.empty(projected_dim, rank, dtype=state_dtype(grad.dtype), device=local(grad).device)
+        try:
+            projector = svd_projector(whole, rank, side)  # (n, r) or (m, r)
+        except (ValueError, RuntimeError) as err:  # NaN/Inf gradient, failed SVD: every rank must hear of it
+            failure, projector = err, projector.fill_(float("nan"))
     COMM_TALLY.add("svd_broadcast", projector)
-    dist.broadcast(projector, group=group, group_src=0)  # every rank keeps rank 0's signs and order
+    dist.broadcast(projector, group=group, src=dist.get_global_rank(group, 0))  # rank 0's signs and order
+    if failure is not None:
+        raise failure
+    if not bool(torch.isfinite(projector[:1, :1]).all()):  # rank 0 failed: its NaN projector says so
+        raise ValueError("the SVD refresh failed on process rank 0 (its error names the cause: a NaN/Inf gradient "
+                         "or a failed SVD); every rank stops")
     return projector
 
 
