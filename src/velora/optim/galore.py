@@ -145,7 +145,8 @@ class GaLoreAdamW(TensorStateOptimizer):
         state = self.state[param]
         side = projection_side(param.shape, group["proj_type"])
         projection_rank = min(group["rank"], *param.shape)
-        grad, work = local(working_grad(param)), working_copy(local(param))  # (n, m); FSDP2: (n_local, m)
+        full_grad = working_grad(param)  # (n, m); FSDP2: a DTensor the refresh gathers
+        grad, work = local(full_grad), working_copy(local(param))  # (n, m); FSDP2: (n_local, m)
         low_shape = (projection_rank, grad.shape[1]) if side == "left" else (grad.shape[0], projection_rank)
         eight_bit, dtype = group["eight_bit"], state_dtype(param.dtype)
         if not state:
@@ -154,7 +155,8 @@ class GaLoreAdamW(TensorStateOptimizer):
             init_moment(state, "exp_avg_sq", low_shape, param.device, eight_bit, signed=False, dtype=dtype)
         exp_avg, exp_avg_sq = read_moment(state, "exp_avg", dtype), read_moment(state, "exp_avg_sq", dtype)
         if int(state["step"].item()) % group["update_proj_gap"] == 0:
-            exp_avg, exp_avg_sq = self._refresh(param, group, side, projection_rank, exp_avg, exp_avg_sq)
+            exp_avg, exp_avg_sq = self._refresh(full_grad, state, group, side, projection_rank, exp_avg,
+                                                exp_avg_sq)
         projector = state["projector"]  # (n, r) or (m, r), whole on every rank
         low_grad = project_left(projector, grad, param) if side == "left" else grad @ projector  # (r, m) or (n, r)
         state["step"] += 1
@@ -170,12 +172,12 @@ class GaLoreAdamW(TensorStateOptimizer):
         _write_moments(state, exp_avg, exp_avg_sq)
         store_back(local(param), work)
 
-    def _refresh(self, param: torch.Tensor, group: dict, side: str, projection_rank: int, exp_avg: torch.Tensor,
-                 exp_avg_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new projector from the whole gradient (gathered once under FSDP2, ``optim.sharded_svd``); with
+    @staticmethod
+    def _refresh(grad: torch.Tensor, state: dict, group: dict, side: str, projection_rank: int,
+                 exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new projector from the whole working gradient (gathered once under FSDP2, ``optim.sharded_svd``); with
         ``reproject_moments`` the moments are carried into the new basis."""
-        state = self.state[param]
-        new_projector = sharded_svd_projector(working_grad(param), projection_rank, side)  # (n, r) or (m, r)
+        new_projector = sharded_svd_projector(grad, projection_rank, side)  # (n, r) or (m, r)
         old_projector = state.get("projector")
         if group["reproject_moments"] and old_projector is not None:
             change = new_projector.T @ old_projector  # (r, r): old coordinates -> new coordinates
