@@ -563,3 +563,28 @@ def test_velora_train_runs_under_torchrun(torchrun_train):
     assert result["status"] == "completed" and result["tokens"] == 4 * 2 * 2 * 32 * 2  # both ranks' tokens
     assert result["final_loss"] < result["initial_loss"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000004"]
+
+
+def _nccl_cpu_collective_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from velora.integrations.distributed import init_from_env, mean_across_ranks, shutdown
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_from_env(backend="nccl")
+    value = mean_across_ranks(float(rank))  # a CPU tensor: what the loop logs every step
+    torch.save({"mean": value}, f"{out}/rank{rank}.pt")
+    shutdown()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
+def test_an_nccl_group_also_runs_the_cpu_tensor_collectives(tmp_path):
+    """With NCCL alone, the loop's logged-loss all-reduce (a CPU tensor) fails; gloo serves CPU tensors beside it."""
+    import torch.multiprocessing as mp
+
+    from velora.integrations.launch import free_port
+
+    mp.spawn(_nccl_cpu_collective_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    assert [torch.load(tmp_path / f"rank{r}.pt")["mean"] for r in range(2)] == [0.5, 0.5]

@@ -110,7 +110,10 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> torch
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # with NCCL, gloo serves the CPU tensors (the logged loss, checkpoint flags, DCP metadata): NCCL alone
+        # refuses every CPU-tensor collective
+        spec = "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+        dist.init_process_group(spec, timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
