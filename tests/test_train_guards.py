@@ -18,7 +18,7 @@ import torch
 
 import velora.training.checkpoint as checkpoint_module
 from velora.training.loop import TrainConfig, TrainingDiverged, latest_checkpoint, load_training_state, lr_factor, train
-from velora.training.runfiles import RunFolderError
+from velora.training.runfiles import RunFolderError, temporary_step_folder
 
 
 def tiny(text_file: Path, **changes) -> TrainConfig:
@@ -169,7 +169,8 @@ def test_disk_full_while_checkpointing_is_one_line_and_resume_works(tmp_path, te
 
     # temporaries a killed run left behind are removed at the next start, and the run completes
     pid = _dead_pid()
-    (out / "checkpoints" / f".tmp-step-0000004-{pid}").mkdir()
+    temporary_step_folder(out / "checkpoints", 4, pid).mkdir()  # the name both checkpoint writers (DDP, FSDP2) use
+    assert temporary_step_folder(out / "checkpoints", 4, pid).name == f".tmp-step-0000004-{pid}"
     (out / f".config.json.tmp{pid}").write_text("{")
     (out / "checkpoints" / f".latest.tmp{pid}").write_text("step-0000004")
     finished = train(config, out, resume=True, measure=False)

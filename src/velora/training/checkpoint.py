@@ -25,6 +25,7 @@ from velora.training.runfiles import (
     read_latest_pointer,
     refuse_symlink,
     remove_quietly,
+    temporary_step_folder,
     why,
     write_atomic,
 )
@@ -149,7 +150,7 @@ class Checkpointer:
         return int(state["step"])
 
     def _write_step_folder(self, final: Path, step: int, model: nn.Module, state: dict[str, Any]) -> None:
-        tmp = self.root / f".tmp-step-{step:07d}-{os.getpid()}"
+        tmp = temporary_step_folder(self.root, step, os.getpid())
         try:
             _write_checkpoint_folder(tmp, model, state)
             if final.exists():

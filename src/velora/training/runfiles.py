@@ -25,6 +25,12 @@ STEP_FOLDER = re.compile(r"step-\d{7}")
 TEMPORARY = re.compile(r"\.(?:.+\.tmp|tmp-step-\d{7}-)(\d+)")
 
 
+def temporary_step_folder(root: Path, step: int, pid: int) -> Path:
+    """Where step ``step`` is written before it is renamed into place, named after the writing process ``pid``
+    (``remove_stale_temporaries`` removes it once that process is gone)."""
+    return root / f".tmp-step-{step:07d}-{pid}"
+
+
 class RunFolderError(OSError, ValueError):
     """A run-folder file cannot be written (symlink, disk full, read-only); the message is one line."""
 

@@ -19,7 +19,7 @@ from torch import nn
 from velora.integrations.fsdp2 import DCP_FOLDER, load_dcp, save_dcp
 from velora.optim.sharded import local
 from velora.training.guards import TrainingDiverged
-from velora.training.runfiles import ensure_folder, refuse_symlink, remove_quietly
+from velora.training.runfiles import ensure_folder, refuse_symlink, remove_quietly, temporary_step_folder
 
 __all__ = ["save_sharded", "restore_sharded", "is_sharded_checkpoint", "fsync_tree"]
 
@@ -66,14 +66,20 @@ def save_sharded(checkpointer, step: int, model: nn.Module, optimizer, accumulat
 
     main = dist.get_rank() == 0
     root = checkpointer.root
-    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}-fsdp2"
+    writer = [os.getpid()]  # rank 0 writes the folder: its pid names it, so a crashed save is cleaned up later
+    dist.broadcast_object_list(writer, src=0)
+    final, tmp = root / f"step-{step:07d}", temporary_step_folder(root, step, writer[0])
     _refuse_non_finite(model, step)
+    failure = None
     if main:
-        ensure_folder(root)
-        refuse_symlink(final)
-        remove_quietly(tmp)
-        tmp.mkdir()
-    dist.barrier()
+        try:
+            ensure_folder(root)
+            refuse_symlink(final)
+            remove_quietly(tmp)
+            tmp.mkdir()
+        except (OSError, ValueError) as err:  # a symlink, a full disk: every rank learns of it, none waits
+            failure = err
+    _agree(failure)
     save_dcp(tmp / DCP_FOLDER, model, optimizer, accumulator)
     whole = _whole_model(model)
     failure = None
