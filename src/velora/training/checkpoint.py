@@ -22,6 +22,7 @@ from velora.training.guards import TrainingDiverged
 from velora.training.runfiles import (
     RunFolderError,
     ensure_folder,
+    fsync_files,
     read_latest_pointer,
     refuse_symlink,
     remove_quietly,
@@ -113,14 +114,9 @@ class Checkpointer:
 
     def publish(self, tmp: Path, final: Path, step: int) -> None:
         """A complete temporary step folder (written by every FSDP2 rank) fsynced, renamed into place, pointed at."""
-        from velora.training.sharded_checkpoint import fsync_tree
-
         try:
-            fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_files(tmp)
+            self._move_into_place(tmp, final)
         except _WRITE_FAILURES as err:
             raise self._write_error(step, err) from None
         self._point_at(final)
@@ -153,15 +149,18 @@ class Checkpointer:
         tmp = temporary_step_folder(self.root, step, os.getpid())
         try:
             _write_checkpoint_folder(tmp, model, state)
-            if final.exists():
-                shutil.rmtree(final)  # re-saving a step: the pointer may still name it, so point away first
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            self._move_into_place(tmp, final)
         except BaseException as err:
             remove_quietly(tmp)  # also on KeyboardInterrupt: no temporary is left behind
             if isinstance(err, _WRITE_FAILURES):
                 raise self._write_error(step, err) from None
             raise
+
+    def _move_into_place(self, tmp: Path, final: Path) -> None:
+        if final.exists():
+            shutil.rmtree(final)  # re-saving a step: the pointer may still name it, so point away first
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
 
     def _drop_old(self, final: Path) -> None:
         kept = sorted(p for p in self.root.glob("step-*") if p.is_dir())
@@ -181,10 +180,18 @@ class Checkpointer:
         return RunFolderError(f"cannot write checkpoint step {step} into {self.root} ({reason}); {kept}")
 
 
+def non_finite_entries(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point state holding NaN/Inf (this rank's shard of an FSDP2 tensor)."""
+    from velora.optim.sharded import local
+
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(local(tensor)).all())]
+
+
 def _refuse_non_finite(model: nn.Module, step: int) -> None:
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TrainingDiverged(f"refusing to checkpoint step {step}: {name} holds NaN/Inf")
+    bad = non_finite_entries(model)
+    if bad:
+        raise TrainingDiverged(f"refusing to checkpoint step {step}: {bad[0]} holds NaN/Inf")
 
 
 def _write_checkpoint_folder(tmp: Path, model: nn.Module, state: dict[str, Any]) -> None:
@@ -193,9 +200,7 @@ def _write_checkpoint_folder(tmp: Path, model: nn.Module, state: dict[str, Any])
     tmp.mkdir()
     _write_model(model, tmp / MODEL_FILE)
     _write_training_state(state, tmp / STATE_FILE)
-    for file in tmp.iterdir():
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_files(tmp)
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, accumulator=None,

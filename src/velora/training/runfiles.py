@@ -25,6 +25,14 @@ STEP_FOLDER = re.compile(r"step-\d{7}")
 TEMPORARY = re.compile(r"\.(?:.+\.tmp|tmp-step-\d{7}-)(\d+)")
 
 
+def fsync_files(folder: Path) -> None:
+    """fsync every file under ``folder`` (a step folder: model and state, or DCP's one file per rank + metadata)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def temporary_step_folder(root: Path, step: int, pid: int) -> Path:
     """Where step ``step`` is written before it is renamed into place, named after the writing process ``pid``
     (``remove_stale_temporaries`` removes it once that process is gone)."""

@@ -17,11 +17,10 @@ import torch.distributed as dist
 from torch import nn
 
 from velora.integrations.fsdp2 import DCP_FOLDER, load_dcp, save_dcp
-from velora.optim.sharded import local
 from velora.training.guards import TrainingDiverged
 from velora.training.runfiles import ensure_folder, refuse_symlink, remove_quietly, temporary_step_folder
 
-__all__ = ["save_sharded", "restore_sharded", "is_sharded_checkpoint", "fsync_tree"]
+__all__ = ["save_sharded", "restore_sharded", "is_sharded_checkpoint"]
 
 
 def is_sharded_checkpoint(checkpoint: Path) -> bool:
@@ -30,8 +29,9 @@ def is_sharded_checkpoint(checkpoint: Path) -> bool:
 
 def _refuse_non_finite(model: nn.Module, step: int) -> None:
     """Every rank checks its shards; all of them raise together when any holds NaN/Inf."""
-    bad = [name for name, tensor in model.state_dict().items()
-           if tensor.is_floating_point() and not bool(torch.isfinite(local(tensor)).all())]
+    from velora.training.checkpoint import non_finite_entries
+
+    bad = non_finite_entries(model)
     flag = torch.tensor([float(bool(bad))])
     dist.all_reduce(flag)
     if float(flag) > 0:
@@ -40,12 +40,17 @@ def _refuse_non_finite(model: nn.Module, step: int) -> None:
 
 
 def _whole_model(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model state on rank 0 (CPU), empty elsewhere (collective); tied tensors get their own copy so
-    safetensors can write them."""
+    """The whole model state on rank 0 (CPU), empty elsewhere (collective); a tensor sharing storage with an earlier
+    one (tied weights) gets its own copy so safetensors can write it, the rest are taken as they are."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {name: tensor.detach().clone().contiguous() for name, tensor in whole.items()}
+    seen, result = set(), {}
+    for name, tensor in whole.items():
+        storage = tensor.untyped_storage().data_ptr()
+        result[name] = tensor.detach().clone() if storage in seen else tensor.detach().contiguous()
+        seen.add(storage)
+    return result
 
 
 def _agree(failure: BaseException | None) -> None:
@@ -103,12 +108,4 @@ def restore_sharded(checkpoint: Path, model: nn.Module, optimizer, accumulator) 
 
     load_dcp(Path(checkpoint) / DCP_FOLDER, model, optimizer, accumulator)
     return load_training_state(checkpoint)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` (DCP writes one file per rank plus ``.metadata``)."""
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
 
