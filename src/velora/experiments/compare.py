@@ -50,7 +50,9 @@ UPDATE_GAP = 50  # GaLore / GradNormLoRP subspace refresh (kept from the 250-ste
 # FLoRA as the paper runs it (issue #16): Adafactor base, kappa = 1000 (never resampled in 1000 steps), with Flora's
 # defaults (update momentum, current step exact, orthonormal rows, eps1 1e-15; benchmarks/bench_flora_momentum.py)
 PAPER_OPTIONS = {"flora": {"optimizer": "adafactor", "flora_kappa": 1000}}
-TABLE_TAGS = {"flora": "Adafactor, κ=1000"}  # beside the method's name in the table: the base and kappa it ran with
+# beside the method's name in the table: the base and kappa it ran with (from PAPER_OPTIONS, so they cannot drift)
+TABLE_TAGS = {base: f"{options['optimizer'].capitalize()}, κ={options['flora_kappa']}"
+              for base, options in PAPER_OPTIONS.items()}
 
 # Learning rates. Every method was first tuned on TUNING_SETTING (250 steps x 8 x 128, TUNING_GRID), then re-tuned
 # on the default setting (LR_GRID, same seed; each grid brackets its best; FLoRA with its smaller-side projection):
@@ -100,7 +102,8 @@ def describe(method: str, rank: int, sub_token_size: int, update_gap: int) -> st
         "lora": f"peft LoRA r={rank} on all linears + trainable embeddings/norms/head",
         "dora": f"peft DoRA r={rank} on all linears + trainable embeddings/norms/head",
         "galore": f"GaLore AdamW r={rank}, T={update_gap}, scale 0.25 on attention/MLP weights",
-        "flora": f"FLoRA compressed momentum r={rank}, kappa=1000, Adafactor base (the paper's setting), update "
+        "flora": f"FLoRA compressed momentum r={rank}, kappa={PAPER_OPTIONS['flora']['flora_kappa']}, Adafactor base "
+                 "(the paper's setting), update "
                  "momentum with the current step exact, orthonormal rows, eps1 1e-15 (Flora's defaults)",
         "gradnormlorp": f"GradNormLoRP r={rank}, projection r={rank // 2}, T={update_gap}, scale 0.25",
     }.get(parsed.base, parsed.base)

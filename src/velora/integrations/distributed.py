@@ -198,7 +198,6 @@ def main_process_first():
 
 # ---- VeLoRA state across ranks ---------------------------------------------------------------------
 
-_VELORA_BUFFERS = VELORA_BUFFERS  # v, its flag, the EMA running mean, the re-estimate counter
 
 
 def _velora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -219,7 +218,7 @@ def broadcast_velora_state(model: nn.Module, src: int = 0) -> int:
         return 0
     layers = _velora_layers(model)
     for layer in layers.values():
-        for key in _VELORA_BUFFERS:
+        for key in VELORA_BUFFERS:  # v, its flag, the EMA running mean, the re-estimate counter
             if key in layer._buffers:
                 buffer = layer._buffers[key]
                 synced = buffer.contiguous().clone()
@@ -237,7 +236,7 @@ def velora_state_in_sync(model: nn.Module) -> bool:
         return True
     mismatches = torch.zeros((), dtype=torch.int64)
     for layer in _velora_layers(model).values():
-        for key in _VELORA_BUFFERS:
+        for key in VELORA_BUFFERS:
             if key in layer._buffers:
                 mine = layer._buffers[key].detach().to("cpu", torch.float64).reshape(-1)  # (numel,)
                 reference = mine.clone()

@@ -129,8 +129,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     say = _main_process_logger(log)
     out = _run_folder_argument(out_dir, resume, allow_lr_change, allow_data_change)
     check_model_spec(config.model)
-    sharded = fsdp2.check_parallel(parallel, parse_method(config.method), config.method_options(),
-                                   distributed.world_size(), diagnose_every)
+    options = config.method_options()
+    sharded = fsdp2.check_parallel(parallel, parse_method(config.method), options, distributed.world_size(),
+                                   diagnose_every)
     checkpoint, changes = None, {}
     if out is not None:
         checkpoint, changes = open_run_folder(config, out, resume, stop_at_step, allow_lr_change, allow_data_change,
@@ -144,7 +145,6 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         check_memory_fits(config, data.tokenizer.vocab_size, device, say)
         torch.manual_seed(config.seed)  # planning draws random numbers on fake tensors
     model, init_source = build_model_on_device(config, data.tokenizer, device)
-    options = config.method_options()
     model = prepare_method(model, config.method, options, init_source, say)
     if sharded:
         model = fsdp2.shard_model(model, device)
