@@ -23,7 +23,7 @@ from velora.methods.common import ConfigBase, OptimizerSettings, check_int
 TOP_LEVEL_KEYS = ("seed", "accumulation_steps", "velora")
 
 # section name -> config class, in registration order; "optim" (OptimizerSettings) is every method's
-_SECTIONS: dict[str, type[ConfigBase]] = {"optim": OptimizerSettings}
+_SECTIONS: dict[str, type[ConfigBase]] = {OptimizerSettings.section: OptimizerSettings}
 
 
 def register_section(cls: type[ConfigBase]) -> None:

@@ -44,9 +44,6 @@ class CommTally:
     def reset(self) -> None:
         self.bytes.clear()
 
-    def total(self) -> int:
-        return sum(self.bytes.values())
-
 
 COMM_TALLY = CommTally()  # the optimizers' collectives on this process, read and reset by the benchmark
 
