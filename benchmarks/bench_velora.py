@@ -8,6 +8,9 @@ Variants
 - full + VeLoRA             velora-torch on v_proj and down_proj, sub_token_size M=32 (the paper's targets)
 - full + VeLoRA (all 7)     informative only, not the paper's setting: every projection compressed, to show
                             how the step time scales with the share of weight-gradient work VeLoRA replaces
+- full + VeLoRA M=4         informative: the paper's targets at M=4, `velora compare`'s sub-token size
+- ... M=4, r=4, 8-bit z     informative: the same bytes spent on precision (VeLoRAConfig.coefficient_bits=8,
+                            rank = M): every sub-token kept whole up to rounding, at M=4's saved bytes
 - peft LoRA                 peft LoRA r=8 on all linear layers, lora_dropout=0
 - peft LoRA + peft VeLoRA   peft's own LoRA variant (LoraConfig(velora_config=...)), init batch_average_once,
                             M=32 on every layer (num_groups=D/32: 16 for d=512; the down_proj layers, D=1344,
@@ -136,6 +139,12 @@ def velora_full(model: nn.Module, work: Workload) -> nn.Module:
                                             target_modules=["v_proj", "down_proj"]))
 
 
+def velora_full_m4(model: nn.Module, work: Workload, bits: int | None = None) -> nn.Module:
+    """The paper's targets at M = 4 (compare's setting), rank 1; or rank = M = 4 with ``bits``-bit coefficients."""
+    return apply_velora(model, VeLoRAConfig(sub_token_size=4, rank=1 if bits is None else 4, coefficient_bits=bits,
+                                            target_modules=["v_proj", "down_proj"]))
+
+
 def velora_full_all(model: nn.Module, work: Workload) -> nn.Module:
     return apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size, target_modules=ALL_LINEAR))
 
@@ -163,6 +172,8 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "full": lambda model, work: model,
     "full + VeLoRA (v_proj, down_proj)": velora_full,
     "full + VeLoRA (all 7 projections)": velora_full_all,
+    "full + VeLoRA M=4 (informative)": velora_full_m4,
+    "full + VeLoRA M=4, r=4, 8-bit z (informative)": lambda model, work: velora_full_m4(model, work, 8),
     "peft LoRA": peft_lora,
     "peft LoRA + peft VeLoRA": peft_velora,
     "peft LoRA + velora-torch VeLoRA": velora_adapter,
@@ -175,6 +186,8 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "full": "full",
     "full + VeLoRA (v_proj, down_proj)": "full",
     "full + VeLoRA (all 7 projections)": "full",
+    "full + VeLoRA M=4 (informative)": "full",
+    "full + VeLoRA M=4, r=4, 8-bit z (informative)": "full",
     "peft LoRA": "peft LoRA",
     "peft LoRA + peft VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA": "peft LoRA",

@@ -43,9 +43,32 @@ def test_control_freezes_exactly_the_compressed_layers(tmp_path, text_file, meth
     assert changed == others  # every other trainable tensor moved
 
 
+def test_training_only_the_compressed_layers_moves_those_and_nothing_else(tmp_path, text_file):
+    from velora.experiments.control import train_only_compressed_layers
+
+    before, kept = {}, []
+
+    def ready(model):
+        before.update({name: p.detach().clone() for name, p in model.named_parameters()})
+        kept.extend(train_only_compressed_layers(model))
+
+    result = train(_tiny(text_file, "velora"), tmp_path / "run", measure=False, tensorboard=False,
+                   memory_check=False, on_model_ready=ready)
+    after = dict(result["_model"].named_parameters())
+    assert sorted(kept) == sorted(n for n in before if n.endswith(("v_proj.weight", "down_proj.weight")))
+    changed = sorted(name for name in before if not torch.equal(after[name], before[name]))
+    assert changed == sorted(kept) and len(kept) == 4  # the 4 compressed weights moved, everything else bitwise
+    with pytest.raises(ValueError, match="frozen-control' freezes the only layers"):
+        from velora.experiments.fidelity_study import run_one
+        run_one(VARIANTS["frozen-control"], 0, tmp_path / "runs", every=1, only_compressed=True)
+
+
 def test_control_refuses_a_model_without_velora():
     with pytest.raises(ValueError, match="no VeLoRA layers"):
         freeze_compressed_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    from velora.experiments.control import train_only_compressed_layers
+    with pytest.raises(ValueError, match="no VeLoRA layers"):
+        train_only_compressed_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
 def test_recovered_share_and_sentence():
@@ -70,6 +93,13 @@ def test_fidelity_study_paper_row_is_compares_velora_row():
     slower = study_config(VARIANTS["per-group-svd-r8-M32-reest-1-lr1e-3"], 0).to_dict()
     tuned = study_config(VARIANTS["per-group-svd-r8-M32-reest-1"], 0).to_dict()
     assert (slower.pop("lr"), tuned.pop("lr")) == (1e-3, TUNED_LR["velora"]) and slower == tuned
+    # a variant with its own base optimizer changes the optimizer option and its lr, nothing else
+    adafactor = study_config(VARIANTS["paper-adafactor"], 0).to_dict()
+    paper = study_config(VARIANTS[PAPER], 0).to_dict()
+    assert adafactor.pop("options") == {"optimizer": "adafactor"} and paper.pop("options") == {}
+    assert (adafactor.pop("lr"), paper.pop("lr")) == (3e-2, TUNED_LR["velora"]) and adafactor == paper
+    built = study_config(VARIANTS["paper-adafactor"], 0).method_options()
+    assert built.optim.name == "adafactor"
 
 
 def test_fidelity_study_records_resumes_and_renders(tmp_path, text_file):
@@ -112,3 +142,111 @@ def test_fidelity_study_refuses_an_option_this_build_lacks(tmp_path, monkeypatch
     monkeypatch.setitem(fidelity_study.VARIANTS, "future", fidelity_study.Variant("future", "?", {"no_such": 1}))
     with pytest.raises(ValueError, match=r"no option\(s\) \['no_such'\]"):
         run_study(["future"], [0], tmp_path, 1)
+
+
+def _fidelity_metrics():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_metrics.py"
+    spec = importlib.util.spec_from_file_location("fidelity_metrics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fidelity_metrics_projection_and_measures_match_their_definitions():
+    metrics = _fidelity_metrics()
+    generator = torch.Generator().manual_seed(0)
+    # D = 32: every rule's M (4, 16, 32) divides it, as on compare's model (128 and 352)
+    batches = [(torch.randn(6, 32, generator=generator, dtype=torch.float64),
+                torch.randn(40, 32, generator=generator, dtype=torch.float64) + 1.0) for _ in range(4)]
+    paper_v = torch.nn.functional.normalize(torch.randn(4, generator=generator, dtype=torch.float64), dim=0)
+    gradient, inputs = batches[0]
+    # the SVD rule against an independent reference: each group's top-2 right singular vectors of its sub-tokens
+    blocks = []
+    for g in range(8):
+        vh = torch.linalg.svd(inputs[:, 4 * g:4 * g + 4], full_matrices=False).Vh[:2]  # (2, M)
+        blocks.append(vh.t() @ vh)  # (M, M)
+    torch.testing.assert_close(metrics.projected(gradient, inputs, 4, 2, "svd", paper_v),
+                               gradient @ torch.block_diag(*blocks), rtol=0, atol=1e-12)
+    paper = torch.block_diag(*[torch.outer(paper_v, paper_v)] * 8)  # (D, D)
+    torch.testing.assert_close(metrics.projected(gradient, inputs, 4, 1, "paper", paper_v), gradient @ paper)
+    result = metrics.layer_metrics(batches, paper_v)
+    exact_mean = sum(g for g, _ in batches) / 4
+    kept_mean = exact_mean @ paper
+    paper_rule = result["paper: first-batch mean, shared (M=4 r=1)"]
+    # a fixed projector only removes: nothing added, and the mean-gradient cosine is the kept norm share
+    assert abs(paper_rule["added share"]) < 1e-12
+    assert paper_rule["mean-grad cos"] == pytest.approx(float(kept_mean.norm() / exact_mean.norm()), abs=1e-12)
+    exact_rule = result["exact (M=4 r=4, 4x bytes)"]
+    assert exact_rule["per-batch cos"] == pytest.approx(1.0, abs=1e-12)
+    assert exact_rule["mean-grad cos"] == pytest.approx(1.0, abs=1e-12)
+    assert exact_rule["signal share"] == pytest.approx(result["exact signal share"], abs=1e-12)
+    # a rule read off each batch is not a fixed projector: its added share is not identically zero
+    assert abs(result["each batch's per-group SVD (M=4 r=1)"]["added share"]) > 1e-6
+
+
+def test_a_variant_is_judged_against_the_paper_row_with_its_own_optimizer():
+    # the Adafactor option beats the AdamW paper row's ppl but not the Adafactor paper row's: the verdict must say ppl
+    def record(variant, seed, ppl, cosine):
+        return {"variant": variant, "seed": seed, "val_ppl": ppl, "activation_bytes": 1000, "median_cosine": cosine,
+                "layers": {"l": {"cosine": cosine, "energy": 0.5}}, "config": {"steps": 10}, "last_step": 10}
+
+    option = "per-group-svd-r8-M32-reest-1-adafactor"
+    records = [record(PAPER, s, 53.0, 0.45) for s in range(3)]
+    records += [record("paper-adafactor", s, 49.0, 0.45) for s in range(3)]
+    records += [record(option, s, 50.0, 0.95) for s in range(3)]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in render(records).splitlines()
+            if line.startswith("| ")}
+    assert rows[option][-1].strip(" |") == "no (ppl)"  # against paper-adafactor; against the AdamW row: "yes"
+    assert rows[option][6] == "2.11x"
+    assert rows["paper-adafactor"][-1].strip(" |") == "–"
+
+
+def test_paired_difference_is_per_seed_against_the_reference_and_merging_keeps_one_setting(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from velora.experiments.fidelity_study import paired_difference
+
+    paper = {"seeds": [0, 1, 2, 3], "val_ppl_per_seed": [52.0, 54.0, 53.0, 50.0]}
+    row = {"seeds": [1, 2, 4], "val_ppl_per_seed": [55.0, 52.5, 10.0]}  # seed 4 has no paper run: left out
+    differences = [55.0 - 54.0, 52.5 - 53.0]
+    assert paired_difference(row, paper) == (f"{statistics.mean(differences):+.2f} ± "
+                                             f"{statistics.stdev(differences):.2f} (n=2)")
+    assert paired_difference({"seeds": [1], "val_ppl_per_seed": [53.0]}, paper) == "-1.00 (n=1)"
+    assert paired_difference(paper, paper) == "–" and paired_difference(row, None) == "–"
+    assert paired_difference({"seeds": [7], "val_ppl_per_seed": [1.0]}, paper) == "–"
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fidelity.py"
+    spec = importlib.util.spec_from_file_location("bench_fidelity", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = study_config(VARIANTS[PAPER], 0, model="llama-tiny", steps=2).to_dict()
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, seed, changes in ((first, 0, {}), (second, 1, {}), (second, 0, {"lr": 1.0})):
+        folder.mkdir(exist_ok=True)
+        record = {"variant": PAPER, "seed": seed, "config": {**config, "seed": seed, **changes}, "val_ppl": 1.0}
+        with open(folder / "runs.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit, match="differ in their settings"):
+        bench.merged_records([first, second])  # b's seed-0 run has another lr
+    (second / "runs.jsonl").write_text((second / "runs.jsonl").read_text().splitlines()[0] + "\n")
+    assert sorted(r["seed"] for r in bench.merged_records([first, second])) == [0, 1]
+    # the same run recorded by a newer study (with "last_step") in the first folder: counted once, the first wins
+    newer = {**json.loads((first / "runs.jsonl").read_text()), "last_step": config["steps"], "val_ppl": 2.0}
+    third = tmp_path / "c"
+    third.mkdir()
+    (third / "runs.jsonl").write_text(json.dumps(newer) + "\n")
+    merged = bench.merged_records([third, first, second])
+    assert sorted(r["seed"] for r in merged) == [0, 1] and [r["val_ppl"] for r in merged if r["seed"] == 0] == [2.0]
+
+
+def test_a_study_wide_lr_wins_over_compares_and_the_variants():
+    from velora.experiments.compare import TUNED_LR
+
+    assert study_config(VARIANTS[PAPER], 0).lr == TUNED_LR["velora"]
+    assert study_config(VARIANTS["per-group-svd-r8-M32-reest-1-lr3e-3"], 0).lr == 3e-3
+    for name in (PAPER, "per-group-svd-r8-M32-reest-1-lr3e-3"):
+        assert study_config(VARIANTS[name], 0, lr=1e-3).lr == 1e-3

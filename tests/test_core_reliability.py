@@ -401,12 +401,25 @@ def test_peft_adapter_fp16_large_inputs_give_finite_adapter_grads(fuse):
 
 
 _DDP_CASES = {"mean": dict(init="batch_average_once"), "mean_rank2": dict(init="batch_average_once", rank=2),
-              "svd_rank2": dict(init="svd", rank=2), "ema": dict(init="ema", ema_decay=0.5)}
+              "svd_rank2": dict(init="svd", rank=2), "ema": dict(init="ema", ema_decay=0.5),
+              # re-estimated at every forward from the ranks' summed Gram matrices (a rank without tokens adds zeros)
+              "svd_per_group_every_forward": dict(init="svd", rank=2, per_group_directions=True, reestimate_every=1),
+              # coefficient_bits rounds z only: v and its synchronisation are the options' own (T = 0 included)
+              "mean_rank_M_int8": dict(rank=16, coefficient_bits=8),
+              "svd_per_group_every_forward_int4": dict(init="svd", rank=2, per_group_directions=True,
+                                                       reestimate_every=1, coefficient_bits=4)}
 
 
 def _ddp_batches() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     return [torch.randn(3, 32, dtype=torch.float64, generator=generator) + shift for shift in (1.0, -2.0)]
+
+
+def _capped_batches() -> list[torch.Tensor]:
+    """Rank r's batch: 5 tokens of 32 features (10 sub-tokens of 16), rank-dependent and anisotropic."""
+    generator = torch.Generator().manual_seed(11)
+    scale = torch.linspace(3.0, 0.1, 16, dtype=torch.float64).repeat(2)  # (32,)
+    return [torch.randn(5, 32, dtype=torch.float64, generator=generator) * scale + r for r in range(2)]
 
 
 def _local_batch(step: int, rank: int) -> torch.Tensor:
@@ -429,7 +442,39 @@ def _zero_token_ranks_worker(rank: int, world: int, out_dir: str) -> None:
             model(_local_batch(step_index, rank)).sum().backward()
             results[f"{case}.{step_index}.v"] = model[0].velora_v.clone()
             results[f"{case}.{step_index}.initialised"] = model[0].velora_initialised.clone()
+    # more sub-tokens (shared) / tokens (per group) on each rank than svd_max_samples: each rank samples its own
+    # batch as one process does, and the summed Gram matrices give every rank the same directions
+    for case, options in {"capped.shared": {}, "capped.per_group": {"per_group_directions": True}}.items():
+        torch.manual_seed(0)
+        model = velora.apply_velora(nn.Sequential(nn.Linear(32, 8, dtype=torch.float64)), velora.VeLoRAConfig(
+            sub_token_size=16, target_modules="0", init="svd", rank=2, svd_max_samples=3, **options))
+        model(_capped_batches()[rank]).sum().backward()
+        results[f"{case}.v"] = model[0].velora_v.clone()
+    # NaN on rank 1 in a token the SVD's sampling skips (svd_max_samples=2 of 3 tokens / 6 sub-tokens): every rank
+    # must raise the same one-line error, none may hang or build directions from the finite sample
+    for case, options in {"nan.shared": {}, "nan.per_group": {"per_group_directions": True}}.items():
+        torch.manual_seed(0)
+        model = velora.apply_velora(nn.Sequential(nn.Linear(32, 8, dtype=torch.float64)), velora.VeLoRAConfig(
+            sub_token_size=16, target_modules="0", init="svd", rank=2, svd_max_samples=2, **options))
+        batch = _ddp_batches()[rank].clone()  # (3, 32): both ranks have tokens
+        if rank == 1:
+            batch[1, 3] = float("nan")  # token 1 / sub-token row 2: outside the strided sample (0, 2) / (0, 5)
+        try:
+            model(batch)
+            results[case] = "no error"
+        except ValueError as err:
+            results[case] = str(err)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.slow  # in the session's 2-rank gloo spawn (tests/rank_results.py)
+def test_nan_in_one_ranks_unsampled_tokens_stops_every_rank_with_one_error(tmp_path_factory):
+    from rank_results import gloo_ranks
+
+    seen = gloo_ranks(tmp_path_factory, __name__)
+    for case in ("nan.shared", "nan.per_group"):
+        first, second = (seen[rank][case] for rank in range(2))
+        assert first == second and "NaN/Inf" in first and "\n" not in first, (case, first, second)
 
 
 @pytest.mark.slow  # in the session's 2-rank gloo spawn (tests/rank_results.py)
@@ -451,3 +496,33 @@ def test_zero_token_batches_on_some_ranks_neither_hang_nor_skew_v(tmp_path_facto
                 assert bool(seen[rank][f"{case}.{step_index}.initialised"]) == (step_index > 0), (case, step_index)
                 torch.testing.assert_close(seen[rank][f"{case}.{step_index}.v"], expected[step_index],
                                            rtol=1e-12, atol=1e-12, msg=f"{case} step {step_index} rank {rank}")
+
+
+@pytest.mark.slow  # in the session's 2-rank gloo spawn (tests/rank_results.py)
+def test_ranks_over_svd_max_samples_each_sample_their_own_batch_and_agree(tmp_path_factory):
+    """docs/velora.md: above ``svd_max_samples`` each rank takes the strided sample one process would take of its
+    own batch (sub-tokens for shared directions, tokens for per-group ones), and the directions are the top-r
+    singular vectors of the ranks' samples stacked. Reference: that SVD, written out here."""
+    from rank_results import gloo_ranks
+
+    seen = gloo_ranks(tmp_path_factory, __name__)
+    batches = _capped_batches()
+
+    def strided(rows: torch.Tensor, cap: int) -> torch.Tensor:  # (N, ...) -> (cap, ...): evenly strided rows
+        return rows[torch.linspace(0, rows.shape[0] - 1, cap).round().long()]
+
+    def top(rows: torch.Tensor) -> torch.Tensor:  # (N, M) -> the (M, M) projector on the top-2 right singular vectors
+        vh = torch.linalg.svd(rows, full_matrices=False).Vh[:2]  # (2, M)
+        return vh.t() @ vh
+
+    shared = torch.cat([strided(b.reshape(-1, 16), 3) for b in batches])  # (2 ranks x 3 sub-tokens, M)
+    tokens = torch.cat([strided(b, 3) for b in batches]).view(6, 2, 16)  # (2 ranks x 3 tokens, G, M)
+    expected = {"capped.shared": top(shared), "capped.per_group": torch.stack([top(tokens[:, g]) for g in range(2)])}
+    for case, projector in expected.items():
+        first, second = (seen[rank][f"{case}.v"] for rank in range(2))
+        assert torch.equal(first, second), case  # every rank holds the same directions, bitwise
+        got = first @ first.transpose(-1, -2)  # (..., M, M)
+        torch.testing.assert_close(got, projector, rtol=0, atol=1e-10, msg=case)
+        alone = torch.linalg.svd(torch.cat([b.reshape(-1, 16) for b in batches]), full_matrices=False).Vh[:2]
+        if case == "capped.shared":  # the sample is not the whole batch: one process on both batches differs
+            assert (got - alone.t() @ alone).abs().max() > 1e-3

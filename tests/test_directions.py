@@ -160,6 +160,50 @@ def test_per_group_svd_in_one_batched_call_equals_the_one_group_rule_per_group(d
     assert got.shape == (4, 8, 3) and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("degenerate", ["none", "zero group", "rank-1 group"])
+def test_top_eigenvectors_of_the_gram_matrix_are_the_batched_svd_directions(degenerate):
+    # the DDP route (Gram matrices summed over ranks) must give the directions one process's SVD gives
+    from velora.core.directions import top_eigenvectors
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 4 * 8, generator=generator, dtype=torch.float64)  # (T, D), G = 4 groups of M = 8
+    if degenerate == "zero group":
+        x[:, 8:16] = 0
+    if degenerate == "rank-1 group":
+        x[:, 16:24] = x[:, 16:17] * torch.arange(1.0, 9.0, dtype=torch.float64)
+    groups = x.reshape(40, 4, 8)  # (T, G, M)
+    expected = estimate(x, 8, 3, "svd", per_group=True, max_samples=4096)  # (G, M, 3)
+    got = top_eigenvectors(torch.einsum("tgm,tgk->gmk", groups, groups), 3)  # (G, M, 3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    shared = top_eigenvectors(groups.reshape(-1, 8).t() @ groups.reshape(-1, 8), 3)  # (M, 3)
+    torch.testing.assert_close(shared, estimate(x, 8, 3, "svd", per_group=False, max_samples=4096), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="contains NaN/Inf"):
+        top_eigenvectors(torch.full((8, 8), float("nan"), dtype=torch.float64), 2)
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+@pytest.mark.parametrize("case", ["huge", "nearly rank-1"])
+def test_the_ranks_gram_route_spans_what_one_process_svd_spans(case, per_group):
+    # fp32 inputs near 1e19 overflowed an fp32 Gram matrix (a false NaN/Inf error), and a second direction at 1e-3
+    # of the first fell under an fp32 eigenvalue floor (replaced by a basis vector); float64 Gram matrices keep both
+    from velora.core.config import VeLoRAConfig
+    from velora.core.directions import _pooled_svd
+
+    generator = torch.Generator().manual_seed(5)
+    if case == "huge":
+        x = torch.randn(40, 32, generator=generator) * 1e19  # (T, D) fp32
+    else:
+        a, b = torch.randn(40, 1, generator=generator), torch.randn(40, 1, generator=generator)  # (T, 1)
+        u, w = torch.randn(1, 32, generator=generator), torch.randn(1, 32, generator=generator)  # (1, D)
+        x = (a @ u + 1e-3 * b @ w).float()  # (T, D): rank 2, the second direction at 1e-3
+    config = VeLoRAConfig(sub_token_size=8, target_modules="0", init="svd", rank=2, per_group_directions=per_group)
+    got = _pooled_svd(x, config, 8)  # one process: the rank sum is the identity
+    expected = estimate(x, 8, 2, "svd", per_group=per_group, max_samples=config.svd_max_samples)
+    assert got.dtype == expected.dtype == torch.float32
+    projector = got.double() @ got.double().transpose(-1, -2)  # (..., M, M)
+    torch.testing.assert_close(projector, expected.double() @ expected.double().transpose(-1, -2), rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_per_group_svd_of_a_batch_holding_nan_or_inf_is_a_one_line_error(bad):
     x = torch.randn(2, 9, 32, dtype=torch.float64)

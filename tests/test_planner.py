@@ -42,6 +42,24 @@ def test_plan_matches_real_cpu_step_on_tiny_llama(method, optimizer):
     assert planned["peak_bytes"] == sum(planned["breakdown"].values())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_plan_counts_quantised_coefficients_as_codes_and_scales(bits):
+    """M = 4: the paper's rank 1 in fp32 keeps D bytes per token and layer; rank 4 in ``bits`` bits keeps
+    D·bits/8 + 4 (one fp32 scale per token), on fake tensors and in a real CPU step alike."""
+    layers = 2 * build_config("llama-tiny").num_hidden_layers  # v_proj and down_proj of every decoder layer
+    paper = plan("llama-tiny", "velora", batch=BATCH, seq=SEQ, sub_token_size=4)["saved_activation_bytes"]
+    options = dict(sub_token_size=4, velora_rank=4, velora_coefficient_bits=bits)
+    planned = plan("llama-tiny", "velora", batch=BATCH, seq=SEQ, **options)
+    widths = [m.in_features for n, m in training_setup(load_config("llama-tiny"), "velora", batch=BATCH, seq=SEQ,
+                                                          sub_token_size=4).model.named_modules()
+              if n.endswith(("v_proj", "down_proj"))]
+    assert len(widths) == layers
+    tokens = BATCH * SEQ
+    expected = paper + sum(tokens * (d * bits // 8 + 4) - tokens * d for d in widths)  # swap each layer's z
+    assert planned["saved_activation_bytes"] == expected
+    _assert_close(planned, _real("llama-tiny", "velora", **options))
+
+
 def _tiny_config(family: str):
     import transformers
 
@@ -134,6 +152,11 @@ def test_cli_json_and_table(capsys):
     assert result["peak_bytes"] == sum(result["breakdown"].values())
     assert set(result["breakdown"]) == {"parameters", "gradients", "optimizer_state", "activations", "temporaries"}
     assert result["peak_bytes"] == plan("llama-tiny", "velora", batch=2, seq=32)["peak_bytes"]
+    assert main(["plan", "--model", "llama-tiny", "--method", "velora", "--batch", "2", "--seq", "32", "--json",
+                 "--sub-token-size", "4", "--velora-rank", "4", "--velora-coefficient-bits", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["saved_activation_bytes"] == plan(
+        "llama-tiny", "velora", batch=2, seq=32, sub_token_size=4, velora_rank=4,
+        velora_coefficient_bits=8)["saved_activation_bytes"]
     assert main(["plan", "--model", "llama-tiny", "--method", "lora", "--batch", "2", "--seq", "32"]) == 0
     table = capsys.readouterr().out
     assert "MiB" in table and "peak" in table and "optimizer state" in table  # a tiny model's peak is in MiB
@@ -153,6 +176,8 @@ def test_cli_json_and_table(capsys):
         (["--model", "gpt2", "--seq", "4096"], "exceeds the 1024 positions"),
         (["--model", "vit-base", "--seq", "100"], "use --seq 197"),
         (["--model", "llama-tiny", "--sub-token-size", "0"], "--sub-token-size=0 must be a positive integer"),
+        (["--model", "llama-tiny", "--method", "velora", "--sub-token-size", "4", "--velora-rank", "8"],
+         "rank=8 exceeds sub_token_size=4"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, capsys):

@@ -105,6 +105,29 @@ def test_quantised_model_reloads_strictly_and_bitwise_from_its_state_dict():
     assert torch.equal(source(input_ids=ids).logits, target(input_ids=ids).logits)
 
 
+def test_an_evaluation_does_not_change_the_4bit_base_training_continues_from(text_file):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place on its first eval-mode no-grad
+    forward (block scales rounded to bf16, double quantisation dropped): a run that evaluated every 2 steps trained
+    on another base than one that did not (step-3 loss 5.1350083 against 5.1350074 on such a CPU). Both layers
+    velora-torch quantises and the bases of LoRA layers it wraps keep the training layout; remove_velora gives a
+    wrapped base its own setting back."""
+    evaluated = train(tiny(text_file, method="qlora+velora", eval_every=2), measure=False)
+    plain = train(tiny(text_file, method="qlora+velora", eval_every=0), measure=False)
+    assert evaluated["loss_curve"] == plain["loss_curve"]  # bitwise
+    model = evaluated["_model"]
+    bases = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert bases and all(m.support_avx512bf16_for_cpu is False for m in bases)
+    assert all(m.weight.quant_state.nested for m in bases)  # still double-quantised after the evaluations
+
+    layers = qlora_layers()
+    originals = [m.base_layer.support_avx512bf16_for_cpu for m in peft_4bit_layers(layers)]
+    for fuse_lora in (True, False):
+        with_velora(layers, fuse_lora=fuse_lora)
+        assert all(m.base_layer.support_avx512bf16_for_cpu is False for m in peft_4bit_layers(layers))
+        remove_velora(layers)
+        assert [m.base_layer.support_avx512bf16_for_cpu for m in peft_4bit_layers(layers)] == originals
+
+
 def test_remove_velora_then_merge_and_unload_gives_a_plain_model_with_the_same_outputs(text_file):
     model = train(tiny(text_file, method="qlora+velora", steps=8), measure=False)["_model"]
     model.eval()

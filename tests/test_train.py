@@ -70,6 +70,8 @@ def test_registry_covers_every_method(text_file):
     ("full", {}),
     ("velora", {}),
     ("lora+velora", {}),
+    ("velora", {"velora": {"sub_token_size": 16, "rank": 16, "coefficient_bits": 8, "target_modules": "paper"}}),
+    ("lora+velora", {"velora": {"sub_token_size": 16, "rank": 8, "coefficient_bits": 4, "target_modules": "paper"}}),
     ("galore", {"options": {"update_proj_gap": 2}}),
     ("flora", {"options": {"flora_kappa": 2}}),
     ("full", {"accumulation_steps": 2, "options": {"flora_accumulation": True, "flora_rank": 4}}),

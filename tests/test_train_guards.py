@@ -467,3 +467,28 @@ def test_the_pre_check_measures_a_preset_once_per_process_and_a_config_file_ever
         config_file.write_text(json.dumps({**build_config("llama-tiny").to_dict(), "num_hidden_layers": layers}))
         assert guards._size(tiny(tmp_path / "unused.txt", model=str(config_file)), 300)[2] == layers
     assert guards._preset_size.cache_info().misses == 2  # the two presets; the file never went through the cache
+
+
+def test_a_start_that_fails_before_step_one_leaves_no_run_folder(tmp_path, text_file, capsys):
+    """A bad model config used to leave ``OUT/config.json`` behind (and, without --out, a stub runs/<method>-<time>
+    in the working directory); a folder that already existed, or holds anything else, is left as it was."""
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"model_type": "llamma", "hidden_size": 64}))
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "--model", str(unknown), "--data", str(text_file), "--tokenizer", "byte",
+                        "--out", str(out))
+    assert code == 2 and "llamma" in err and not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    code, _, err = _cli(capsys, "train", "--model", str(unknown), "--data", str(text_file), "--tokenizer", "byte",
+                        "--out", str(kept))
+    assert code == 2 and (kept / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="fewer than one block"):  # fails after the config is written
+        train(tiny(text_file, seq_len=10**6), out / "a" / "b", measure=False)
+    assert not out.exists()  # with the parents it created
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "elsewhere")  # a symlink as --out is never created through nor removed
+    with pytest.raises(ValueError):
+        train(tiny(text_file, seq_len=10**6), dangling, measure=False)
+    assert dangling.is_symlink() and not (tmp_path / "elsewhere").exists()

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=1, help="directions per layer, r (default 1, the paper's)")
     parser.add_argument("--per-group", action="store_true",
                         help="one set of directions per sub-token group (VeLoRAConfig.per_group_directions)")
+    parser.add_argument("--coefficient-bits", type=int, default=None, choices=(8, 4),
+                        help="keep z as 8- or 4-bit integers with one scale per token (VeLoRAConfig.coefficient_bits; "
+                             "default: x's dtype, the paper's)")
     parser.add_argument("--init", default="batch_average_once", choices=INIT_STRATEGIES,
                         help="how v is initialised (default batch_average_once, the paper's)")
     parser.add_argument("--targets", default="paper",
@@ -50,7 +53,8 @@ def _config(args: argparse.Namespace):
                        vocab_size=args.vocab_size, max_train_chars=args.max_train_chars, seq_len=args.seq,
                        batch_size=args.batch, steps=1, seed=args.seed, lr=args.lr,
                        velora={"sub_token_size": args.sub_token_size, "rank": args.rank, "init": args.init,
-                               "target_modules": targets, "per_group_directions": args.per_group})
+                               "target_modules": targets, "per_group_directions": args.per_group,
+                               "coefficient_bits": args.coefficient_bits})
 
 
 def _train_steps(model, config, data, steps: int) -> None:

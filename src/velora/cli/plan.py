@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sub-token-size", type=int, default=None, help="VeLoRA sub-token size M (default 32)")
     parser.add_argument("--velora-targets", default=None,
                         help="comma-separated VeLoRA target modules (default 'paper' = value + MLP down proj)")
+    parser.add_argument("--velora-rank", type=int, default=None,
+                        help="VeLoRA directions per sub-token, r (default 1, the paper's)")
+    parser.add_argument("--velora-coefficient-bits", type=int, default=None, choices=(8, 4),
+                        help="keep VeLoRA's coefficients as 8- or 4-bit integers (default: the activations' dtype)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     # the method options, generated from the method configs as for `velora train` (--optimizer is plan()'s own;
     # the planner models one micro-batch step, so compressed accumulation has no flag here)
@@ -63,6 +67,9 @@ def _options(args: argparse.Namespace) -> dict:
         if not targets:
             raise ValueError(f"--velora-targets={args.velora_targets!r} names no module; e.g. v_proj,down_proj")
         options["velora_target_modules"] = targets
+    for name in ("rank", "coefficient_bits"):  # checked by VeLoRAConfig, one line each
+        if getattr(args, f"velora_{name}") is not None:
+            options[f"velora_{name}"] = getattr(args, f"velora_{name}")
     return options
 
 

@@ -64,7 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one set of directions per sub-token group instead of one shared by all groups")
     velora.add_argument("--velora-reestimate-every", type=int, default=None, metavar="K",
                         help="re-estimate the directions from the batch every K training forwards (micro-batches; "
-                             "1: every forward; default: never, the paper's fixed first-batch v)")
+                             "1: every forward, which trained 5-7.5 ppl worse under AdamW on compare's model, see "
+                             "docs/results.md; default: never, the paper's fixed first-batch v)")
+    velora.add_argument("--velora-coefficient-bits", type=int, default=None, choices=(8, 4),
+                        help="keep the coefficients z as 8- or 4-bit integers with one scale per token (default: "
+                             "in x's dtype, the paper's); at fp32, 8 bits with --velora-rank = M keep the paper's "
+                             "bytes with every sub-token whole up to rounding, see docs/velora.md")
     # one flag per option of the method configs (velora.methods.options), generated from their declarations
     add_option_flags(parser.add_argument_group("method options"))
     out = parser.add_argument_group("output")
@@ -127,7 +132,8 @@ def config_from_args(args: argparse.Namespace):
         init_from=args.init_from, dtype=args.dtype, options=options,
         velora={"sub_token_size": args.sub_token_size, "init": args.velora_init, "target_modules": targets,
                 "rank": args.velora_rank, "per_group_directions": args.velora_per_group,
-                "reestimate_every": args.velora_reestimate_every},
+                "reestimate_every": args.velora_reestimate_every,
+                "coefficient_bits": args.velora_coefficient_bits},
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from velora.core.subtoken import COEFFICIENT_BITS
+
 CONFIG_VERSION = 1
 
 INIT_STRATEGIES = ("batch_average_once", "ema", "random", "svd")
@@ -50,7 +52,9 @@ class VeLoRAConfig:
     """How VeLoRA compresses the input of the targeted linear layers.
 
     Exactly one of ``sub_token_size`` (M, the paper's knob) and ``num_groups`` (D/M, peft's spelling)
-    is given. ``init`` is one of ``INIT_STRATEGIES`` or a tensor of shape (M,) or (M, rank).
+    is given. ``init`` is one of ``INIT_STRATEGIES`` or a tensor of shape (M,) or (M, rank). ``coefficient_bits``
+    (8 or 4) keeps the coefficients z as integers of that many bits with one scale per token instead of in x's
+    dtype: at the paper's bytes in fp32, 8 bits buy rank = M (every sub-token kept whole, up to rounding).
     """
 
     sub_token_size: int | None = None
@@ -68,6 +72,7 @@ class VeLoRAConfig:
     fuse_lora: bool = True
     per_group_directions: bool = False
     reestimate_every: int | None = None
+    coefficient_bits: int | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -100,6 +105,10 @@ class VeLoRAConfig:
         if not math.isfinite(float(self.scale)) or float(self.scale) == 0.0:
             raise ValueError(f"scale={self.scale} must be a finite non-zero number")
         self._check_reestimate_every()
+        bits = self.coefficient_bits
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in COEFFICIENT_BITS):
+            raise ValueError(f"coefficient_bits={bits!r} must be None (z kept in the input's dtype, the paper) or one "
+                             f"of {COEFFICIENT_BITS} (z rounded to that many bits, one scale per token)")
         for name in ("pad", "sync_across_ranks", "fuse_lora", "per_group_directions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

@@ -2,9 +2,10 @@
 mean (``init="ema"``) or a re-estimate every K training forwards (``reestimate_every``), shared by every sub-token
 group (V: (M, r), the paper) or one set per group (``per_group_directions``, V: (G, M, r)).
 
-Every data-dependent estimate is synchronised across ranks the same way: the mean sub-token (per group) is averaged
-over the ranks whose batch has tokens (one all-reduce), and the finished directions are broadcast from the lowest
-such rank, so all ranks hold bit-identical v. No function here mutates a tensor it was given.
+Every data-dependent estimate uses every rank's batch: the mean sub-token (per group) is averaged over the ranks
+whose batch has tokens, and ``svd`` directions are the top eigenvectors of the sub-tokens' Gram matrix summed over
+the ranks (one all-reduce each); the finished directions are broadcast from the lowest rank with tokens, so all
+ranks hold bit-identical v. No function here mutates a tensor it was given.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from __future__ import annotations
 import torch
 
 from velora.core.config import VeLoRAConfig
-from velora.core.layer_support import broadcast, first_rank_with_tokens, mean_over_ranks
+from velora.core.layer_support import broadcast, distributed, first_rank_with_tokens, mean_over_ranks, sum_over_ranks
 from velora.core.subtoken import (
+    canonical_signs,
+    complete_basis,
     compute_dtype,
     group,
     initial_directions,
     mean_sub_token,
     orthonormalise,
     state_dtype,
+    sub_token_rows,
     subsample_rows,
+    uniform_directions,
 )
 
 # ---- pure estimates ------------------------------------------------------------------------------------------
@@ -86,10 +91,7 @@ def _batched_top_singular(groups: torch.Tensor, rank: int, max_samples: int) -> 
     floor = singular[:, :1] * torch.finfo(work).eps * max(sample.shape[1:])  # (G, 1)
     if singular.shape[1] < rank or not bool((singular[:, rank - 1:rank] > floor).all()):  # one host sync
         return None
-    v = vh[:, :rank].transpose(1, 2)  # (G, M, r)
-    pivot = v.abs().argmax(dim=1, keepdim=True)  # (G, 1, r): largest-magnitude entry of each column ...
-    signs = torch.sign(v.gather(1, pivot))  # (G, 1, r) ... made positive, so the result is reproducible
-    return v * torch.where(signs == 0, torch.ones_like(signs), signs)  # (G, M, r)
+    return canonical_signs(vh[:, :rank].transpose(1, 2))  # (G, M, r)
 
 
 def seeded_directions(sub_token_size: int, rank: int, groups: int | None, seed: int) -> torch.Tensor:
@@ -119,6 +121,48 @@ def normalised_running_mean(running: torch.Tensor, previous: torch.Tensor) -> to
     return torch.where(norm > 0, unit, previous.squeeze(-1).to(unit)).unsqueeze(-1)  # (M, 1) / (G, M, 1)
 
 
+def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of a Gram matrix XᵀX, (M, M) -> (M, r) or (G, M, M) -> (G, M, r): the top right
+    singular vectors of X, signs as ``top_right_singular`` sets them (largest-magnitude entry positive); directions
+    X does not span are completed by ``complete_basis``, an all-zero X gets the uniform directions (as in
+    ``initial_directions``)."""
+    if not torch.isfinite(gram).all():
+        raise ValueError("the batch contains NaN/Inf; VeLoRA cannot build its projection from it — check the "
+                         "inputs or the preceding layers")
+    try:
+        values, vectors = torch.linalg.eigh(gram)  # (..., M) ascending, (..., M, M)
+    except RuntimeError as err:  # did not converge: the same on every rank (they hold the same summed matrix)
+        raise ValueError(f"the eigendecomposition of the batch's sub-token Gram matrix failed ({err})") from None
+    values, v = values.flip(-1), canonical_signs(vectors.flip(-1)[..., :rank])  # descending; (..., M, r)
+    floor = values[..., :1].clamp_min(0) * torch.finfo(gram.dtype).eps * gram.shape[-1]  # (..., 1)
+    spanned = (values[..., :rank] > floor).sum(-1)  # (...,) directions X spans, at most r
+    if bool((spanned == rank).all()):  # one host sync
+        return v
+    flat, counts = v.reshape(-1, *v.shape[-2:]), spanned.reshape(-1).tolist()  # (B, M, r)
+    # B x (M, r); an all-zero block gets the uniform directions, as the one-process rule gives it
+    completed = [complete_basis(block[:, :count], rank) if count
+                 else uniform_directions(block.shape[0], rank, v.device, v.dtype) for block, count in zip(flat, counts)]
+    return torch.stack(completed).reshape(v.shape)
+
+
+def _pooled_svd(x: torch.Tensor, config: VeLoRAConfig, sub_token_size: int) -> torch.Tensor:
+    """``svd`` directions from every rank's batch: each rank's sub-token Gram matrix summed over the ranks, then its
+    top eigenvectors — the top right singular vectors of all ranks' sub-tokens stacked, as one process on the whole
+    batch would take while each rank's batch is within ``svd_max_samples`` (sub-tokens for the shared (M, M)
+    matrix, tokens for the per-group (G, M, M) ones; a rank samples as one process does, so above it the ranks
+    together use up to world × that many). A rank without tokens adds zeros. The Gram matrices are float64 (no
+    overflow below |x| ~ 1e150, and the eigenvalues resolve what an SVD of the rows would); NaN/Inf anywhere in a
+    rank's batch, sampled or not, makes every rank's summed matrix NaN, so all ranks raise the same error."""
+    if config.per_group_directions:
+        sample = subsample_rows(group(x, sub_token_size), config.svd_max_samples).double()  # (N, G, M)
+        gram = torch.einsum("ngm,ngk->gmk", sample, sample)  # (G, M, M)
+    else:
+        rows = subsample_rows(sub_token_rows(x, sub_token_size), config.svd_max_samples).double()  # (N, M)
+        gram = rows.t() @ rows  # (M, M)
+    gram = torch.where(torch.isfinite(x).all(), gram, torch.full_like(gram, float("nan")))  # no host sync
+    return top_eigenvectors(sum_over_ranks(gram, True), config.rank).to(state_dtype(x.dtype))
+
+
 # ---- synchronised across ranks --------------------------------------------------------------------------------
 
 
@@ -140,13 +184,15 @@ def from_batch(x: torch.Tensor, config: VeLoRAConfig,
                sub_token_size: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(directions, mean sub-token) from this batch, identical on every rank; None when no rank's batch has a
     sub-token (a zero-token batch: v stays as it is). Under ``svd`` the directions are the top singular vectors of
-    the lowest rank-with-tokens' batch (and the mean is None); otherwise the normalised mean over ranks (rank > 1:
-    plus that rank's residual singular vectors). All ranks must call it together."""
+    all ranks' sub-tokens together (``_pooled_svd``; the mean is None); otherwise the normalised mean over ranks
+    (rank > 1: plus the lowest rank-with-tokens' residual singular vectors). All ranks must call it together."""
     x, has_tokens, sync = x.detach(), x.numel() > 0, config.sync_across_ranks
     source = first_rank_with_tokens(has_tokens, x.device, sync)
     if source is None:
         return None
     strategy = "svd" if config.init == "svd" else "batch_average_once"
+    if strategy == "svd" and distributed(sync):  # every rank's sub-tokens, not the source rank's alone
+        return broadcast(_pooled_svd(x, config, sub_token_size), sync, source), None
     mean = None if strategy == "svd" else _mean_over_ranks(x, config, sub_token_size, has_tokens)  # (M,) / (G, M)
     directions = estimate(x, sub_token_size, config.rank, strategy, per_group=config.per_group_directions,
                           max_samples=config.svd_max_samples, mean=mean)

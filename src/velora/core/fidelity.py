@@ -5,7 +5,8 @@ For every VeLoRA layer that compresses on a batch (full-weight layers and peft `
 - ``energy``: Σ‖Vᵀs‖² / Σ‖s‖² over all sub-tokens s of the layer's input: the share of the input energy on
   span(V), which is exactly what z = group(x)·V keeps (V has orthonormal columns). Isotropic input keeps r/M.
 - ``cosine`` and ``norm_ratio`` between the VeLoRA weight gradient Gᵀx̂ and the exact one Gᵀx on that batch,
-  in float64, where G is the layer's output gradient and x̂ is rebuilt from the z the op keeps.
+  in float64, where G is the layer's output gradient and x̂ is rebuilt from the z the op keeps (rounded to
+  ``coefficient_bits`` when the config asks for it, so the cosine includes that rounding; ``energy`` does not).
 
 The measurement is off the training path: the wrapped layers run as their plain class for one forward, their
 inputs and outputs are captured by hooks, and ``torch.autograd.grad`` gives G without touching any ``.grad``.
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from velora.core.layers import velora_modules
-from velora.core.subtoken import compress, reconstruct
+from velora.core.subtoken import compress, dequantise_coefficients, quantise_coefficients, reconstruct
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LayerFidelity:
     chance_energy: float  # r/M: what a direction independent of isotropic input keeps
     cosine: float  # cos(Gᵀx̂, Gᵀx)
     norm_ratio: float  # ‖Gᵀx̂‖ / ‖Gᵀx‖
-    z_bytes: int  # what the layer saves for backward (z, in x's dtype)
+    z_bytes: int  # what the layer saves for backward (z in x's dtype, or its integer codes and per-token scales)
     x_bytes: int  # what the plain layer would save (x)
 
 
@@ -164,13 +165,20 @@ def _layer_fidelity(name: str, layer: nn.Module, calls: list[tuple[torch.Tensor,
     directions = layer.velora_v  # (M, r) or (G, M, r), as the op uses it
     size, rank = directions.shape[-2:]
     in_features = layer._velora_in_features()
+    bits = layer.velora_config.coefficient_bits
     exact = approx = None
     kept = total = 0.0
     tokens = z_bytes = x_bytes = 0
     for (x, output), grad in zip(calls, grads):
         inputs = x.reshape(-1, in_features)  # (T, D)
         out_grad = (torch.zeros_like(output) if grad is None else grad).reshape(-1, output.shape[-1]).double()  # (T, O)
-        z = compress(inputs, directions)  # (T, G, r) in x's dtype: what the op saves
+        z = compress(inputs, directions)  # (T, G, r) in x's dtype: what the op saves, before any rounding to bits
+        if bits is not None:
+            codes, scales = quantise_coefficients(z, bits)  # what the op keeps under coefficient_bits
+            z = dequantise_coefficients(codes, scales, bits, z.shape, z.dtype)  # (T, G, r), rounded
+            z_bytes += codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+        else:
+            z_bytes += z.numel() * z.element_size()
         x_hat = reconstruct(z.double(), directions.double(), in_features, layer.velora_config.scale)  # (T, D)
         exact_part = out_grad.t() @ inputs.double()  # (O, D); Conv1D's (D, O) weight gets its transpose
         approx_part = out_grad.t() @ x_hat  # (O, D)
@@ -179,7 +187,6 @@ def _layer_fidelity(name: str, layer: nn.Module, calls: list[tuple[torch.Tensor,
         kept += float(compress(inputs.double(), directions.double()).pow(2).sum())  # Σ‖Vᵀs‖², fp64
         total += float(inputs.double().pow(2).sum())  # Σ‖s‖² (zero padding adds nothing)
         tokens += inputs.shape[0]
-        z_bytes += z.numel() * z.element_size()
         x_bytes += inputs.numel() * inputs.element_size()
     exact_norm, approx_norm = float(exact.norm()), float(approx.norm())
     cosine = float((exact * approx).sum()) / (exact_norm * approx_norm) if exact_norm and approx_norm else math.nan

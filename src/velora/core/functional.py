@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from velora.core.subtoken import _as, compress, factored_weight_grad
+from velora.core.subtoken import (
+    _as,
+    compress,
+    dequantise_coefficients,
+    factored_weight_grad,
+    quantise_coefficients,
+)
 
 DOUBLE_BACKWARD_REFUSED = (
     "double backward through a VeLoRA layer's weight gradient is not supported: it is built from the compressed "
@@ -45,12 +51,13 @@ def refuse_double_backward(grad: torch.Tensor | None, *sources: torch.Tensor | N
 
 class VeLoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, directions, scale):
-        # x: (..., D), weight: (O, D), bias: (O,) or None, directions: (M, r)
+    def forward(ctx, x, weight, bias, directions, scale, bits=None):
+        # x: (..., D), weight: (O, D), bias: (O,) or None, directions: (M, r); bits: None or COEFFICIENT_BITS
         out = F.linear(x, weight, bias)  # (..., O)
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         z = compress(x.detach(), directions) if needs_w else None  # (T, G, r)
-        ctx.save_for_backward(z, weight if needs_x else None, directions if needs_w else None)
+        z, z_scales = store_coefficients(ctx, z, bits)  # z, or its codes (T, G·r·bits/8) and scales (T, 1)
+        ctx.save_for_backward(z, z_scales, weight if needs_x else None, directions if needs_w else None)
         ctx.x_shape = x.shape
         ctx.scale = float(scale)
         ctx.has_bias = bias is not None
@@ -60,7 +67,8 @@ class VeLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         # grad_x and grad_b are exact and built from differentiable ops, so double backward through them (input
         # gradient penalties) is exact; grad_W is refused there (DOUBLE_BACKWARD_REFUSED)
-        z, weight, directions = ctx.saved_tensors
+        z, z_scales, weight, directions = ctx.saved_tensors
+        z = load_coefficients(ctx, z, z_scales)  # (T, G, r)
         in_features = ctx.x_shape[-1]
         grad_tokens = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
         grad_x = grad_w = grad_b = None
@@ -72,7 +80,24 @@ class VeLoRALinearFunction(torch.autograd.Function):
             grad_w = refuse_double_backward(grad_w, grad_tokens, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_tokens.sum(0)  # (O,)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def store_coefficients(ctx, z: torch.Tensor | None, bits: int | None):
+    """What a VeLoRA op saves for z (T, G, r): z itself (bits None), or its integer codes and per-token scales
+    (``quantise_coefficients``), noting on ``ctx`` what ``load_coefficients`` needs to undo it."""
+    ctx.z_bits = bits if z is not None else None
+    if ctx.z_bits is None:
+        return z, None
+    ctx.z_shape, ctx.z_dtype = z.shape, z.dtype
+    return quantise_coefficients(z, bits)
+
+
+def load_coefficients(ctx, stored: torch.Tensor | None, scales: torch.Tensor | None) -> torch.Tensor | None:
+    """z (T, G, r) back from what ``store_coefficients`` saved (rounded to ``bits`` when it was quantised)."""
+    if ctx.z_bits is None:
+        return stored
+    return dequantise_coefficients(stored, scales, ctx.z_bits, ctx.z_shape, ctx.z_dtype)
 
 
 def velora_linear(
@@ -81,12 +106,14 @@ def velora_linear(
     bias: torch.Tensor | None,
     directions: torch.Tensor,
     scale: float = 1.0,
+    bits: int | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` that keeps only the sub-token coefficients of x for backward.
 
     ``directions`` is (M, r) with orthonormal columns (or (M,) for rank 1), or (G, M, r): group g of every token
     projected on its own directions (G = in_features / M); M must divide in_features unless the caller pads (the
-    module wrapper handles padding via ``pad=True``).
+    module wrapper handles padding via ``pad=True``). ``bits`` (8 or 4) keeps z as integers with one scale per token
+    (``VeLoRAConfig.coefficient_bits``).
     """
     if directions.dim() == 1:
         directions = directions.unsqueeze(1)
@@ -96,4 +123,4 @@ def velora_linear(
     if directions.dim() == 3 and directions.shape[0] != groups:
         raise ValueError(f"per-group directions of shape {tuple(directions.shape)} need {groups} groups for "
                          f"in_features={x.shape[-1]} and M={directions.shape[-2]}; pass ({groups}, M, r)")
-    return VeLoRALinearFunction.apply(x, weight, bias, directions, scale)
+    return VeLoRALinearFunction.apply(x, weight, bias, directions, scale, bits)

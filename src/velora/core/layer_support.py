@@ -68,6 +68,15 @@ def mean_over_ranks(mean: torch.Tensor, has_tokens: bool, enabled: bool) -> torc
     return packed[:-1] / packed[-1]  # (M,)
 
 
+def sum_over_ranks(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``tensor`` summed over every rank (a copy; the argument is not changed), or itself without a group."""
+    if not distributed(enabled):
+        return tensor
+    total = tensor.contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def first_rank_with_tokens(has_tokens: bool, device, enabled: bool) -> int | None:
     """The lowest rank whose batch has tokens (the source of broadcast directions); None when no rank's has."""
     if not distributed(enabled):

@@ -20,7 +20,7 @@ from velora.core import directions as estimates
 from velora.core.config import VeLoRAConfig
 from velora.core.functional import VeLoRALinearFunction
 from velora.core.layer_support import autocast_cast, in_checkpoint_recompute, projection_problem
-from velora.core.lora_fused import fuse, unfuse
+from velora.core.lora_fused import fuse, protect_4bit_base, restore_4bit_base, unfuse
 from velora.core.subtoken import compute_dtype, num_groups
 
 
@@ -59,8 +59,10 @@ class VeLoRAMixin:
             dtype = torch.get_autocast_dtype(device_type)
             x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
             with torch.autocast(device_type, enabled=False):
-                return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
-        return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale)
+                return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale,
+                                                  self.velora_config.coefficient_bits)
+        return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale,
+                                          self.velora_config.coefficient_bits)
 
     def _velora_prepare(self, x: torch.Tensor) -> None:
         """Before a training forward: build v from the first batch, take one EMA step, or re-estimate v when due."""
@@ -359,8 +361,9 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig | None = None, filter_fn
                          f"(mode={config.mode!r}); linear layers here include {linear_names}")
     for name, module in matched:
         _wrap(module, name, config)
-    if config.fuse_lora:
-        for layer in lora_layers:
+    for layer in lora_layers:
+        protect_4bit_base(layer)  # a 4-bit base keeps its training layout through evaluations (lora_fused)
+        if config.fuse_lora:
             fuse(layer)  # peft's forward still runs whenever the fused path does not apply
     _mark_dora_probes(model)
     from velora.core.persistence import flag_saved_state
@@ -402,6 +405,7 @@ def remove_velora(model: nn.Module) -> nn.Module:
     """Undo ``apply_velora``: original classes, original state_dict keys. Returns ``model``."""
     for module in model.modules():
         unfuse(module)
+        restore_4bit_base(module)
     for module in velora_modules(model).values():
         for key in ("velora_v", "velora_initialised", "velora_running_mean", "velora_step"):
             if key in module._buffers:

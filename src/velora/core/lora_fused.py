@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_mod
 
-from velora.core.functional import refuse_double_backward
+from velora.core.functional import load_coefficients, refuse_double_backward, store_coefficients
 from velora.core.observer import is_observer  # hooks the memory meter marks as watch-only
 from velora.core.subtoken import _as, compress, factored_weight_grad
 
@@ -53,7 +53,7 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
     (the dequantized weight is never kept)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale, quant_state=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale, quant_state=None, bits=None):
         # x: (..., D); weight: (O, D) frozen, or packed 4-bit; bias: (O,) or None; lora_a: (r, D); lora_b: (O, r)
         # directions: (M, k)
         tokens = x.reshape(-1, x.shape[-1])  # (T, D)
@@ -66,7 +66,8 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
             out = out.add_(hidden.mm(lora_b.t()).mul_(scaling).to(out.dtype))  # (T, O)
         needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         z = compress(adapter_tokens, directions) if needs_a else None  # (T, G, k)
-        ctx.save_for_backward(z, hidden if needs_b else None, weight if needs_x else None,
+        z, z_scales = store_coefficients(ctx, z, bits)  # z, or its integer codes and per-token scales
+        ctx.save_for_backward(z, z_scales, hidden if needs_b else None, weight if needs_x else None,
                               lora_a if needs_x else None, lora_b if (needs_x or needs_a) else None,
                               directions if needs_a else None)
         ctx.x_shape, ctx.scaling, ctx.velora_scale = x.shape, float(scaling), float(velora_scale)
@@ -75,7 +76,8 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
+        z, z_scales, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
+        z = load_coefficients(ctx, z, z_scales)  # (T, G, k)
         needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O), x's dtype
         adapter_grad = _as(grad, ctx.adapter_dtype)  # (T, O), cast once (a no-op when the dtypes agree)
@@ -99,7 +101,7 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)  # (..., D)
         if ctx.has_bias and needs_bias:
             grad_bias = grad.sum(0)  # (O,)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None
 
 
 def _base_forward(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quant_state) -> torch.Tensor:
@@ -190,7 +192,7 @@ class FusedLoRAMixin:
         weight, bias, quant_state = self._velora_base_inputs()
         return LoRAVeLoRAFunction.apply(x, weight, bias, lora_a.weight, self.lora_B[adapter].weight,
                                         lora_a.velora_v, self.scaling[adapter], lora_a.velora_config.scale,
-                                        quant_state)
+                                        quant_state, lora_a.velora_config.coefficient_bits)
 
 
 class Fused4bitLoRAMixin(FusedLoRAMixin):
@@ -265,6 +267,30 @@ def fuse(layer: nn.Module) -> bool:
     layer.__class__ = fused
     layer._velora_fused_base_class = base_class
     return True
+
+
+def keep_4bit_training_layout(layer: nn.Module) -> None:
+    """Stop a bitsandbytes ``Linear4bit`` from repacking its weight for CPU inference (CPUs with AVX512-BF16, eval
+    mode, no grad): the repack happens in place on the first such forward, rounds the block scales to bf16 and
+    drops double quantisation, so an evaluation would change the frozen base that training continues from, and
+    peft's merge and ``Params4bit.to()`` misread the packed layout (bitsandbytes issue 2078)."""
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+
+
+def protect_4bit_base(lora_layer: nn.Module) -> None:
+    """``keep_4bit_training_layout`` on a peft LoRA layer's bitsandbytes base, remembering the base's setting for
+    ``restore_4bit_base`` (``remove_velora``)."""
+    base = getattr(lora_layer, "base_layer", None)
+    if "support_avx512bf16_for_cpu" in getattr(base, "__dict__", {}) and \
+            "_velora_base_cpu_packing" not in lora_layer.__dict__:
+        lora_layer._velora_base_cpu_packing = base.support_avx512bf16_for_cpu
+        keep_4bit_training_layout(base)
+
+
+def restore_4bit_base(lora_layer: nn.Module) -> None:
+    if "_velora_base_cpu_packing" in lora_layer.__dict__:
+        lora_layer.base_layer.support_avx512bf16_for_cpu = lora_layer.__dict__.pop("_velora_base_cpu_packing")
 
 
 def unfuse(layer: nn.Module) -> None:

@@ -161,12 +161,15 @@ def _spanned_directions(rows: torch.Tensor, rank: int) -> torch.Tensor:
     spanned = 0
     if singular.numel():
         spanned = int((singular > singular.max() * torch.finfo(work.dtype).eps * max(work.shape)).sum())
-    v = vh[: min(rank, spanned)].t()  # (M, ≤ rank)
-    # make the largest-magnitude entry of each column positive so the result is reproducible
-    pivot = v.abs().argmax(0)
-    signs = torch.sign(v[pivot, torch.arange(v.shape[1])])
-    signs[signs == 0] = 1
-    return v * signs
+    return canonical_signs(vh[: min(rank, spanned)].t())  # (M, ≤ rank)
+
+
+def canonical_signs(v: torch.Tensor) -> torch.Tensor:
+    """(..., M, r) directions with each column's largest-magnitude entry made positive, so an SVD's or eigh's
+    arbitrary signs give one reproducible result (a zero column is left as it is)."""
+    pivot = v.abs().argmax(dim=-2, keepdim=True)  # (..., 1, r)
+    signs = torch.sign(v.gather(-2, pivot))  # (..., 1, r)
+    return v * torch.where(signs == 0, torch.ones_like(signs), signs)  # (..., M, r)
 
 
 def complete_basis(columns: torch.Tensor, rank: int) -> torch.Tensor:
@@ -227,7 +230,7 @@ def initial_directions(
 
     if strategy == "svd":
         if rows.abs().sum() == 0:
-            return _uniform(sub_token_size, rank, x.device, work)
+            return uniform_directions(sub_token_size, rank, x.device, work)
         return top_right_singular(rows, rank)
 
     # batch_average_once / ema
@@ -236,7 +239,7 @@ def initial_directions(
     typical = rows.norm(dim=1).mean() if rows.shape[0] else norm.new_zeros(())
     if norm <= max(float(torch.finfo(work).eps) * 10 * float(typical), float(torch.finfo(work).tiny)):
         if rows.abs().sum() == 0:
-            return _uniform(sub_token_size, rank, x.device, work)
+            return uniform_directions(sub_token_size, rank, x.device, work)
         return top_right_singular(rows, rank)
     first = (mean / norm).to(work)  # (M,)
     if rank == 1:
@@ -247,7 +250,58 @@ def initial_directions(
     return complete_basis(orthonormalise(torch.cat([first.unsqueeze(1), rest], dim=1)), rank)
 
 
-def _uniform(sub_token_size: int, rank: int, device, dtype) -> torch.Tensor:
+def uniform_directions(sub_token_size: int, rank: int, device, dtype) -> torch.Tensor:
     base = torch.eye(sub_token_size, rank, device=device, dtype=dtype)
     base[:, 0] = 1.0 / math.sqrt(sub_token_size)
     return orthonormalise(base)
+
+
+# ---- coefficients kept at fewer bits (VeLoRAConfig.coefficient_bits) -----------------------------------
+
+COEFFICIENT_BITS = (8, 4)
+
+
+def quantise_coefficients(z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z (T, G, r) -> (codes, scales): symmetric round-to-nearest integers in [-q, q], q = 2^(bits-1) - 1, with one
+    scale per token, scales (T, 1) = max|z_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two
+    codes per byte, uint8 (T, ceil(G·r / 2)). A token whose z holds NaN/Inf gets a NaN scale, so all of its
+    dequantised coefficients are NaN and the weight gradient says so (a finite gradient is never made up)."""
+    if bits not in COEFFICIENT_BITS:
+        raise ValueError(f"coefficient bits={bits!r} is not supported; use one of {COEFFICIENT_BITS}")
+    tokens = z.shape[0]
+    flat = _as(z.reshape(tokens, z.shape[1] * z.shape[2]), state_dtype(z.dtype))  # (T, G·r), T = 0 works
+    top = 2 ** (bits - 1) - 1
+    if flat.shape[1]:  # max |z_t| in one pass; NaN in a token gives NaN, Inf gives Inf
+        absmax = torch.linalg.vector_norm(flat, ord=math.inf, dim=1, keepdim=True)  # (T, 1)
+    else:
+        absmax = flat.new_zeros(tokens, 1)
+    scales = absmax / top  # (T, 1)
+    finite = torch.isfinite(scales)  # (T, 1)
+    divisor = torch.where(finite & (absmax > 0), scales, torch.ones_like(scales))  # (T, 1), never 0, NaN or Inf
+    codes = torch.div(flat, divisor).round_().clamp_(-top, top).to(torch.int8)  # (T, G·r); a non-finite token's
+    scales = torch.where(finite, scales, torch.full_like(scales, math.nan))  # codes are moot: its scale is NaN
+    return (_pack_nibbles(codes) if bits == 4 else codes), scales
+
+
+def dequantise_coefficients(codes: torch.Tensor, scales: torch.Tensor, bits: int, shape: torch.Size,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``quantise_coefficients`` up to rounding: (codes, scales) -> z (T, G, r) in ``dtype``."""
+    count = shape[1] * shape[2]  # G·r
+    if bits == 4:
+        codes = _unpack_nibbles(codes, count)  # (T, G·r) int8
+    z = codes.to(scales.dtype).mul_(scales)  # (T, G·r), NaN for a token quantised from NaN/Inf
+    return _as(z, dtype).view(shape)  # (T, G, r)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-7, 7] (T, n) -> uint8 (T, ceil(n/2)): code + 8 in each half-byte, even columns low."""
+    shifted = (codes + 8).to(torch.uint8)  # (T, n) in [1, 15]
+    if shifted.shape[1] % 2:
+        shifted = torch.nn.functional.pad(shifted, (0, 1), value=8)  # (T, n+1), the pad decodes to 0
+    return shifted[:, 0::2] | (shifted[:, 1::2] << 4)  # (T, ceil(n/2))
+
+
+def _unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 (T, ceil(n/2)) -> int8 codes (T, n)."""
+    pairs = torch.stack((packed & 15, packed >> 4), dim=2)  # (T, ceil(n/2), 2)
+    return pairs.reshape(packed.shape[0], 2 * packed.shape[1])[:, :count].to(torch.int8) - 8  # (T, n)

@@ -28,6 +28,23 @@ def freeze_compressed_layers(model: nn.Module) -> list[str]:
     return list(layers)
 
 
+def train_only_compressed_layers(model: nn.Module) -> list[str]:
+    """The opposite setting: freeze every parameter *outside* the VeLoRA-wrapped layers, so every update the model
+    gets comes through a compressed weight gradient (the frozen control then trains nothing). Returns the names of
+    the parameters left trainable."""
+    layers = velora_modules(model)
+    if not layers:
+        raise ValueError("train_only_compressed_layers: the model has no VeLoRA layers; use a +velora method")
+    kept = {id(p) for layer in layers.values() for p in layer.parameters(recurse=False)}
+    trainable = []
+    for name, parameter in model.named_parameters():
+        if id(parameter) in kept and parameter.requires_grad:
+            trainable.append(name)
+        else:
+            parameter.requires_grad_(False)
+    return trainable
+
+
 def frozen_control(base, steps: int, label: str = "v+down frozen (control)", columns: dict | None = None,
                    targets: Any = "paper", **changes):
     """The fine-tuning benches' control Variant: their LoRA + VeLoRA config (M = D/32 on ``targets``) with the

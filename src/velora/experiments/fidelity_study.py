@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from velora.experiments.common import fresh_dir, markdown_table, mib
+from velora.experiments.common import cpu_model, fresh_dir, markdown_table, mib
 from velora.experiments.compare import RANK, SETTING, SUB_TOKEN_SIZE, TUNED_LR, UPDATE_GAP, method_overrides
-from velora.experiments.control import freeze_compressed_layers
+from velora.experiments.control import freeze_compressed_layers, train_only_compressed_layers
 
 METHOD = "velora"  # compare's velora row: full AdamW training with VeLoRA on v_proj + down_proj
 TARGET_COSINE_FACTOR = 2.0  # issue 17: at least double the paper default's median gradient cosine ...
@@ -41,6 +41,8 @@ class Variant:
     seeded_directions: bool = False  # the directions are drawn from VeLoRAConfig.seed: tie it to the run seed
     frozen: bool = False  # the control: the layers VeLoRA would compress get no update (nothing to diagnose)
     lr: float | None = None  # None: compare's tuned lr for the velora row
+    optimizer: str | None = None  # None: compare's (AdamW); else the base optimizer's name (velora.methods.common)
+    reference: str = PAPER  # the paper-default row it is judged against (bytes, cosine, ppl): same base optimizer
 
 
 # M, rank: saved scalars per token are D * rank / M, so (M, r) = (4, 1), (8, 2), (16, 4) keep equal bytes
@@ -77,6 +79,54 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("per-group-svd-r8-M32-reest-1-lr1e-3", "per-group-svd-r8-M32-reest-1 at lr 1e-3 (half compare's 2e-3)",
             {"per_group_directions": True, "init": "svd", "rank": 8, "sub_token_size": 8 * SUB_TOKEN_SIZE,
              "reestimate_every": 1}, lr=1e-3),
+    # the velora row's lr was tuned (1e-3, 2e-3, 3e-3) with the paper's v; an option whose per-element gradient
+    # changes every step may want another: the M=32 option on compare's grid and one step beyond it
+    Variant("per-group-svd-r8-M32-reest-1-lr3e-3", "per-group-svd-r8-M32-reest-1 at lr 3e-3",
+            {"per_group_directions": True, "init": "svd", "rank": 8, "sub_token_size": 8 * SUB_TOKEN_SIZE,
+             "reestimate_every": 1}, lr=3e-3),
+    Variant("per-group-svd-r8-M32-reest-1-lr4e-3", "per-group-svd-r8-M32-reest-1 at lr 4e-3",
+            {"per_group_directions": True, "init": "svd", "rank": 8, "sub_token_size": 8 * SUB_TOKEN_SIZE,
+             "reestimate_every": 1}, lr=4e-3),
+    # is the every-forward option's loss AdamW's per-element second moments? The same pair under Adafactor (factored
+    # row / column statistics), at its lr from a 1e-2 / 3e-2 check on seed 0
+    Variant("paper-adafactor", "paper default, Adafactor at lr 3e-2 instead of AdamW (the reference of the next row)",
+            lr=3e-2, optimizer="adafactor", reference="paper-adafactor"),
+    Variant("per-group-svd-r8-M32-reest-1-adafactor", "per-group-svd-r8-M32-reest-1, Adafactor at lr 3e-2 (against "
+            "paper-adafactor)", {"per_group_directions": True, "init": "svd", "rank": 8,
+                                 "sub_token_size": 8 * SUB_TOKEN_SIZE, "reestimate_every": 1},
+            lr=3e-2, optimizer="adafactor", reference="paper-adafactor"),
+    Variant("paper-adafactor-lr1e-2", "paper-adafactor at lr 1e-2 (the lr check)", lr=1e-2, optimizer="adafactor",
+            reference="paper-adafactor-lr1e-2"),
+    Variant("per-group-svd-r8-M32-reest-1-adafactor-lr1e-2", "per-group-svd-r8-M32-reest-1-adafactor at lr 1e-2 "
+            "(against paper-adafactor-lr1e-2)", {"per_group_directions": True, "init": "svd", "rank": 8,
+                                                  "sub_token_size": 8 * SUB_TOKEN_SIZE, "reestimate_every": 1},
+            lr=1e-2, optimizer="adafactor", reference="paper-adafactor-lr1e-2"),
+    # the exact control through the same code path: rank = M keeps every sub-token whole
+    Variant("per-group-svd-r4-M4-reest-1", "control: M=4, r=4 (= M), per-group SVD of each batch: exact, "
+            "4x the compressed inputs' bytes",
+            {"per_group_directions": True, "init": "svd", "rank": 4, "sub_token_size": 4, "reestimate_every": 1}),
+    # rank sweep at the paper's M=4 with each batch's per-group SVD: does quality follow the cosine toward r = M?
+    Variant("per-group-svd-r1-M4-reest-1", "M=4, r=1, per-group top singular vector of each batch (equal bytes)",
+            {"per_group_directions": True, "init": "svd", "rank": 1, "sub_token_size": 4, "reestimate_every": 1}),
+    Variant("per-group-svd-r3-M4-reest-1", "M=4, r=3, per-group top-3 singular vectors of each batch (3x the "
+            "compressed inputs' bytes)",
+            {"per_group_directions": True, "init": "svd", "rank": 3, "sub_token_size": 4, "reestimate_every": 1}),
+    # the same two choices, each changed alone: every batch's per-group mean (the paper's rule), and the first
+    # batch's per-group top singular vector kept fixed (the SVD rule without re-estimation)
+    Variant("per-group-reest-1", "M=4, r=1, per-group normalised mean of each batch (equal bytes)",
+            {"per_group_directions": True, "reestimate_every": 1}),
+    Variant("per-group-svd-r1-M4", "M=4, r=1, per-group top singular vector of the first batch (equal bytes)",
+            {"per_group_directions": True, "init": "svd", "rank": 1, "sub_token_size": 4}),
+    # the bytes spent on precision instead of rank: rank = M keeps every sub-token whole, and 8-bit coefficients with
+    # one fp32 scale per token keep the paper's fp32 bytes (D·r/M scalars · 4 bytes = D bytes per token, + 4)
+    Variant("int8-r4-M4", "M=4, r=4 (= M), first-batch directions, z in 8 bits with one scale per token (equal "
+            "bytes)", {"rank": 4, "sub_token_size": 4, "coefficient_bits": 8}),
+    Variant("int4-r4-M4", "M=4, r=4 (= M), first-batch directions, z in 4 bits with one scale per token (half the "
+            "bytes; equal bytes against a bf16 paper default)",
+            {"rank": 4, "sub_token_size": 4, "coefficient_bits": 4}),
+    # what exact weight gradients give on each seed, through the same op: rank = M in fp32 keeps every sub-token
+    Variant("exact-r4-M4", "control: M=4, r=4 (= M) in the run's dtype: every sub-token kept whole, 4x the "
+            "compressed inputs' bytes", {"rank": 4, "sub_token_size": 4}),
     Variant("frozen-control", "control: v_proj + down_proj weights frozen at init (no VeLoRA, no update)",
             frozen=True),
 )}
@@ -95,6 +145,9 @@ def study_config(variant: Variant, seed: int, **setting_changes):
     if "steps" in setting_changes and "warmup_steps" not in setting_changes:
         setting["warmup_steps"] = max(1, setting["steps"] // 10)  # compare's rule for a changed step count
     lr = TUNED_LR[METHOD] if variant.lr is None else variant.lr
+    lr = setting.pop("lr", lr)  # a study-wide lr (bench_fidelity --lr) wins over compare's and the variant's
+    if variant.optimizer is not None:
+        overrides["options"] = {**overrides["options"], "optimizer": variant.optimizer}
     return TrainConfig(method=METHOD, lr=lr, **{**overrides, "velora": velora}, **setting)
 
 
@@ -115,16 +168,19 @@ def layer_medians(diagnose_csv: Path) -> dict[str, dict[str, float]]:
 
 
 def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_step: int | None = None,
-            **setting_changes) -> dict[str, Any]:
+            only_compressed: bool = False, **setting_changes) -> dict[str, Any]:
     """Train one (variant, seed) into ``runs_dir/<variant>-s<seed>[-to<stop>]`` and return its record.
-    ``stop_at_step`` ends the run early with the schedule unchanged (a screening run)."""
+    ``stop_at_step`` ends the run early with the schedule unchanged (a screening run); ``only_compressed`` trains
+    the compressed layers alone (``train_only_compressed_layers``)."""
     from velora.training.loop import train
 
     config = study_config(variant, seed, **setting_changes)
     last = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     folder = fresh_dir(runs_dir / (f"{variant.name}-s{seed}" + ("" if last == config.steps else f"-to{last}")))
     started = time.perf_counter()
-    hook = freeze_compressed_layers if variant.frozen else None
+    if variant.frozen and only_compressed:
+        raise ValueError(f"{variant.name!r} freezes the only layers only_compressed trains: nothing would train")
+    hook = freeze_compressed_layers if variant.frozen else train_only_compressed_layers if only_compressed else None
     result = train(config, folder, measure=True, tensorboard=False, diagnose_every=0 if variant.frozen else every,
                    stop_at_step=last, on_model_ready=hook)
     layers = {} if variant.frozen else layer_medians(folder / "diagnose.csv")
@@ -133,7 +189,17 @@ def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_ste
             "val_ppl": result["val_ppl"], "final_loss": result["final_loss"],
             "activation_bytes": result["activation_bytes"],
             "median_cosine": statistics.median(cosines) if cosines else None,
-            "layers": layers, "wall_s": time.perf_counter() - started}
+            "layers": layers, "wall_s": time.perf_counter() - started, "trained": _trained(only_compressed),
+            "cpu_model": cpu_model()}  # runs are bitwise only on one CPU model (README)
+
+
+def _trained(only_compressed: bool) -> str:
+    return "compressed layers only" if only_compressed else "all"
+
+
+def trained(record: dict[str, Any]) -> str:
+    """Which weights a run trained (records from before the option trained all of them)."""
+    return record.get("trained", "all")
 
 
 def _check_options_exist(variants: list[str]) -> None:
@@ -177,7 +243,7 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=print, stop_at_step: int | None = None,
-              **setting_changes) -> list[dict[str, Any]]:
+              only_compressed: bool = False, **setting_changes) -> list[dict[str, Any]]:
     """Train every (variant, seed) not yet in ``out/runs.jsonl`` with the same config and last step; returns all
     records."""
     unknown = [name for name in variants if name not in VARIANTS]
@@ -193,12 +259,14 @@ def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=
             config = study_config(VARIANTS[name], seed, **setting_changes).to_dict()
             last = config["steps"] if stop_at_step is None else min(stop_at_step, config["steps"])
             done = [r for r in read_records(path) if r["variant"] == name and r["seed"] == seed
-                    and r["config"] == config and r["every"] == every and last_step(r) == last]
+                    and r["config"] == config and r["every"] == every and last_step(r) == last
+                    and trained(r) == _trained(only_compressed)]
             if done:
                 say(f"{name} seed {seed}: in {path} already")
                 continue
             say(f"{name} seed {seed}: training ({VARIANTS[name].description})")
-            record = run_one(VARIANTS[name], seed, out / "runs", every, stop_at_step, **setting_changes)
+            record = run_one(VARIANTS[name], seed, out / "runs", every, stop_at_step, only_compressed,
+                             **setting_changes)
             append_record(path, record)
             say(f"{name} seed {seed}: median cosine {_fmt(record['median_cosine'])}, val ppl {record['val_ppl']:.2f}, "
                 f"{record['wall_s']:.0f} s")
@@ -249,10 +317,11 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def target_verdict(name: str, row: dict[str, Any], paper: dict[str, Any]) -> str:
-    """Whether a variant meets issue 17's target against the paper default, on the seeds both have."""
+def target_verdict(row: dict[str, Any], paper: dict[str, Any]) -> str:
+    """Whether a variant meets issue 17's target against its paper-default row (``Variant.reference``), on the seeds
+    both have."""
     shared = [s for s in row["seeds"] if s in paper["seeds"]]
-    if name == PAPER or not shared:
+    if row is paper or not shared:
         return "–"
     if row["median_cosine"] is None:
         return "control"
@@ -266,25 +335,38 @@ def target_verdict(name: str, row: dict[str, Any], paper: dict[str, Any]) -> str
     return "yes" if not failed else "no (" + ", ".join(failed) + ")"
 
 
+def paired_difference(row: dict[str, Any], paper: dict[str, Any] | None) -> str:
+    """Val ppl minus the reference row's on the same seed: mean ± sample sd over the shared seeds (n of them)."""
+    if paper is None or row is paper:
+        return "–"
+    theirs = dict(zip(paper["seeds"], paper["val_ppl_per_seed"]))
+    differences = [p - theirs[s] for s, p in zip(row["seeds"], row["val_ppl_per_seed"]) if s in theirs]
+    if not differences:
+        return "–"
+    spread = f" ± {statistics.stdev(differences):.2f}" if len(differences) > 1 else ""
+    return f"{statistics.mean(differences):+.2f}{spread} (n={len(differences)})"
+
+
 def render_horizon(records: list[dict[str, Any]]) -> str:
     """The tables of runs that stopped at one step: one row per variant (means over its seeds), then per-layer
     median cosines."""
     summary = summarise(records)
     if not summary:
         return "no finished runs yet"
-    paper = summary.get(PAPER)
     headers = ["variant", "what", "seeds", "saved act. MiB", "bytes vs paper", "median grad cosine",
-               "cosine vs paper", "median energy", "val ppl (mean)", "val ppl per seed", "meets #17 target"]
+               "cosine vs paper", "median energy", "val ppl (mean)", "val ppl per seed",
+               "val ppl − paper, same seed (mean ± sd)", "meets #17 target"]
     rows = []
     for name, row in summary.items():
+        paper = summary.get(VARIANTS[name].reference if name in VARIANTS else PAPER)
         cosine = row["median_cosine"]
         rows.append([name, VARIANTS[name].description if name in VARIANTS else "?",
                      ",".join(str(s) for s in row["seeds"]), f"{mib(row['activation_bytes']):.3f}",
                      f"{row['activation_bytes'] / paper['activation_bytes']:.3f}x" if paper else "–",
                      _fmt(cosine), f"{cosine / paper['median_cosine']:.2f}x" if paper and cosine is not None else "–",
                      _fmt(row["energy"]), f"{row['val_ppl']:.2f}",
-                     " / ".join(f"{p:.2f}" for p in row["val_ppl_per_seed"]),
-                     target_verdict(name, row, paper) if paper else "–"])
+                     " / ".join(f"{p:.2f}" for p in row["val_ppl_per_seed"]), paired_difference(row, paper),
+                     target_verdict(row, paper) if paper else "–"])
     diagnosed = {name: row for name, row in summary.items() if row["layers"]}
     layer_names = list(next(iter(diagnosed.values()))["layers"]) if diagnosed else []
     layer_rows = [[f"`{layer}`"] + [_fmt(row["layers"].get(layer)) for row in diagnosed.values()]

@@ -199,7 +199,6 @@ def main_process_first():
 # ---- VeLoRA state across ranks ---------------------------------------------------------------------
 
 
-
 def _velora_layers(model: nn.Module) -> dict[str, nn.Module]:
     from velora.core.layers import velora_modules
 

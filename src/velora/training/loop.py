@@ -45,7 +45,7 @@ from velora.training.guards import (
 )
 from velora.training.memory_columns import measure_memory
 from velora.training.models import _is_pretrained_dir, build_base_model
-from velora.training.resume import open_run_folder, record_start
+from velora.training.resume import open_run_folder, record_start, removed_if_start_fails
 from velora.training.run_log import Progress, RunLog, rss_mib
 from velora.training.runfiles import write_atomic
 
@@ -132,38 +132,40 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     options = config.method_options()
     sharded = fsdp2.check_parallel(parallel, parse_method(config.method), options, distributed.world_size(),
                                    diagnose_every)
-    checkpoint, changes = None, {}
-    if out is not None:
-        checkpoint, changes = open_run_folder(config, out, resume, stop_at_step, allow_lr_change, allow_data_change,
-                                              distributed.is_main_process())
+    with removed_if_start_fails(out, resume, distributed.is_main_process()):  # no stub folder after a failed start
+        checkpoint, changes = None, {}
+        if out is not None:
+            checkpoint, changes = open_run_folder(config, out, resume, stop_at_step, allow_lr_change,
+                                                  allow_data_change, distributed.is_main_process())
 
-    # data and model, seeded: an uninterrupted and a resumed run build exactly the same objects
-    torch.manual_seed(config.seed)
-    with distributed.main_process_first():  # process rank 0 builds tokenizer and token caches, the others read them
-        data = load_data(config, cache_dir, out if checkpoint is not None else None, allow_data_change)
-    if memory_check:
-        check_memory_fits(config, data.tokenizer.vocab_size, device, say)
-        torch.manual_seed(config.seed)  # planning draws random numbers on fake tensors
-    model, init_source = build_model_on_device(config, data.tokenizer, device)
-    model = prepare_method(model, config.method, options, init_source, say)
-    if sharded:
-        model = fsdp2.shard_model(model, device)
-    optimizer, accumulator = build_optimizer_and_accumulator(model, config, options)
+        # data and model, seeded: an uninterrupted and a resumed run build exactly the same objects
+        torch.manual_seed(config.seed)
+        with distributed.main_process_first():  # rank 0 builds the tokenizer and token caches, the others read them
+            data = load_data(config, cache_dir, out if checkpoint is not None else None, allow_data_change)
+        if memory_check:
+            check_memory_fits(config, data.tokenizer.vocab_size, device, say)
+            torch.manual_seed(config.seed)  # planning draws random numbers on fake tensors
+        model, init_source = build_model_on_device(config, data.tokenizer, device)
+        model = prepare_method(model, config.method, options, init_source, say)
+        if sharded:
+            model = fsdp2.shard_model(model, device)
+        optimizer, accumulator = build_optimizer_and_accumulator(model, config, options)
 
-    start_step = 0
-    if checkpoint is not None:
-        start_step = Checkpointer(out).restore(checkpoint, model, optimizer, accumulator)
-        say(f"resumed {out} at step {start_step}")
-    if out is not None and distributed.is_main_process():
-        record_start(out, start_step, data.corpus, data.tokenizer, changes, checkpoint is not None, allow_data_change)
-    if on_model_ready is not None:
-        on_model_ready(model)
+        start_step = 0
+        if checkpoint is not None:
+            start_step = Checkpointer(out).restore(checkpoint, model, optimizer, accumulator)
+            say(f"resumed {out} at step {start_step}")
+        if out is not None and distributed.is_main_process():
+            record_start(out, start_step, data.corpus, data.tokenizer, changes, checkpoint is not None,
+                         allow_data_change)
+        if on_model_ready is not None:
+            on_model_ready(model)
 
-    last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-    run = Run(config, device, out, data, model, model if sharded else distributed.wrap_ddp(model, device), optimizer,
-              accumulator, start_step, last_step, DivergenceRule(data.tokenizer.vocab_size),
-              trainable=[p for p in model.parameters() if p.requires_grad], sharded=sharded,
-              owns_process_group=owns_process_group)
+        last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+        run = Run(config, device, out, data, model, model if sharded else distributed.wrap_ddp(model, device),
+                  optimizer, accumulator, start_step, last_step, DivergenceRule(data.tokenizer.vocab_size),
+                  trainable=[p for p in model.parameters() if p.requires_grad], sharded=sharded,
+                  owns_process_group=owns_process_group)
     open_reporters(run, progress, tensorboard, diagnose_every, on_step)
     run_steps(run)
     val_loss = final_evaluation(run)

@@ -14,7 +14,9 @@ A resume:
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,38 @@ def open_run_folder(config, out: Path, resume: bool, stop_at_step: int | None, a
     if main_process:
         write_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
     return checkpoint, changes
+
+
+UNSTARTED_FILES = frozenset({"config.json", "run.json", "tokenizer.json"})  # what a start writes before step 1
+
+
+def remove_unstarted_folder(out: Path) -> None:
+    """Remove the run folder a fresh start created when that start failed before its first step (a bad model
+    config, missing data, the memory check): only if it holds nothing but what a start writes, never a
+    checkpoint, a log or a file of the user's."""
+    if out.is_dir() and not out.is_symlink() and {p.name for p in out.iterdir()} <= UNSTARTED_FILES:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextmanager
+def removed_if_start_fails(out: Path | None, resume: bool, main_process: bool):
+    """Around a run's start: a folder this start creates is removed again if the start raises
+    (``remove_unstarted_folder``); a resumed run's or an existing folder is never touched."""
+    fresh = out is not None and not resume and not out.exists() and not out.is_symlink()
+    top = out
+    while fresh and not top.parent.exists():  # the highest folder this start will create (runs/ for the default)
+        top = top.parent
+    try:
+        yield
+    except BaseException:
+        if fresh and main_process:
+            remove_unstarted_folder(out)
+            for folder in [out, *out.parents]:  # the now-empty parents it created, up to ``top``
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+                if folder == top:
+                    break
+        raise
 
 
 def record_start(out: Path, step: int, corpus, tokenizer, changes: dict[str, Any], resumed: bool,

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from velora.core.lora_fused import keep_4bit_training_layout
+
 COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INSTALL_HINT = 'pip install -e ".[qlora]" (or pip install "bitsandbytes>=0.50")'
 
@@ -59,6 +61,7 @@ def _to_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype).clone(), requires_grad=False)
     layer = layer.to(weight.device)
+    keep_4bit_training_layout(layer)  # an evaluation must not repack (and round) the frozen base in place
     layer._register_load_state_dict_pre_hook(_load_quantized_weight, with_module=True)
     return layer
 

@@ -1,0 +1,263 @@
+"""VeLoRAConfig.coefficient_bits: z kept as 8- or 4-bit integers with one scale per token.
+
+Checked against an independent per-token quantiser written out here, plain autograd on the rounded x̂, the saved
+bytes counted by storage, the fused peft path, fp16 inputs whose z needs the storage shift, NaN that must not turn
+into a finite gradient, the diagnostic, and the config's validation and JSON (resume: test_train's bitwise
+resume cases)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from references import saved_activation_bytes
+from torch import nn
+
+import velora
+from velora import VeLoRAConfig, apply_velora
+from velora.core.subtoken import compress, dequantise_coefficients, quantise_coefficients, reconstruct
+
+torch.set_num_threads(1)
+
+
+def reference_round_trip(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Token by token, in float64: s = max|z_t| / (2^(bits-1) - 1), ẑ = s · round(z_t / s) (0 for an all-zero token)."""
+    top = 2 ** (bits - 1) - 1
+    out = torch.empty(z.shape, dtype=torch.float64)
+    for t, row in enumerate(z.double()):
+        step = float(row.abs().max()) / top if row.numel() else 0.0
+        out[t] = torch.zeros_like(row) if step == 0 else torch.round(row / step) * step
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_round_trip_equals_an_independent_per_token_quantiser(bits, dtype):
+    generator = torch.Generator().manual_seed(bits)
+    z = (torch.randn(6, 3, 3, generator=generator, dtype=torch.float64) * 3).to(dtype)  # (T, G, r): G·r = 9, odd
+    z[1] = 0  # an all-zero token
+    z[2, 0, 0] = 40.0  # one token with an outlier: its other coefficients get a coarse step
+    codes, scales = quantise_coefficients(z, bits)
+    assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert codes.shape == (6, 9 if bits == 8 else 5) and scales.shape == (6, 1)  # 4 bits: two codes per byte
+    got = dequantise_coefficients(codes, scales, bits, z.shape, dtype)
+    assert got.dtype == dtype and got.shape == z.shape
+    expected = reference_round_trip(z, bits).view(z.shape)  # float64
+    eps = torch.finfo(dtype).eps  # the same codes; the scale and the cast to dtype differ by rounding only
+    torch.testing.assert_close(got.double(), expected, rtol=2 * eps, atol=0)
+    step = z.double().reshape(6, -1).abs().amax(1) / (2 ** (bits - 1) - 1)  # (T,)
+    error = (got.double() - z.double()).reshape(6, -1).abs().amax(1)  # (T,)
+    assert (error <= step / 2 + z.double().abs().amax() * torch.finfo(dtype).eps).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_tokens_and_one_coefficient(bits):
+    for shape in ((0, 3, 2), (1, 1, 1)):
+        z = torch.full(shape, -2.5)
+        codes, scales = quantise_coefficients(z, bits)
+        assert codes.shape[0] == shape[0] and scales.shape == (shape[0], 1)
+        torch.testing.assert_close(dequantise_coefficients(codes, scales, bits, z.shape, z.dtype), z)
+
+
+def test_a_token_with_nan_or_inf_dequantises_to_nan_not_to_a_finite_number():
+    z = torch.randn(3, 2, 2)
+    z[0, 1, 0], z[2, 0, 1] = float("nan"), float("inf")
+    for bits in (8, 4):
+        got = dequantise_coefficients(*quantise_coefficients(z, bits), bits, z.shape, z.dtype)
+        assert got[0].isnan().all() and got[2].isnan().all()  # the whole token: its scale is NaN
+        assert torch.isfinite(got[1]).all()
+
+
+# ---- the op ----------------------------------------------------------------------------------------------
+
+
+def _layer(bits, size=4, rank=4, dtype=torch.float64, init="batch_average_once", seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 5, dtype=dtype))
+    return apply_velora(model, VeLoRAConfig(sub_token_size=size, rank=rank, init=init, target_modules="0",
+                                            coefficient_bits=bits))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rank", [1, 4])
+def test_weight_gradient_is_plain_autograd_on_the_rounded_reconstruction(bits, rank):
+    model = _layer(bits, rank=rank)
+    layer = model[0]
+    model(torch.randn(2, 3, 16, dtype=torch.float64)).sum().backward()  # first batch builds v
+    layer.zero_grad()
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 5, dtype=torch.float64)
+    F.mse_loss(torch.tanh(model(x)), target).backward()
+    # reference: the plain layer on x for the output and input gradient, on the rounded x̂ for the weight gradient
+    v = layer.velora_v
+    z = compress(x.detach(), v)  # (T, G, r)
+    x_hat = reconstruct(reference_round_trip(z.view(6, -1), bits).view(z.shape), v, 16).view(2, 3, 16)
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out = F.linear(x_ref, w, b)  # (2, 3, 5)
+    grad_out, = torch.autograd.grad(F.mse_loss(torch.tanh(out), target), out)
+    out.backward(grad_out)
+    expected_w = grad_out.reshape(6, 5).t() @ x_hat.reshape(6, 16)  # (O, D)
+    torch.testing.assert_close(layer.weight.grad, expected_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)  # exact, not rounded
+    torch.testing.assert_close(layer.bias.grad, b.grad, rtol=1e-12, atol=1e-12)
+    if rank == 4 and bits == 8:  # rank = M keeps every sub-token: only rounding is lost
+        cosine = F.cosine_similarity(layer.weight.grad.flatten(), w.grad.flatten(), dim=0)
+        assert 0.999 < cosine < 1.0
+
+
+def test_nan_in_one_token_gives_a_nan_weight_gradient_not_a_finite_one():
+    model = _layer(8, dtype=torch.float32)
+    model(torch.randn(4, 16)).sum().backward()
+    model.zero_grad()
+    x = torch.randn(4, 16)
+    x[2, 5] = float("nan")
+    model(x).sum().backward()
+    assert model[0].weight.grad.isnan().any()
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_saved_bytes_are_the_codes_and_one_scale_per_token(bits):
+    tokens, features, size = 24, 16, 4
+    x = torch.randn(tokens, features)
+    paper = _layer(None, rank=1, dtype=torch.float32)
+    model = _layer(bits, rank=size, dtype=torch.float32)
+    for net in (paper, model):
+        net(x).sum().backward()  # v built
+    saved = saved_activation_bytes(model, lambda: model(x).sum())
+    paper_saved = saved_activation_bytes(paper, lambda: paper(x).sum())
+    assert paper_saved == tokens * features // size * 4  # z: D/M fp32 scalars per token
+    if bits is None:
+        assert saved == tokens * features * 4  # r = M in fp32: as much as x
+    else:
+        assert saved == tokens * math.ceil(features * bits / 8) + tokens * 4  # codes + one fp32 scale per token
+    if bits == 8:
+        assert saved - paper_saved == tokens * 4  # the paper's bytes at rank = M, plus the scales
+
+
+def test_fp16_inputs_whose_z_needs_the_storage_shift_stay_finite_and_close():
+    size = 16
+    x = torch.empty(3, 64, dtype=torch.float16).uniform_(17000, 20000)  # z = 4·mean of 16 inputs passes 65504
+    grads = {}
+    for bits in (None, 8):
+        torch.manual_seed(0)
+        model = apply_velora(nn.Sequential(nn.Linear(64, 4, dtype=torch.float16)), VeLoRAConfig(
+            sub_token_size=size, target_modules="0", init=torch.full((size,), 0.25), coefficient_bits=bits))
+        model(x).float().sum().backward()
+        grads[bits] = model[0].weight.grad
+    assert torch.isfinite(grads[8]).all() and torch.isfinite(grads[None]).all()
+    torch.testing.assert_close(grads[8].float(), grads[None].float(), rtol=1e-2, atol=0)  # 8-bit rounding only
+
+
+# ---- fused peft path, diagnostic, config, resume ----------------------------------------------------------
+
+
+def test_fused_lora_path_equals_the_unfused_one_with_bits():
+    import lora_helpers
+    from peft import LoraConfig, get_peft_model
+
+    def build(fuse):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+        model = get_peft_model(nn.Sequential(nn.Linear(32, 24), nn.Tanh()), config).double()
+        return lora_helpers.with_velora(model, 8, rank=8, coefficient_bits=8, fuse_lora=fuse, target_modules=["0"])
+
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    fused, unfused = build(True), build(False)
+    for _ in range(2):
+        out_f, gx_f, grads_f = lora_helpers.forward_backward(fused, x)
+        out_u, gx_u, grads_u = lora_helpers.forward_backward(unfused, x)
+        assert lora_helpers.fused_ran(fused.base_model.model[0], fused, x)
+        torch.testing.assert_close(gx_f, gx_u, rtol=1e-12, atol=1e-12)
+        for name in grads_f:
+            torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_diagnose_reports_the_rounded_gradient_and_the_bytes_kept():
+    model = _layer(8, rank=4)
+    model(torch.randn(8, 16, dtype=torch.float64)).sum().backward()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    target = torch.randn(8, 5, dtype=torch.float64)
+    report = velora.diagnose(model, x, loss_fn=lambda m, b: F.mse_loss(torch.tanh(m(b)), target))
+    row = report.layers[0]
+    layer = model[0]
+    grad_out = torch.autograd.grad(F.mse_loss(torch.tanh(F.linear(x, layer.weight, layer.bias)), target),
+                                   layer.weight)[0]  # the exact weight gradient
+    out = F.linear(x, layer.weight.detach(), layer.bias.detach()).requires_grad_()
+    g, = torch.autograd.grad(F.mse_loss(torch.tanh(out), target), out)  # (T, O)
+    z = compress(x, layer.velora_v)
+    approx = g.t() @ reconstruct(reference_round_trip(z.view(8, -1), 8).view(z.shape), layer.velora_v, 16)
+    expected = F.cosine_similarity(approx.flatten(), grad_out.flatten(), dim=0)
+    assert row.cosine == pytest.approx(float(expected), abs=1e-12) and 0.999 < row.cosine < 1.0
+    assert row.energy == pytest.approx(1.0, abs=1e-12)  # rank = M: the directions keep everything
+    assert row.z_bytes == 8 * 16 + 8 * 8  # int8 codes, one fp64 scale per token for fp64 z
+
+
+def test_config_validates_and_round_trips_coefficient_bits():
+    config = VeLoRAConfig(sub_token_size=4, rank=4, coefficient_bits=4)
+    assert VeLoRAConfig.from_json(config.to_json()).coefficient_bits == 4
+    legacy = config.to_dict()
+    legacy.pop("coefficient_bits")  # a config saved before the option existed loads as the paper's
+    assert VeLoRAConfig.from_dict(legacy).coefficient_bits is None
+    for bad in (16, 0, True, "8", 8.0):
+        with pytest.raises(ValueError, match=f"coefficient_bits={bad!r} must be None"):
+            VeLoRAConfig(coefficient_bits=bad)
+
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_padding_and_an_odd_coefficient_count_per_token(bits):
+    # D = 18, M = 4, pad: G = 5 groups, r = 3, so 15 coefficients a token (an odd count for 4-bit packing)
+    torch.manual_seed(0)
+    model = apply_velora(nn.Sequential(nn.Linear(18, 5, dtype=torch.float64)), VeLoRAConfig(
+        sub_token_size=4, rank=3, pad=True, coefficient_bits=bits, target_modules="0"))
+    model(torch.randn(7, 18, dtype=torch.float64)).sum().backward()  # v from the first batch
+    model.zero_grad()
+    x, grad = torch.randn(7, 18, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    model(x).backward(grad)
+    v = model[0].velora_v
+    z = compress(x, v)  # (7, 5, 3)
+    x_hat = reconstruct(reference_round_trip(z.view(7, -1), bits).view(z.shape), v, 18)  # (7, 18)
+    torch.testing.assert_close(model[0].weight.grad, grad.t() @ x_hat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_bf16_autocast_keeps_codes_on_the_gpu_and_matches_the_cpu_op(bits):
+    """Under CUDA bf16 autocast: codes and scales live on the GPU, the weight gradient equals the CPU op's on the
+    same bf16 input (the rounding is elementwise, so only the matmuls' summation order differs)."""
+    torch.manual_seed(0)
+    cpu = apply_velora(nn.Sequential(nn.Linear(64, 32)), VeLoRAConfig(
+        sub_token_size=4, rank=4, coefficient_bits=bits, target_modules="0", init=torch.eye(4)))
+    gpu = apply_velora(nn.Sequential(nn.Linear(64, 32)).cuda(), VeLoRAConfig(
+        sub_token_size=4, rank=4, coefficient_bits=bits, target_modules="0", init=torch.eye(4)))
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(256, 64).bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            gpu_out = gpu(x.cuda())
+    gpu_out.float().sum().backward()
+    codes = [t for t in saved if t.dtype in (torch.int8, torch.uint8)]
+    assert codes and all(t.is_cuda for t in codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu(x).float().sum().backward()
+    torch.testing.assert_close(gpu[0].weight.grad.cpu(), cpu[0].weight.grad, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_frozen_weight_saves_no_coefficients_and_the_input_gradient_stays_exact(bits):
+    from velora.core.functional import velora_linear
+
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 16, dtype=torch.float64)  # no gradient wanted: nothing to compress
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = velora_linear(x, weight, None, torch.eye(4, dtype=torch.float64), 1.0, bits)
+    out.sum().backward()
+    assert not any(t.dtype in (torch.int8, torch.uint8) for t in saved)
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(5, 16), rtol=0, atol=1e-12)
