@@ -9,9 +9,10 @@ from velora.optim.quant import dequantize_blockwise, quantize_blockwise
 
 
 def check_group(optimizer_name: str, group: dict) -> None:
-    """One-line errors for a param group without params, with non-floating params, or with DTensor (FSDP2) params
-    sharded other than on dim 0 of a 1-D mesh (``optim.sharded.check_row_sharded``)."""
-    from velora.optim.sharded import check_row_sharded
+    """One-line errors for a param group without params, with non-floating params, with DTensor (FSDP2) params
+    sharded other than on dim 0 of a 1-D mesh (``optim.sharded.check_row_sharded``), or with 8-bit state
+    (``eight_bit=True``) for an FSDP2 param, refused here rather than at the first checkpoint hours later."""
+    from velora.optim.sharded import check_row_sharded, is_sharded
 
     params = group["params"]
     if len(params) == 0:
@@ -22,6 +23,10 @@ def check_group(optimizer_name: str, group: dict) -> None:
             raise ValueError(f"{optimizer_name}: got a non-floating parameter ({kind}); "
                              "only floating-point tensors can be optimised")
         check_row_sharded(optimizer_name, param)
+        if group.get("eight_bit") and is_sharded(param):
+            raise ValueError(f"{optimizer_name}: eight_bit=True for a {tuple(param.shape)} FSDP2 parameter: 8-bit "
+                             "blocks follow each rank's shard and cannot be checkpointed or resharded; use "
+                             "eight_bit=False under FSDP2, or DDP")
 
 
 def check_positive(name: str, value, kind=int) -> None:
