@@ -1,9 +1,10 @@
-"""VeLoRAConfig.coefficient_bits: z kept as 8- or 4-bit integers with one scale per token.
+"""VeLoRAConfig.coefficient_bits: z kept as 8- or 4-bit integers with one scale per token, after one scale per
+coefficient column (``coefficient_scales="token_and_column"``, the default) or not (``"token"``).
 
-Checked against an independent per-token quantiser written out here, plain autograd on the rounded x̂, the saved
-bytes counted by storage, the fused peft path, fp16 inputs whose z needs the storage shift, NaN that must not turn
-into a finite gradient, the diagnostic, and the config's validation and JSON (resume: test_train's bitwise
-resume cases)."""
+Checked against an independent quantiser written out here, LLM-like outlier channels, plain autograd on the
+rounded x̂, the saved bytes counted by storage, the fused peft path, fp16 inputs whose z needs the storage shift,
+NaN that must not turn into a finite gradient, the diagnostic, and the config's validation and JSON (resume:
+test_train's bitwise resume cases)."""
 
 from __future__ import annotations
 
@@ -22,52 +23,102 @@ from velora.core.subtoken import compress, dequantise_coefficients, quantise_coe
 torch.set_num_threads(1)
 
 
-def reference_round_trip(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Token by token, in float64: s = max|z_t| / (2^(bits-1) - 1), ẑ = s · round(z_t / s) (0 for an all-zero token)."""
-    top = 2 ** (bits - 1) - 1
-    out = torch.empty(z.shape, dtype=torch.float64)
-    for t, row in enumerate(z.double()):
-        step = float(row.abs().max()) / top if row.numel() else 0.0
-        out[t] = torch.zeros_like(row) if step == 0 else torch.round(row / step) * step
+def reference_columns(z: torch.Tensor) -> torch.Tensor:
+    """(T, n) float64 -> (n,): each column's sqrt(mean over tokens of z²), 1 where that is 0 or not finite."""
+    out = torch.ones(z.shape[1], dtype=torch.float64)
+    for j in range(z.shape[1]):
+        rms = math.sqrt(sum(float(v) ** 2 for v in z[:, j]) / z.shape[0]) if z.shape[0] else 0.0
+        out[j] = rms if math.isfinite(rms) and rms > 0 else 1.0
     return out
 
 
+def reference_round_trip(z: torch.Tensor, bits: int, columns: bool = True) -> torch.Tensor:
+    """In float64, z (T, n): y = z / c (c: ``reference_columns``, or 1 without columns), then token by token
+    s = max|y_t| / (2^(bits-1) - 1) and ẑ_t = s · round(y_t / s) · c (0 for an all-zero token)."""
+    top = 2 ** (bits - 1) - 1
+    z = z.double()
+    c = reference_columns(z) if columns else torch.ones(z.shape[1], dtype=torch.float64)
+    out = torch.empty(z.shape, dtype=torch.float64)
+    for t, row in enumerate(z / c):
+        step = float(row.abs().max()) / top if row.numel() else 0.0
+        out[t] = torch.zeros_like(row) if step == 0 else torch.round(row / step) * step * c
+    return out
+
+
+@pytest.mark.parametrize("columns", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_round_trip_equals_an_independent_per_token_quantiser(bits, dtype):
+def test_round_trip_equals_an_independent_quantiser(bits, dtype, columns):
     generator = torch.Generator().manual_seed(bits)
     z = (torch.randn(6, 3, 3, generator=generator, dtype=torch.float64) * 3).to(dtype)  # (T, G, r): G·r = 9, odd
     z[1] = 0  # an all-zero token
     z[2, 0, 0] = 40.0  # one token with an outlier: its other coefficients get a coarse step
-    codes, scales = quantise_coefficients(z, bits)
-    assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert codes.shape == (6, 9 if bits == 8 else 5) and scales.shape == (6, 1)  # 4 bits: two codes per byte
-    got = dequantise_coefficients(codes, scales, bits, z.shape, dtype)
+    z[:, 1, 2] *= 30  # one column large on every token
+    kept = quantise_coefficients(z, bits, columns)
+    assert kept.codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert kept.codes.shape == (6, 9 if bits == 8 else 5) and kept.scales.shape == (6, 1)  # 4 bits: 2 codes a byte
+    assert (kept.columns.shape == (1, 9)) if columns else kept.columns is None
+    got = dequantise_coefficients(kept, bits, z.shape, dtype)
     assert got.dtype == dtype and got.shape == z.shape
-    expected = reference_round_trip(z, bits).view(z.shape)  # float64
-    eps = torch.finfo(dtype).eps  # the same codes; the scale and the cast to dtype differ by rounding only
-    torch.testing.assert_close(got.double(), expected, rtol=2 * eps, atol=0)
-    step = z.double().reshape(6, -1).abs().amax(1) / (2 ** (bits - 1) - 1)  # (T,)
-    error = (got.double() - z.double()).reshape(6, -1).abs().amax(1)  # (T,)
-    assert (error <= step / 2 + z.double().abs().amax() * torch.finfo(dtype).eps).all()
+    expected = reference_round_trip(z.reshape(6, 9), bits, columns).view(z.shape)  # float64
+    eps = torch.finfo(dtype).eps  # the same codes; the scales and the cast to dtype differ by rounding only
+    torch.testing.assert_close(got.double(), expected, rtol=4 * eps, atol=0)
+    c = reference_columns(z.double().reshape(6, 9)) if columns else torch.ones(9, dtype=torch.float64)
+    step = (z.double().reshape(6, 9) / c).abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1) * c  # (T, n)
+    error = (got.double() - z.double()).reshape(6, 9).abs()  # (T, n)
+    assert (error <= step / 2 + z.double().abs().amax() * 4 * eps).all()
 
 
+@pytest.mark.parametrize("columns", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_zero_tokens_and_one_coefficient(bits):
+def test_zero_tokens_and_one_coefficient(bits, columns):
     for shape in ((0, 3, 2), (1, 1, 1)):
         z = torch.full(shape, -2.5)
-        codes, scales = quantise_coefficients(z, bits)
-        assert codes.shape[0] == shape[0] and scales.shape == (shape[0], 1)
-        torch.testing.assert_close(dequantise_coefficients(codes, scales, bits, z.shape, z.dtype), z)
+        kept = quantise_coefficients(z, bits, columns)
+        assert kept.codes.shape[0] == shape[0] and kept.scales.shape == (shape[0], 1)
+        torch.testing.assert_close(dequantise_coefficients(kept, bits, z.shape, z.dtype), z)
 
 
-def test_a_token_with_nan_or_inf_dequantises_to_nan_not_to_a_finite_number():
+@pytest.mark.parametrize("columns", [True, False])
+def test_a_token_with_nan_or_inf_dequantises_to_nan_not_to_a_finite_number(columns):
     z = torch.randn(3, 2, 2)
     z[0, 1, 0], z[2, 0, 1] = float("nan"), float("inf")
     for bits in (8, 4):
-        got = dequantise_coefficients(*quantise_coefficients(z, bits), bits, z.shape, z.dtype)
+        got = dequantise_coefficients(quantise_coefficients(z, bits, columns), bits, z.shape, z.dtype)
         assert got[0].isnan().all() and got[2].isnan().all()  # the whole token: its scale is NaN
-        assert torch.isfinite(got[1]).all()
+        assert torch.isfinite(got[1]).all()  # the NaN/Inf columns fall back to scale 1: the other tokens stay
+        torch.testing.assert_close(got[1], z[1], rtol=0, atol=float(z[1].abs().max()) / 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_outlier_channels_on_every_token_leave_the_other_columns_step_fine(bits):
+    """Six input features 100x the rest on every token (LLM outlier channels): with per-column scales (the default)
+    the weight gradient's other columns lose what Gaussian inputs lose; with one scale per token alone their step
+    is ~100x coarser (8 bits: about a third of their norm; 4 bits: everything)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 256, generator=generator, dtype=torch.float64)  # (T, D)
+    outliers = torch.randperm(256, generator=generator)[:6]
+    typical = torch.ones(256, dtype=torch.bool)
+    typical[outliers] = False
+    grad = torch.randn(1024, 32, generator=generator, dtype=torch.float64)  # (T, O)
+    errors = {}
+    for inputs in ("gaussian", "outliers"):
+        features = x.clone()
+        if inputs == "outliers":
+            features[:, outliers] *= 100
+        exact = grad.t() @ features  # (O, D)
+        for scales in ("token_and_column", "token"):
+            torch.manual_seed(0)
+            model = apply_velora(nn.Sequential(nn.Linear(256, 32, bias=False, dtype=torch.float64)), VeLoRAConfig(
+                sub_token_size=4, rank=4, coefficient_bits=bits, coefficient_scales=scales, target_modules="0"))
+            model(features)  # the first batch builds the directions
+            model(features).backward(grad)
+            column_error = (model[0].weight.grad - exact).norm(dim=0) / exact.norm(dim=0)  # (D,)
+            errors[inputs, scales] = float(column_error[typical].median())
+    gaussian = errors["gaussian", "token_and_column"]
+    assert gaussian < (0.02 if bits == 8 else 0.2)
+    assert errors["outliers", "token_and_column"] < 1.5 * gaussian
+    assert errors["outliers", "token"] > 0.25  # 8 bits: ~0.34 (40x Gaussian's); 4 bits: 1.0, every step rounds to 0
 
 
 # ---- the op ----------------------------------------------------------------------------------------------
@@ -119,12 +170,15 @@ def test_nan_in_one_token_gives_a_nan_weight_gradient_not_a_finite_one():
     assert model[0].weight.grad.isnan().any()
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_saved_bytes_are_the_codes_and_one_scale_per_token(bits):
+@pytest.mark.parametrize(("bits", "scales"), [(None, "token_and_column"), (8, "token_and_column"), (8, "token"),
+                                              (4, "token_and_column"), (4, "token")])
+def test_saved_bytes_are_the_codes_one_scale_per_token_and_one_per_column(bits, scales):
     tokens, features, size = 24, 16, 4
     x = torch.randn(tokens, features)
     paper = _layer(None, rank=1, dtype=torch.float32)
-    model = _layer(bits, rank=size, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = apply_velora(nn.Sequential(nn.Linear(16, 5)), VeLoRAConfig(
+        sub_token_size=size, rank=size, target_modules="0", coefficient_bits=bits, coefficient_scales=scales))
     for net in (paper, model):
         net(x).sum().backward()  # v built
     saved = saved_activation_bytes(model, lambda: model(x).sum())
@@ -132,10 +186,11 @@ def test_saved_bytes_are_the_codes_and_one_scale_per_token(bits):
     assert paper_saved == tokens * features // size * 4  # z: D/M fp32 scalars per token
     if bits is None:
         assert saved == tokens * features * 4  # r = M in fp32: as much as x
-    else:
-        assert saved == tokens * math.ceil(features * bits / 8) + tokens * 4  # codes + one fp32 scale per token
+    else:  # codes + one fp32 scale per token (+ one fp32 scale per coefficient column: G·r = D at rank M)
+        columns = features * 4 if scales == "token_and_column" else 0
+        assert saved == tokens * math.ceil(features * bits / 8) + tokens * 4 + columns
     if bits == 8:
-        assert saved - paper_saved == tokens * 4  # the paper's bytes at rank = M, plus the scales
+        assert saved - paper_saved == tokens * 4 + columns  # the paper's bytes at rank = M, plus the scales
 
 
 def test_fp16_inputs_whose_z_needs_the_storage_shift_stay_finite_and_close():
@@ -193,7 +248,7 @@ def test_diagnose_reports_the_rounded_gradient_and_the_bytes_kept():
     expected = F.cosine_similarity(approx.flatten(), grad_out.flatten(), dim=0)
     assert row.cosine == pytest.approx(float(expected), abs=1e-12) and 0.999 < row.cosine < 1.0
     assert row.energy == pytest.approx(1.0, abs=1e-12)  # rank = M: the directions keep everything
-    assert row.z_bytes == 8 * 16 + 8 * 8  # int8 codes, one fp64 scale per token for fp64 z
+    assert row.z_bytes == 8 * 16 + 8 * 8 + 16 * 8  # int8 codes, fp64 scales per token and per column (fp64 z)
 
 
 def test_config_validates_and_round_trips_coefficient_bits():
@@ -205,6 +260,17 @@ def test_config_validates_and_round_trips_coefficient_bits():
     for bad in (16, 0, True, "8", 8.0):
         with pytest.raises(ValueError, match=f"coefficient_bits={bad!r} must be None"):
             VeLoRAConfig(coefficient_bits=bad)
+    assert config.coefficient_scales == "token_and_column"
+    token = VeLoRAConfig(sub_token_size=4, rank=4, coefficient_bits=8, coefficient_scales="token")
+    assert VeLoRAConfig.from_json(token.to_json()) == token
+    legacy = token.to_dict()
+    legacy.pop("coefficient_scales")  # saved before per-column scales existed: loads as today's default
+    assert VeLoRAConfig.from_dict(legacy).coefficient_scales == "token_and_column"
+    with pytest.raises(ValueError, match="coefficient_scales='column' must be one of"):
+        VeLoRAConfig(coefficient_bits=8, coefficient_scales="column")
+    with pytest.raises(ValueError, match="coefficient_scales='token' applies only to quantised coefficients; set "
+                                         "coefficient_bits"):
+        VeLoRAConfig(coefficient_scales="token")
 
 
 

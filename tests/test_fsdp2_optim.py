@@ -271,11 +271,16 @@ LOOP_RUNS = {"galore": ("galore+velora", 1, dict(galore_rank=4, update_proj_gap=
              # 8-bit coefficients, one scale per token: which rank holds a token cannot change its rounding (a seeded
              # random basis, so the directions do not depend on how the first batch is split)
              "velora_int8": ("velora", 1, dict(velora={"sub_token_size": 16, "rank": 16, "coefficient_bits": 8,
-                                                       "init": "random", "target_modules": "paper"}))}
+                                                       "coefficient_scales": "token", "init": "random",
+                                                       "target_modules": "paper"})),
+             # 4-bit coefficients with per-column scales (the default): each rank scales the columns of its own
+             # micro-batch, so it is not one process's rounding; resumed only
+             "velora_int4_columns": ("velora", 1, dict(velora={"sub_token_size": 16, "rank": 16, "coefficient_bits": 4,
+                                                               "init": "random", "target_modules": "paper"}))}
 # stopped at step 2 and resumed through DCP (a train() call costs ~1 s per rank): FLoRA, whose state is the richest
 # (momentum, seeds, kappa crossing, open accumulation sums); GaLore's state resumes bitwise in the optimizer test;
-# and the 8-bit coefficients (nothing of theirs is state: the resumed run must round exactly as the whole one)
-LOOP_RESUMED = ("flora", "velora_int8")
+# and the quantised coefficients (nothing of theirs is state: the resumed run must round exactly as the whole one)
+LOOP_RESUMED = ("flora", "velora_int8", "velora_int4_columns")
 
 
 def _train(config, out: str, **kwargs) -> dict:

@@ -45,7 +45,8 @@ def test_plan_matches_real_cpu_step_on_tiny_llama(method, optimizer):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_plan_counts_quantised_coefficients_as_codes_and_scales(bits):
     """M = 4: the paper's rank 1 in fp32 keeps D bytes per token and layer; rank 4 in ``bits`` bits keeps
-    D·bits/8 + 4 (one fp32 scale per token), on fake tensors and in a real CPU step alike."""
+    D·bits/8 + 4 (one fp32 scale per token) and 4·D per layer (one fp32 scale per coefficient column), on fake
+    tensors and in a real CPU step alike."""
     layers = 2 * build_config("llama-tiny").num_hidden_layers  # v_proj and down_proj of every decoder layer
     paper = plan("llama-tiny", "velora", batch=BATCH, seq=SEQ, sub_token_size=4)["saved_activation_bytes"]
     options = dict(sub_token_size=4, velora_rank=4, velora_coefficient_bits=bits)
@@ -55,7 +56,7 @@ def test_plan_counts_quantised_coefficients_as_codes_and_scales(bits):
               if n.endswith(("v_proj", "down_proj"))]
     assert len(widths) == layers
     tokens = BATCH * SEQ
-    expected = paper + sum(tokens * (d * bits // 8 + 4) - tokens * d for d in widths)  # swap each layer's z
+    expected = paper + sum(tokens * (d * bits // 8 + 4) + 4 * d - tokens * d for d in widths)  # swap each z
     assert planned["saved_activation_bytes"] == expected
     _assert_close(planned, _real("llama-tiny", "velora", **options))
 
@@ -157,6 +158,15 @@ def test_cli_json_and_table(capsys):
     assert json.loads(capsys.readouterr().out)["saved_activation_bytes"] == plan(
         "llama-tiny", "velora", batch=2, seq=32, sub_token_size=4, velora_rank=4,
         velora_coefficient_bits=8)["saved_activation_bytes"]
+    assert main(["plan", "--model", "llama-tiny", "--method", "velora", "--batch", "2", "--seq", "32", "--json",
+                 "--sub-token-size", "4", "--velora-rank", "4", "--velora-coefficient-bits", "8",
+                 "--velora-coefficient-scales", "token"]) == 0
+    widths = sum(m.in_features for n, m in training_setup(load_config("llama-tiny"), "velora", batch=2, seq=32,
+                                                          sub_token_size=4).model.named_modules()
+                 if n.endswith(("v_proj", "down_proj")))
+    assert json.loads(capsys.readouterr().out)["saved_activation_bytes"] == plan(
+        "llama-tiny", "velora", batch=2, seq=32, sub_token_size=4, velora_rank=4,
+        velora_coefficient_bits=8)["saved_activation_bytes"] - 4 * widths  # no per-column scales
     assert main(["plan", "--model", "llama-tiny", "--method", "lora", "--batch", "2", "--seq", "32"]) == 0
     table = capsys.readouterr().out
     assert "MiB" in table and "peak" in table and "optimizer state" in table  # a tiny model's peak is in MiB
@@ -178,6 +188,8 @@ def test_cli_json_and_table(capsys):
         (["--model", "llama-tiny", "--sub-token-size", "0"], "--sub-token-size=0 must be a positive integer"),
         (["--model", "llama-tiny", "--method", "velora", "--sub-token-size", "4", "--velora-rank", "8"],
          "rank=8 exceeds sub_token_size=4"),
+        (["--model", "llama-tiny", "--method", "velora", "--velora-coefficient-scales", "token"],
+         "coefficient_scales='token' applies only to quantised coefficients; set coefficient_bits=8 or 4"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, capsys):

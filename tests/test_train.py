@@ -277,3 +277,26 @@ def test_cli_velora_direction_flags_reach_every_layer_and_a_bad_value_is_one_lin
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "reestimate_every=0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_coefficient_flags_reach_the_velora_config():
+    """train's --velora-coefficient-bits / --velora-coefficient-scales and diagnose's --coefficient-bits /
+    --coefficient-scales build the VeLoRAConfig they name; without the scales flag the config's default holds."""
+    import argparse
+
+    from velora.cli import diagnose, train
+    from velora.core.config import VeLoRAConfig
+
+    parsers = {}
+    for name, module in (("train", train), ("diagnose", diagnose)):
+        parsers[name] = argparse.ArgumentParser()
+        module.add_arguments(parsers[name])
+    for extra, scales in (([], "token_and_column"), (["--velora-coefficient-scales", "token"], "token")):
+        args = parsers["train"].parse_args(["--method", "velora", "--sub-token-size", "4", "--velora-rank", "4",
+                                  "--velora-coefficient-bits", "4", *extra])
+        config = VeLoRAConfig.from_dict(train.config_from_args(args).velora)
+        assert (config.rank, config.coefficient_bits, config.coefficient_scales) == (4, 4, scales)
+    for extra, scales in (([], "token_and_column"), (["--coefficient-scales", "token"], "token")):
+        args = parsers["diagnose"].parse_args(["--model", "llama-tiny", "--coefficient-bits", "8", *extra])
+        config = VeLoRAConfig.from_dict(diagnose._config(args).velora)
+        assert (config.coefficient_bits, config.coefficient_scales) == (8, scales)

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from velora.core.config import INIT_STRATEGIES
+from velora.core.subtoken import COEFFICIENT_SCALES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coefficient-bits", type=int, default=None, choices=(8, 4),
                         help="keep z as 8- or 4-bit integers with one scale per token (VeLoRAConfig.coefficient_bits; "
                              "default: x's dtype, the paper's)")
+    parser.add_argument("--coefficient-scales", default=None, choices=COEFFICIENT_SCALES,
+                        help="with --coefficient-bits: token_and_column (default) or token (one scale per token only)")
     parser.add_argument("--init", default="batch_average_once", choices=INIT_STRATEGIES,
                         help="how v is initialised (default batch_average_once, the paper's)")
     parser.add_argument("--targets", default="paper",
@@ -54,7 +57,8 @@ def _config(args: argparse.Namespace):
                        batch_size=args.batch, steps=1, seed=args.seed, lr=args.lr,
                        velora={"sub_token_size": args.sub_token_size, "rank": args.rank, "init": args.init,
                                "target_modules": targets, "per_group_directions": args.per_group,
-                               "coefficient_bits": args.coefficient_bits})
+                               "coefficient_bits": args.coefficient_bits,
+                               **({"coefficient_scales": args.coefficient_scales} if args.coefficient_scales else {})})
 
 
 def _train_steps(model, config, data, steps: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from velora.core.subtoken import COEFFICIENT_SCALES
 from velora.memory.peak import CATEGORIES
 from velora.methods.options import add_option_flags, options_from_flags
 
@@ -50,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="VeLoRA directions per sub-token, r (default 1, the paper's)")
     parser.add_argument("--velora-coefficient-bits", type=int, default=None, choices=(8, 4),
                         help="keep VeLoRA's coefficients as 8- or 4-bit integers (default: the activations' dtype)")
+    parser.add_argument("--velora-coefficient-scales", default=None, choices=COEFFICIENT_SCALES,
+                        help="with --velora-coefficient-bits: token_and_column (default) or token")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     # the method options, generated from the method configs as for `velora train` (--optimizer is plan()'s own;
     # the planner models one micro-batch step, so compressed accumulation has no flag here)
@@ -67,7 +70,7 @@ def _options(args: argparse.Namespace) -> dict:
         if not targets:
             raise ValueError(f"--velora-targets={args.velora_targets!r} names no module; e.g. v_proj,down_proj")
         options["velora_target_modules"] = targets
-    for name in ("rank", "coefficient_bits"):  # checked by VeLoRAConfig, one line each
+    for name in ("rank", "coefficient_bits", "coefficient_scales"):  # checked by VeLoRAConfig, one line each
         if getattr(args, f"velora_{name}") is not None:
             options[f"velora_{name}"] = getattr(args, f"velora_{name}")
     return options

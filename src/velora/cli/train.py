@@ -10,6 +10,7 @@ import sys
 import time
 
 from velora.core.config import INIT_STRATEGIES
+from velora.core.subtoken import COEFFICIENT_SCALES
 from velora.methods.options import add_option_flags, options_from_flags
 from velora.methods.registry import method_names
 
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the coefficients z as 8- or 4-bit integers with one scale per token (default: "
                              "in x's dtype, the paper's); at fp32, 8 bits with --velora-rank = M keep the paper's "
                              "bytes with every sub-token whole up to rounding, see docs/velora.md")
+    velora.add_argument("--velora-coefficient-scales", default=None, choices=COEFFICIENT_SCALES,
+                        help="with --velora-coefficient-bits: token_and_column (default; each coefficient divided "
+                             "by its RMS over the batch first, robust to outlier features) or token")
     # one flag per option of the method configs (velora.methods.options), generated from their declarations
     add_option_flags(parser.add_argument_group("method options"))
     out = parser.add_argument_group("output")
@@ -133,7 +137,8 @@ def config_from_args(args: argparse.Namespace):
         velora={"sub_token_size": args.sub_token_size, "init": args.velora_init, "target_modules": targets,
                 "rank": args.velora_rank, "per_group_directions": args.velora_per_group,
                 "reestimate_every": args.velora_reestimate_every,
-                "coefficient_bits": args.velora_coefficient_bits},
+                "coefficient_bits": args.velora_coefficient_bits,
+                **({"coefficient_scales": args.velora_coefficient_scales} if args.velora_coefficient_scales else {})},
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from velora.core.subtoken import COEFFICIENT_BITS
+from velora.core.subtoken import COEFFICIENT_BITS, COEFFICIENT_SCALES, CoefficientFormat
 
 CONFIG_VERSION = 1
 
@@ -55,6 +55,10 @@ class VeLoRAConfig:
     is given. ``init`` is one of ``INIT_STRATEGIES`` or a tensor of shape (M,) or (M, rank). ``coefficient_bits``
     (8 or 4) keeps the coefficients z as integers of that many bits with one scale per token instead of in x's
     dtype: at the paper's bytes in fp32, 8 bits buy rank = M (every sub-token kept whole, up to rounding).
+    ``coefficient_scales`` ("token_and_column", the default, or "token") says whether each coefficient is first
+    divided by its RMS over the batch's tokens (G·r more numbers per forward), which keeps the step fine on
+    features that are large on every token (the outlier channels of pretrained LLMs; "token" alone lets them
+    coarsen every other coefficient: ``benchmarks/bench_coefficient_outliers.py``).
     """
 
     sub_token_size: int | None = None
@@ -73,6 +77,7 @@ class VeLoRAConfig:
     per_group_directions: bool = False
     reestimate_every: int | None = None
     coefficient_bits: int | None = None
+    coefficient_scales: str = COEFFICIENT_SCALES[0]
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -109,6 +114,11 @@ class VeLoRAConfig:
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in COEFFICIENT_BITS):
             raise ValueError(f"coefficient_bits={bits!r} must be None (z kept in the input's dtype, the paper) or one "
                              f"of {COEFFICIENT_BITS} (z rounded to that many bits, one scale per token)")
+        if self.coefficient_scales not in COEFFICIENT_SCALES:
+            raise ValueError(f"coefficient_scales={self.coefficient_scales!r} must be one of {COEFFICIENT_SCALES}")
+        if bits is None and self.coefficient_scales != COEFFICIENT_SCALES[0]:
+            raise ValueError(f"coefficient_scales={self.coefficient_scales!r} applies only to quantised coefficients;"
+                             " set coefficient_bits=8 or 4, or drop coefficient_scales")
         for name in ("pad", "sync_across_ranks", "fuse_lora", "per_group_directions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
@@ -173,6 +183,12 @@ class VeLoRAConfig:
         return size
 
     # ---- serialisation -------------------------------------------------------------------------
+    def coefficient_format(self) -> CoefficientFormat | None:
+        """How the ops keep z: None (in x's dtype, the paper) or the bits and scale layout."""
+        if self.coefficient_bits is None:
+            return None
+        return CoefficientFormat(self.coefficient_bits, self.coefficient_scales == "token_and_column")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)

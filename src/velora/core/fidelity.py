@@ -165,7 +165,7 @@ def _layer_fidelity(name: str, layer: nn.Module, calls: list[tuple[torch.Tensor,
     directions = layer.velora_v  # (M, r) or (G, M, r), as the op uses it
     size, rank = directions.shape[-2:]
     in_features = layer._velora_in_features()
-    bits = layer.velora_config.coefficient_bits
+    kept_as = layer.velora_config.coefficient_format()
     exact = approx = None
     kept = total = 0.0
     tokens = z_bytes = x_bytes = 0
@@ -173,10 +173,10 @@ def _layer_fidelity(name: str, layer: nn.Module, calls: list[tuple[torch.Tensor,
         inputs = x.reshape(-1, in_features)  # (T, D)
         out_grad = (torch.zeros_like(output) if grad is None else grad).reshape(-1, output.shape[-1]).double()  # (T, O)
         z = compress(inputs, directions)  # (T, G, r) in x's dtype: what the op saves, before any rounding to bits
-        if bits is not None:
-            codes, scales = quantise_coefficients(z, bits)  # what the op keeps under coefficient_bits
-            z = dequantise_coefficients(codes, scales, bits, z.shape, z.dtype)  # (T, G, r), rounded
-            z_bytes += codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+        if kept_as is not None:
+            stored = quantise_coefficients(z, *kept_as)  # what the op keeps under coefficient_bits
+            z = dequantise_coefficients(stored, kept_as.bits, z.shape, z.dtype)  # (T, G, r), rounded
+            z_bytes += sum(t.numel() * t.element_size() for t in stored if t is not None)
         else:
             z_bytes += z.numel() * z.element_size()
         x_hat = reconstruct(z.double(), directions.double(), in_features, layer.velora_config.scale)  # (T, D)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from velora.core.subtoken import (
+    CoefficientFormat,
+    QuantisedCoefficients,
     _as,
     compress,
     dequantise_coefficients,
@@ -51,13 +53,13 @@ def refuse_double_backward(grad: torch.Tensor | None, *sources: torch.Tensor | N
 
 class VeLoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, directions, scale, bits=None):
-        # x: (..., D), weight: (O, D), bias: (O,) or None, directions: (M, r); bits: None or COEFFICIENT_BITS
+    def forward(ctx, x, weight, bias, directions, scale, kept_as=None):
+        # x: (..., D), weight: (O, D), bias: (O,) or None, directions: (M, r); kept_as: None or a CoefficientFormat
         out = F.linear(x, weight, bias)  # (..., O)
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         z = compress(x.detach(), directions) if needs_w else None  # (T, G, r)
-        z, z_scales = store_coefficients(ctx, z, bits)  # z, or its codes (T, G·r·bits/8) and scales (T, 1)
-        ctx.save_for_backward(z, z_scales, weight if needs_x else None, directions if needs_w else None)
+        kept = store_coefficients(ctx, z, kept_as)  # z, or its codes (T, G·r·bits/8), scales (T, 1), columns
+        ctx.save_for_backward(*kept, weight if needs_x else None, directions if needs_w else None)
         ctx.x_shape = x.shape
         ctx.scale = float(scale)
         ctx.has_bias = bias is not None
@@ -67,8 +69,8 @@ class VeLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         # grad_x and grad_b are exact and built from differentiable ops, so double backward through them (input
         # gradient penalties) is exact; grad_W is refused there (DOUBLE_BACKWARD_REFUSED)
-        z, z_scales, weight, directions = ctx.saved_tensors
-        z = load_coefficients(ctx, z, z_scales)  # (T, G, r)
+        *kept, weight, directions = ctx.saved_tensors
+        z = load_coefficients(ctx, kept)  # (T, G, r)
         in_features = ctx.x_shape[-1]
         grad_tokens = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O)
         grad_x = grad_w = grad_b = None
@@ -83,21 +85,22 @@ class VeLoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def store_coefficients(ctx, z: torch.Tensor | None, bits: int | None):
-    """What a VeLoRA op saves for z (T, G, r): z itself (bits None), or its integer codes and per-token scales
-    (``quantise_coefficients``), noting on ``ctx`` what ``load_coefficients`` needs to undo it."""
-    ctx.z_bits = bits if z is not None else None
-    if ctx.z_bits is None:
-        return z, None
+def store_coefficients(ctx, z: torch.Tensor | None, kept_as: CoefficientFormat | None) -> tuple:
+    """The three tensors a VeLoRA op saves for z (T, G, r): (z, None, None) when ``kept_as`` is None, else its
+    integer codes, per-token scales and per-column scales (``quantise_coefficients``); notes on ``ctx`` what
+    ``load_coefficients`` needs to undo it."""
+    ctx.z_format = kept_as if z is not None else None
+    if ctx.z_format is None:
+        return z, None, None
     ctx.z_shape, ctx.z_dtype = z.shape, z.dtype
-    return quantise_coefficients(z, bits)
+    return tuple(quantise_coefficients(z, kept_as.bits, kept_as.columns))
 
 
-def load_coefficients(ctx, stored: torch.Tensor | None, scales: torch.Tensor | None) -> torch.Tensor | None:
-    """z (T, G, r) back from what ``store_coefficients`` saved (rounded to ``bits`` when it was quantised)."""
-    if ctx.z_bits is None:
-        return stored
-    return dequantise_coefficients(stored, scales, ctx.z_bits, ctx.z_shape, ctx.z_dtype)
+def load_coefficients(ctx, kept: list) -> torch.Tensor | None:
+    """z (T, G, r) back from the three tensors ``store_coefficients`` saved (rounded when it was quantised)."""
+    if ctx.z_format is None:
+        return kept[0]
+    return dequantise_coefficients(QuantisedCoefficients(*kept), ctx.z_format.bits, ctx.z_shape, ctx.z_dtype)
 
 
 def velora_linear(
@@ -107,13 +110,15 @@ def velora_linear(
     directions: torch.Tensor,
     scale: float = 1.0,
     bits: int | None = None,
+    column_scales: bool = True,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` that keeps only the sub-token coefficients of x for backward.
 
     ``directions`` is (M, r) with orthonormal columns (or (M,) for rank 1), or (G, M, r): group g of every token
     projected on its own directions (G = in_features / M); M must divide in_features unless the caller pads (the
     module wrapper handles padding via ``pad=True``). ``bits`` (8 or 4) keeps z as integers with one scale per token
-    (``VeLoRAConfig.coefficient_bits``).
+    (``VeLoRAConfig.coefficient_bits``), after one scale per coefficient column unless ``column_scales`` is False
+    (``VeLoRAConfig.coefficient_scales``).
     """
     if directions.dim() == 1:
         directions = directions.unsqueeze(1)
@@ -123,4 +128,5 @@ def velora_linear(
     if directions.dim() == 3 and directions.shape[0] != groups:
         raise ValueError(f"per-group directions of shape {tuple(directions.shape)} need {groups} groups for "
                          f"in_features={x.shape[-1]} and M={directions.shape[-2]}; pass ({groups}, M, r)")
-    return VeLoRALinearFunction.apply(x, weight, bias, directions, scale, bits)
+    kept_as = None if bits is None else CoefficientFormat(bits, column_scales)
+    return VeLoRALinearFunction.apply(x, weight, bias, directions, scale, kept_as)

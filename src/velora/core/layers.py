@@ -60,9 +60,9 @@ class VeLoRAMixin:
             x, weight, bias = (autocast_cast(t, dtype) for t in (x, weight, bias))
             with torch.autocast(device_type, enabled=False):
                 return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale,
-                                                  self.velora_config.coefficient_bits)
+                                                  self.velora_config.coefficient_format())
         return VeLoRALinearFunction.apply(x, weight, bias, self.velora_v, self.velora_config.scale,
-                                          self.velora_config.coefficient_bits)
+                                          self.velora_config.coefficient_format())
 
     def _velora_prepare(self, x: torch.Tensor) -> None:
         """Before a training forward: build v from the first batch, take one EMA step, or re-estimate v when due."""

@@ -53,7 +53,8 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
     (the dequantized weight is never kept)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale, quant_state=None, bits=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, directions, scaling, velora_scale, quant_state=None,
+                kept_as=None):
         # x: (..., D); weight: (O, D) frozen, or packed 4-bit; bias: (O,) or None; lora_a: (r, D); lora_b: (O, r)
         # directions: (M, k)
         tokens = x.reshape(-1, x.shape[-1])  # (T, D)
@@ -66,8 +67,8 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
             out = out.add_(hidden.mm(lora_b.t()).mul_(scaling).to(out.dtype))  # (T, O)
         needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         z = compress(adapter_tokens, directions) if needs_a else None  # (T, G, k)
-        z, z_scales = store_coefficients(ctx, z, bits)  # z, or its integer codes and per-token scales
-        ctx.save_for_backward(z, z_scales, hidden if needs_b else None, weight if needs_x else None,
+        kept = store_coefficients(ctx, z, kept_as)  # z, or its integer codes, per-token and per-column scales
+        ctx.save_for_backward(*kept, hidden if needs_b else None, weight if needs_x else None,
                               lora_a if needs_x else None, lora_b if (needs_x or needs_a) else None,
                               directions if needs_a else None)
         ctx.x_shape, ctx.scaling, ctx.velora_scale = x.shape, float(scaling), float(velora_scale)
@@ -76,8 +77,8 @@ class LoRAVeLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, z_scales, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
-        z = load_coefficients(ctx, z, z_scales)  # (T, G, k)
+        *kept, hidden, weight, lora_a, lora_b, directions = ctx.saved_tensors
+        z = load_coefficients(ctx, kept)  # (T, G, k)
         needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         grad = grad_out.reshape(-1, grad_out.shape[-1])  # (T, O), x's dtype
         adapter_grad = _as(grad, ctx.adapter_dtype)  # (T, O), cast once (a no-op when the dtypes agree)
@@ -192,7 +193,7 @@ class FusedLoRAMixin:
         weight, bias, quant_state = self._velora_base_inputs()
         return LoRAVeLoRAFunction.apply(x, weight, bias, lora_a.weight, self.lora_B[adapter].weight,
                                         lora_a.velora_v, self.scaling[adapter], lora_a.velora_config.scale,
-                                        quant_state, lora_a.velora_config.coefficient_bits)
+                                        quant_state, lora_a.velora_config.coefficient_format())
 
 
 class Fused4bitLoRAMixin(FusedLoRAMixin):

@@ -9,6 +9,7 @@ Pure tensor functions: no module state, no global RNG.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -259,17 +260,47 @@ def uniform_directions(sub_token_size: int, rank: int, device, dtype) -> torch.T
 # ---- coefficients kept at fewer bits (VeLoRAConfig.coefficient_bits) -----------------------------------
 
 COEFFICIENT_BITS = (8, 4)
+COEFFICIENT_SCALES = ("token_and_column", "token")  # VeLoRAConfig.coefficient_scales, the default first
 
 
-def quantise_coefficients(z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """z (T, G, r) -> (codes, scales): symmetric round-to-nearest integers in [-q, q], q = 2^(bits-1) - 1, with one
-    scale per token, scales (T, 1) = max|z_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two
-    codes per byte, uint8 (T, ceil(G·r / 2)). A token whose z holds NaN/Inf gets a NaN scale, so all of its
-    dequantised coefficients are NaN and the weight gradient says so (a finite gradient is never made up)."""
+class CoefficientFormat(NamedTuple):
+    """How a VeLoRA op keeps z: ``bits`` (COEFFICIENT_BITS) and whether per-column scales come first."""
+
+    bits: int
+    columns: bool = True
+
+
+class QuantisedCoefficients(NamedTuple):
+    """What a VeLoRA op keeps for z (T, G, r) under ``coefficient_bits``."""
+
+    codes: torch.Tensor  # (T, G·r) int8, or (T, ceil(G·r / 2)) uint8 holding two 4-bit codes a byte
+    scales: torch.Tensor  # (T, 1): one step per token
+    columns: torch.Tensor | None  # (1, G·r): each coefficient's RMS over the batch's tokens, or None (token only)
+
+
+def column_scales(flat: torch.Tensor) -> torch.Tensor:
+    """(T, n) -> (1, n): each column's root mean square over the tokens; 1 for a column whose RMS is 0 or not
+    finite (no tokens, all zeros, NaN/Inf: those stay to the per-token scale)."""
+    rms = torch.linalg.vector_norm(flat, dim=0, keepdim=True) / math.sqrt(max(flat.shape[0], 1))  # (1, n)
+    return torch.where(torch.isfinite(rms) & (rms > 0), rms, torch.ones_like(rms))  # (1, n)
+
+
+def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> QuantisedCoefficients:
+    """z (T, G, r) -> codes and scales: symmetric round-to-nearest integers in [-q, q], q = 2^(bits-1) - 1.
+
+    With ``columns`` (the default) each coefficient is first divided by its RMS over the batch's tokens
+    (``column_scales``, G·r numbers), so a feature that is large on every token (the outlier channels of
+    pretrained LLMs) does not coarsen every other coefficient's step; then each token gets one scale,
+    max|y_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two codes per byte. A token whose z
+    holds NaN/Inf gets a NaN scale, so all of its dequantised coefficients are NaN and the weight gradient says so
+    (a finite gradient is never made up)."""
     if bits not in COEFFICIENT_BITS:
         raise ValueError(f"coefficient bits={bits!r} is not supported; use one of {COEFFICIENT_BITS}")
     tokens = z.shape[0]
     flat = _as(z.reshape(tokens, z.shape[1] * z.shape[2]), state_dtype(z.dtype))  # (T, G·r), T = 0 works
+    scaled_columns = column_scales(flat) if columns else None  # (1, G·r)
+    if scaled_columns is not None:
+        flat = flat / scaled_columns  # (T, G·r), each column of RMS 1 (a non-finite token stays non-finite)
     top = 2 ** (bits - 1) - 1
     if flat.shape[1]:  # max |z_t| in one pass; NaN in a token gives NaN, Inf gives Inf
         absmax = torch.linalg.vector_norm(flat, ord=math.inf, dim=1, keepdim=True)  # (T, 1)
@@ -280,16 +311,17 @@ def quantise_coefficients(z: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
     divisor = torch.where(finite & (absmax > 0), scales, torch.ones_like(scales))  # (T, 1), never 0, NaN or Inf
     codes = torch.div(flat, divisor).round_().clamp_(-top, top).to(torch.int8)  # (T, G·r); a non-finite token's
     scales = torch.where(finite, scales, torch.full_like(scales, math.nan))  # codes are moot: its scale is NaN
-    return (_pack_nibbles(codes) if bits == 4 else codes), scales
+    return QuantisedCoefficients(_pack_nibbles(codes) if bits == 4 else codes, scales, scaled_columns)
 
 
-def dequantise_coefficients(codes: torch.Tensor, scales: torch.Tensor, bits: int, shape: torch.Size,
+def dequantise_coefficients(kept: QuantisedCoefficients, bits: int, shape: torch.Size,
                             dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of ``quantise_coefficients`` up to rounding: (codes, scales) -> z (T, G, r) in ``dtype``."""
+    """The inverse of ``quantise_coefficients`` up to rounding: its codes and scales -> z (T, G, r) in ``dtype``."""
     count = shape[1] * shape[2]  # G·r
-    if bits == 4:
-        codes = _unpack_nibbles(codes, count)  # (T, G·r) int8
-    z = codes.to(scales.dtype).mul_(scales)  # (T, G·r), NaN for a token quantised from NaN/Inf
+    codes = _unpack_nibbles(kept.codes, count) if bits == 4 else kept.codes  # (T, G·r) int8
+    z = codes.to(kept.scales.dtype).mul_(kept.scales)  # (T, G·r), NaN for a token quantised from NaN/Inf
+    if kept.columns is not None:
+        z = z.mul_(kept.columns)  # (T, G·r)
     return _as(z, dtype).view(shape)  # (T, G, r)
 
 

@@ -118,11 +118,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("per-group-svd-r1-M4", "M=4, r=1, per-group top singular vector of the first batch (equal bytes)",
             {"per_group_directions": True, "init": "svd", "rank": 1, "sub_token_size": 4}),
     # the bytes spent on precision instead of rank: rank = M keeps every sub-token whole, and 8-bit coefficients with
-    # one fp32 scale per token keep the paper's fp32 bytes (D·r/M scalars · 4 bytes = D bytes per token, + 4)
+    # one fp32 scale per token keep the paper's fp32 bytes (D·r/M scalars · 4 bytes = D bytes per token, + 4).
+    # These two ran before per-column scales existed: they pin the per-token layout their records were made with
     Variant("int8-r4-M4", "M=4, r=4 (= M), first-batch directions, z in 8 bits with one scale per token (equal "
-            "bytes)", {"rank": 4, "sub_token_size": 4, "coefficient_bits": 8}),
+            "bytes)", {"rank": 4, "sub_token_size": 4, "coefficient_bits": 8, "coefficient_scales": "token"}),
     Variant("int4-r4-M4", "M=4, r=4 (= M), first-batch directions, z in 4 bits with one scale per token (half the "
             "bytes; equal bytes against a bf16 paper default)",
+            {"rank": 4, "sub_token_size": 4, "coefficient_bits": 4, "coefficient_scales": "token"}),
+    # the library's layout: each coefficient divided by its RMS over the batch first (+ G·r fp32 numbers a forward)
+    Variant("int8-cols-r4-M4", "M=4, r=4 (= M), first-batch directions, z in 8 bits with per-column then "
+            "per-token scales (the library's layout; equal bytes)",
+            {"rank": 4, "sub_token_size": 4, "coefficient_bits": 8}),
+    Variant("int4-cols-r4-M4", "M=4, r=4 (= M), first-batch directions, z in 4 bits with per-column then "
+            "per-token scales (the library's layout; equal bytes against a bf16 paper default)",
             {"rank": 4, "sub_token_size": 4, "coefficient_bits": 4}),
     # what exact weight gradients give on each seed, through the same op: rank = M in fp32 keeps every sub-token
     Variant("exact-r4-M4", "control: M=4, r=4 (= M) in the run's dtype: every sub-token kept whole, 4x the "
