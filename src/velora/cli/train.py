@@ -53,7 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp2"),
                      help="under torchrun: ddp (default) replicates the model; fsdp2 shards each decoder block "
                           "(fully_shard) and checkpoints through torch.distributed.checkpoint (docs/integrations.md)")
-    velora = parser.add_argument_group("VeLoRA (+velora methods)")
+    _add_velora_arguments(parser.add_argument_group("VeLoRA (+velora methods)"))
+    # one flag per option of the method configs (velora.methods.options), generated from their declarations
+    add_option_flags(parser.add_argument_group("method options"))
+    _add_output_arguments(parser.add_argument_group("output"))
+
+
+def _add_velora_arguments(velora) -> None:
     velora.add_argument("--sub-token-size", type=int, default=32, help="M, the sub-token size")
     velora.add_argument("--velora-init", default="batch_average_once", choices=INIT_STRATEGIES,
                         help="how the projection vector v is initialised")
@@ -74,9 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     velora.add_argument("--velora-coefficient-scales", default=None, choices=COEFFICIENT_SCALES,
                         help="with --velora-coefficient-bits: token_and_column (default; each coefficient divided "
                              "by its RMS over the batch first, robust to outlier features) or token")
-    # one flag per option of the method configs (velora.methods.options), generated from their declarations
-    add_option_flags(parser.add_argument_group("method options"))
-    out = parser.add_argument_group("output")
+
+
+def _add_output_arguments(out) -> None:
     out.add_argument("--out", default=None, help="run folder (default runs/<method>-<time>)")
     out.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its latest checkpoint, with its saved tokenizer")
