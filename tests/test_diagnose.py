@@ -64,6 +64,7 @@ def test_sub_tokens_on_span_keep_all_energy_and_the_exact_gradient(rank):
     assert row.energy == pytest.approx(1.0, abs=1e-12)
     assert row.cosine == pytest.approx(1.0, abs=1e-12)
     assert row.norm_ratio == pytest.approx(1.0, abs=1e-12)
+    assert row.column_error == pytest.approx(0.0, abs=1e-12)
     assert (row.sub_token_size, row.rank, row.tokens) == (size, rank, 35)
     assert row.z_bytes * size == row.x_bytes * rank  # z keeps r of every M numbers
 
@@ -124,6 +125,9 @@ def test_cosine_and_ratio_match_plain_autograd_with_explicit_x_hat(features, siz
     (row,) = report.layers
     assert row.cosine == pytest.approx(cosine, abs=1e-12)
     assert row.norm_ratio == pytest.approx(float(approx.norm() / exact.norm()), abs=1e-12)
+    column_errors = sorted(float((approx[:, j] - exact[:, j]).norm() / exact[:, j].norm()) for j in range(features))
+    middle = features // 2  # every test width is even: the mean of the two middle values
+    assert row.column_error == pytest.approx((column_errors[middle - 1] + column_errors[middle]) / 2, abs=1e-12)
     assert 0 < row.cosine < 0.999  # random data: the reference is not trivially 1
     if not pad:  # x̂ = x P with P an orthogonal projector, so Gᵀx̂ = (Gᵀx) P and cos = ‖(Gᵀx) P‖ / ‖Gᵀx‖
         assert row.norm_ratio == pytest.approx(scale * row.cosine, abs=1e-12)

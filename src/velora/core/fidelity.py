@@ -7,6 +7,9 @@ For every VeLoRA layer that compresses on a batch (full-weight layers and peft `
 - ``cosine`` and ``norm_ratio`` between the VeLoRA weight gradient Gᵀx̂ and the exact one Gᵀx on that batch,
   in float64, where G is the layer's output gradient and x̂ is rebuilt from the z the op keeps (rounded to
   ``coefficient_bits`` when the config asks for it, so the cosine includes that rounding; ``energy`` does not).
+- ``column_error``: the median over input features j of ‖Ĝ_j − G_j‖ / ‖G_j‖, the relative error of the weight
+  gradient's column j (what input feature j feeds). The cosine is dominated by the largest columns, so a few
+  large features can keep it near 1 while every other column is off; this shows it (0 when x̂ = x).
 
 The measurement is off the training path: the wrapped layers run as their plain class for one forward, their
 inputs and outputs are captured by hooks, and ``torch.autograd.grad`` gives G without touching any ``.grad``.
@@ -44,7 +47,8 @@ class LayerFidelity:
     chance_energy: float  # r/M: what a direction independent of isotropic input keeps
     cosine: float  # cos(Gᵀx̂, Gᵀx)
     norm_ratio: float  # ‖Gᵀx̂‖ / ‖Gᵀx‖
-    z_bytes: int  # what the layer saves for backward (z in x's dtype, or its integer codes and per-token scales)
+    column_error: float  # median over input features j of ‖(Gᵀx̂ − Gᵀx)_j‖ / ‖(Gᵀx)_j‖
+    z_bytes: int  # what the layer saves for backward (z in x's dtype, or its integer codes and scales)
     x_bytes: int  # what the plain layer would save (x)
 
 
@@ -60,16 +64,17 @@ class FidelityReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: NaN becomes None."""
         rows = [{k: _json_number(v) for k, v in asdict(row).items()} for row in self.layers]
-        summary = {f"median_{c}": _json_number(self.median(c)) for c in ("energy", "cosine", "norm_ratio")}
+        summary = {f"median_{c}": _json_number(self.median(c))
+                   for c in ("energy", "cosine", "norm_ratio", "column_error")}
         return {"layers": rows, "skipped": list(self.skipped), **summary}
 
     def to_markdown(self) -> str:
-        lines = ["| layer | D | M | r | energy | r/M | grad cosine | norm ratio | z / x bytes |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| layer | D | M | r | energy | r/M | grad cosine | norm ratio | column error | z / x bytes |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in self.layers:
             lines.append(f"| `{row.name}` | {row.in_features} | {row.sub_token_size} | {row.rank} | {row.energy:.4f} "
                          f"| {row.chance_energy:.4f} | {row.cosine:.4f} | {row.norm_ratio:.4f} "
-                         f"| {row.z_bytes / row.x_bytes:.4f} |")
+                         f"| {row.column_error:.4f} | {row.z_bytes / row.x_bytes:.4f} |")
         lines.append(f"\nmedian gradient cosine {self.median('cosine'):.4f}, median energy {self.median('energy'):.4f}"
                      f" over {len(self.layers)} layer(s)")
         if any(math.isnan(row.cosine) for row in self.layers):
@@ -193,7 +198,18 @@ def _layer_fidelity(name: str, layer: nn.Module, calls: list[tuple[torch.Tensor,
     return LayerFidelity(
         name=name, in_features=in_features, sub_token_size=size, rank=rank, tokens=tokens,
         energy=kept / total if total else math.nan, chance_energy=rank / size, cosine=cosine,
-        norm_ratio=approx_norm / exact_norm if exact_norm else math.nan, z_bytes=z_bytes, x_bytes=x_bytes)
+        norm_ratio=approx_norm / exact_norm if exact_norm else math.nan,
+        column_error=_median_column_error(exact, approx), z_bytes=z_bytes, x_bytes=x_bytes)
+
+
+def _median_column_error(exact: torch.Tensor, approx: torch.Tensor) -> float:
+    """Median over the columns j with ‖exact_j‖ > 0 of ‖approx_j − exact_j‖ / ‖exact_j‖ (both (O, D), fp64)."""
+    norms = exact.norm(dim=0)  # (D,)
+    nonzero = norms > 0  # (D,)
+    if not bool(nonzero.any()):
+        return math.nan
+    errors = (approx - exact).norm(dim=0)[nonzero] / norms[nonzero]  # (D',)
+    return float(statistics.median(errors.tolist()))
 
 
 def diagnose(model: nn.Module, batch: Any, loss_fn=None) -> FidelityReport:
@@ -235,7 +251,7 @@ def diagnose(model: nn.Module, batch: Any, loss_fn=None) -> FidelityReport:
 
 # ---- logging during training ---------------------------------------------------------------------------
 
-LOG_COLUMNS = ("step", "layer", "energy", "cosine", "norm_ratio")
+LOG_COLUMNS = ("step", "layer", "energy", "cosine", "norm_ratio", "column_error")
 
 
 class DiagnosisLog:
@@ -270,7 +286,7 @@ class DiagnosisLog:
             writer = csv.DictWriter(fh, LOG_COLUMNS)
             for row in report.layers:
                 writer.writerow({"step": step, "layer": row.name, "energy": row.energy, "cosine": row.cosine,
-                                 "norm_ratio": row.norm_ratio})
+                                 "norm_ratio": row.norm_ratio, "column_error": row.column_error})
         if self._scalar is not None:
             for row in report.layers:
                 self._scalar(f"fidelity/cosine/{row.name}", row.cosine, step)
