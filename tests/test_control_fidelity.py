@@ -213,8 +213,11 @@ def test_paired_difference_is_per_seed_against_the_reference_and_merging_keeps_o
     paper = {"seeds": [0, 1, 2, 3], "val_ppl_per_seed": [52.0, 54.0, 53.0, 50.0]}
     row = {"seeds": [1, 2, 4], "val_ppl_per_seed": [55.0, 52.5, 10.0]}  # seed 4 has no paper run: left out
     differences = [55.0 - 54.0, 52.5 - 53.0]
-    assert paired_difference(row, paper) == (f"{statistics.mean(differences):+.2f} ± "
-                                             f"{statistics.stdev(differences):.2f} (n=2)")
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    half = 12.706 * sd / 2 ** 0.5  # Student's t, 1 degree of freedom, two-sided 95%
+    assert paired_difference(row, paper) == (f"{mean:+.2f} ± {sd:.2f} (n=2; 95% CI {mean - half:+.2f} to "
+                                             f"{mean + half:+.2f})")
+    assert paired_difference(row, paper).endswith("95% CI -9.28 to +9.78)")  # worked by hand
     assert paired_difference({"seeds": [1], "val_ppl_per_seed": [53.0]}, paper) == "-1.00 (n=1)"
     assert paired_difference(paper, paper) == "–" and paired_difference(row, None) == "–"
     assert paired_difference({"seeds": [7], "val_ppl_per_seed": [1.0]}, paper) == "–"

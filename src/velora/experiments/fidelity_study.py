@@ -343,16 +343,26 @@ def target_verdict(row: dict[str, Any], paper: dict[str, Any]) -> str:
     return "yes" if not failed else "no (" + ", ".join(failed) + ")"
 
 
+# Student's t two-sided 95% quantiles for 1-30 degrees of freedom (the normal 1.96 beyond)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
 def paired_difference(row: dict[str, Any], paper: dict[str, Any] | None) -> str:
-    """Val ppl minus the reference row's on the same seed: mean ± sample sd over the shared seeds (n of them)."""
+    """Val ppl minus the reference row's on the same seed: mean ± sample sd over the shared seeds (n of them), and
+    the 95% t-interval of the mean difference."""
     if paper is None or row is paper:
         return "–"
     theirs = dict(zip(paper["seeds"], paper["val_ppl_per_seed"]))
     differences = [p - theirs[s] for s, p in zip(row["seeds"], row["val_ppl_per_seed"]) if s in theirs]
     if not differences:
         return "–"
-    spread = f" ± {statistics.stdev(differences):.2f}" if len(differences) > 1 else ""
-    return f"{statistics.mean(differences):+.2f}{spread} (n={len(differences)})"
+    mean, n = statistics.mean(differences), len(differences)
+    if n == 1:
+        return f"{mean:+.2f} (n=1)"
+    sd = statistics.stdev(differences)
+    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * sd / n ** 0.5
+    return f"{mean:+.2f} ± {sd:.2f} (n={n}; 95% CI {mean - half:+.2f} to {mean + half:+.2f})"
 
 
 def render_horizon(records: list[dict[str, Any]]) -> str:
