@@ -182,13 +182,13 @@ class VeLoRAConfig:
             raise ValueError(f"rank={self.rank} exceeds sub_token_size={size}{where}; use rank <= sub_token_size")
         return size
 
-    # ---- serialisation -------------------------------------------------------------------------
     def coefficient_format(self) -> CoefficientFormat | None:
         """How the ops keep z: None (in x's dtype, the paper) or the bits and scale layout."""
         if self.coefficient_bits is None:
             return None
         return CoefficientFormat(self.coefficient_bits, self.coefficient_scales == "token_and_column")
 
+    # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
