@@ -373,7 +373,7 @@ def render_horizon(records: list[dict[str, Any]]) -> str:
         return "no finished runs yet"
     headers = ["variant", "what", "seeds", "saved act. MiB", "bytes vs paper", "median grad cosine",
                "cosine vs paper", "median energy", "val ppl (mean)", "val ppl per seed",
-               "val ppl − paper, same seed (mean ± sd)", "meets #17 target"]
+               "val ppl − paper, same seed (mean ± sd; 95% CI)", "meets #17 target"]
     rows = []
     for name, row in summary.items():
         paper = summary.get(VARIANTS[name].reference if name in VARIANTS else PAPER)
