@@ -316,7 +316,8 @@ def test_report_serialises_and_renders():
 
 
 def test_diagnosis_log_sends_each_layer_to_the_scalar_writer(tmp_path):
-    """The TensorBoard path: RunLog.scalar receives one cosine and one energy tag per layer per step."""
+    """The TensorBoard path: RunLog.scalar receives one cosine, energy and column-error tag per layer per step, and
+    diagnose.csv the same row."""
     model = _wrapped(16, _orthonormal(8, 1, seed=8))
     report = velora.diagnose(model, torch.randn(4, 16, dtype=torch.float64), loss_fn=lambda m, x: m(x).square().sum())
     seen = []
@@ -324,9 +325,11 @@ def test_diagnosis_log_sends_each_layer_to_the_scalar_writer(tmp_path):
     log.after_backward(2, model, torch.randn(4, 16, dtype=torch.float64))  # not due: nothing written
     log.write(3, report)
     row = report.layers[0]
-    assert seen == [("fidelity/cosine/fc", row.cosine, 3), ("fidelity/energy/fc", row.energy, 3)]
+    assert seen == [("fidelity/cosine/fc", row.cosine, 3), ("fidelity/energy/fc", row.energy, 3),
+                    ("fidelity/column_error/fc", row.column_error, 3)]
     with open(tmp_path / "diagnose.csv") as fh:
-        assert [r["step"] for r in csv.DictReader(fh)] == ["3"]
+        (logged,) = list(csv.DictReader(fh))
+    assert logged["step"] == "3" and float(logged["column_error"]) == row.column_error
 
 
 def test_diagnosis_log_never_writes_through_a_symlink(tmp_path):

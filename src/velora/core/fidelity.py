@@ -291,6 +291,7 @@ class DiagnosisLog:
             for row in report.layers:
                 self._scalar(f"fidelity/cosine/{row.name}", row.cosine, step)
                 self._scalar(f"fidelity/energy/{row.name}", row.energy, step)
+                self._scalar(f"fidelity/column_error/{row.name}", row.column_error, step)
 
 
 def open_diagnosis_log(out_dir: Path | None, every: int, method: str, resume_step: int, run_log,
