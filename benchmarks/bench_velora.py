@@ -10,7 +10,8 @@ Variants
                             how the step time scales with the share of weight-gradient work VeLoRA replaces
 - full + VeLoRA M=4         informative: the paper's targets at M=4, `velora compare`'s sub-token size
 - ... M=4, r=4, 8-bit z     informative: the same bytes spent on precision (VeLoRAConfig.coefficient_bits=8,
-                            rank = M): every sub-token kept whole up to rounding, at M=4's saved bytes
+                            rank = M): every sub-token kept whole up to rounding, at M=4's saved bytes; with
+                            the library's per-column then per-token scales, and with per-token scales only
 - peft LoRA                 peft LoRA r=8 on all linear layers, lora_dropout=0
 - peft LoRA + peft VeLoRA   peft's own LoRA variant (LoraConfig(velora_config=...)), init batch_average_once,
                             M=32 on every layer (num_groups=D/32: 16 for d=512; the down_proj layers, D=1344,
@@ -139,10 +140,13 @@ def velora_full(model: nn.Module, work: Workload) -> nn.Module:
                                             target_modules=["v_proj", "down_proj"]))
 
 
-def velora_full_m4(model: nn.Module, work: Workload, bits: int | None = None) -> nn.Module:
-    """The paper's targets at M = 4 (compare's setting), rank 1; or rank = M = 4 with ``bits``-bit coefficients."""
-    return apply_velora(model, VeLoRAConfig(sub_token_size=4, rank=1 if bits is None else 4, coefficient_bits=bits,
-                                            target_modules=["v_proj", "down_proj"]))
+def velora_full_m4(model: nn.Module, work: Workload, bits: int | None = None,
+                   scales: str = "token_and_column") -> nn.Module:
+    """The paper's targets at M = 4 (compare's setting), rank 1; or rank = M = 4 with ``bits``-bit coefficients
+    (``scales``: VeLoRAConfig.coefficient_scales)."""
+    quantised = {} if bits is None else {"coefficient_bits": bits, "coefficient_scales": scales}
+    return apply_velora(model, VeLoRAConfig(sub_token_size=4, rank=1 if bits is None else 4,
+                                            target_modules=["v_proj", "down_proj"], **quantised))
 
 
 def velora_full_all(model: nn.Module, work: Workload) -> nn.Module:
@@ -174,6 +178,8 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "full + VeLoRA (all 7 projections)": velora_full_all,
     "full + VeLoRA M=4 (informative)": velora_full_m4,
     "full + VeLoRA M=4, r=4, 8-bit z (informative)": lambda model, work: velora_full_m4(model, work, 8),
+    "full + VeLoRA M=4, r=4, 8-bit z, per-token scales (informative)":
+        lambda model, work: velora_full_m4(model, work, 8, "token"),
     "peft LoRA": peft_lora,
     "peft LoRA + peft VeLoRA": peft_velora,
     "peft LoRA + velora-torch VeLoRA": velora_adapter,
@@ -188,6 +194,7 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "full + VeLoRA (all 7 projections)": "full",
     "full + VeLoRA M=4 (informative)": "full",
     "full + VeLoRA M=4, r=4, 8-bit z (informative)": "full",
+    "full + VeLoRA M=4, r=4, 8-bit z, per-token scales (informative)": "full",
     "peft LoRA": "peft LoRA",
     "peft LoRA + peft VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA": "peft LoRA",
