@@ -69,6 +69,21 @@ def test_round_trip_equals_an_independent_quantiser(bits, dtype, columns):
     assert (error <= step / 2 + z.double().abs().amax() * 4 * eps).all()
 
 
+def test_column_scales_read_evenly_spaced_tokens_of_a_long_batch_and_the_round_trip_holds():
+    """T = 3000 > 1024: the column RMS comes from every 3rd token (1000 of them); every coefficient still rounds
+    within half its step, the step set by those column scales and its token's scale."""
+    generator = torch.Generator().manual_seed(5)
+    column_size = torch.tensor([1.0, 50.0], dtype=torch.float64).repeat(4).view(1, 4, 2)  # every other column 50x
+    z = torch.randn(3000, 4, 2, generator=generator, dtype=torch.float64) * column_size  # (T, G, r)
+    kept = quantise_coefficients(z, 8)
+    expected = reference_columns(z.reshape(3000, 8)[::3])  # (8,)
+    torch.testing.assert_close(kept.columns.view(8), expected, rtol=1e-12, atol=0)
+    got = dequantise_coefficients(kept, 8, z.shape, z.dtype).reshape(3000, 8)
+    y = z.reshape(3000, 8) / expected  # (T, n)
+    step = y.abs().amax(1, keepdim=True) / 127 * expected  # (T, n)
+    assert ((got - z.reshape(3000, 8)).abs() <= step / 2 + 1e-9).all()
+
+
 @pytest.mark.parametrize("columns", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_zero_tokens_and_one_coefficient(bits, columns):

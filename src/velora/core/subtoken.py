@@ -278,10 +278,15 @@ class QuantisedCoefficients(NamedTuple):
     columns: torch.Tensor | None  # (1, G·r): each coefficient's RMS over the batch's tokens, or None (token only)
 
 
+COLUMN_SAMPLE_TOKENS = 1024  # column scales read at most about this many evenly spaced tokens
+
+
 def column_scales(flat: torch.Tensor) -> torch.Tensor:
-    """(T, n) -> (1, n): each column's root mean square over the tokens; 1 for a column whose RMS is 0 or not
-    finite (no tokens, all zeros, NaN/Inf: those stay to the per-token scale)."""
-    rms = torch.linalg.vector_norm(flat, dim=0, keepdim=True) / math.sqrt(max(flat.shape[0], 1))  # (1, n)
+    """(T, n) -> (1, n): each column's root mean square over the tokens (every ceil(T / 1024)-th token when
+    T > 1024: a normalisation needs an estimate, and a full pass over z cost as much as the rounding itself); 1 for
+    a column whose RMS is 0 or not finite (no tokens, all zeros, NaN/Inf: those stay to the per-token scale)."""
+    sample = flat[:: max(1, -(-flat.shape[0] // COLUMN_SAMPLE_TOKENS))]  # (T', n), T' <= 1024 evenly spaced
+    rms = torch.linalg.vector_norm(sample, dim=0, keepdim=True) / math.sqrt(max(sample.shape[0], 1))  # (1, n)
     return torch.where(torch.isfinite(rms) & (rms > 0), rms, torch.ones_like(rms))  # (1, n)
 
 
@@ -289,7 +294,7 @@ def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> Q
     """z (T, G, r) -> codes and scales: symmetric round-to-nearest integers in [-q, q], q = 2^(bits-1) - 1.
 
     With ``columns`` (the default) each coefficient is first divided by its RMS over the batch's tokens
-    (``column_scales``, G·r numbers), so a feature that is large on every token (the outlier channels of
+    (``column_scales``, G·r numbers; read off at most ~1024 evenly spaced tokens), so a feature that is large on every token (the outlier channels of
     pretrained LLMs) does not coarsen every other coefficient's step; then each token gets one scale,
     max|y_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two codes per byte. A token whose z
     holds NaN/Inf gets a NaN scale, so all of its dequantised coefficients are NaN and the weight gradient says so
@@ -300,7 +305,7 @@ def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> Q
     flat = _as(z.reshape(tokens, z.shape[1] * z.shape[2]), state_dtype(z.dtype))  # (T, G·r), T = 0 works
     scaled_columns = column_scales(flat) if columns else None  # (1, G·r)
     if scaled_columns is not None:
-        flat = flat / scaled_columns  # (T, G·r), each column of RMS 1 (a non-finite token stays non-finite)
+        flat = flat / scaled_columns  # (T, G·r), each column of RMS ~1 (a non-finite token stays non-finite)
     top = 2 ** (bits - 1) - 1
     if flat.shape[1]:  # max |z_t| in one pass; NaN in a token gives NaN, Inf gives Inf
         absmax = torch.linalg.vector_norm(flat, ord=math.inf, dim=1, keepdim=True)  # (T, 1)
@@ -309,7 +314,8 @@ def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> Q
     scales = absmax / top  # (T, 1)
     finite = torch.isfinite(scales)  # (T, 1)
     divisor = torch.where(finite & (absmax > 0), scales, torch.ones_like(scales))  # (T, 1), never 0, NaN or Inf
-    codes = torch.div(flat, divisor).round_().clamp_(-top, top).to(torch.int8)  # (T, G·r); a non-finite token's
+    steps = flat.div_(divisor) if scaled_columns is not None else torch.div(flat, divisor)  # (T, G·r); in place
+    codes = steps.round_().clamp_(-top, top).to(torch.int8)  # (T, G·r) only on our own copy; a non-finite token's
     scales = torch.where(finite, scales, torch.full_like(scales, math.nan))  # codes are moot: its scale is NaN
     return QuantisedCoefficients(_pack_nibbles(codes) if bits == 4 else codes, scales, scaled_columns)
 
