@@ -294,8 +294,9 @@ def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> Q
     """z (T, G, r) -> codes and scales: symmetric round-to-nearest integers in [-q, q], q = 2^(bits-1) - 1.
 
     With ``columns`` (the default) each coefficient is first divided by its RMS over the batch's tokens
-    (``column_scales``, G·r numbers; read off at most ~1024 evenly spaced tokens), so a feature that is large on every token (the outlier channels of
-    pretrained LLMs) does not coarsen every other coefficient's step; then each token gets one scale,
+    (``column_scales``, G·r numbers; read off at most ~1024 evenly spaced tokens), so a feature that is large on
+    every token (the outlier channels of pretrained LLMs) does not coarsen every other coefficient's step; then
+    each token gets one scale,
     max|y_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two codes per byte. A token whose z
     holds NaN/Inf gets a NaN scale, so all of its dequantised coefficients are NaN and the weight gradient says so
     (a finite gradient is never made up)."""
