@@ -313,6 +313,10 @@ def test_report_serialises_and_renders():
     data = json.loads(json.dumps(zero_grad.to_dict()))
     assert data["layers"][0]["cosine"] is None and data["layers"][0]["energy"] is not None
     assert "exact weight gradient is zero" in zero_grad.to_markdown()
+    report = velora.diagnose(model, torch.randn(4, 16, dtype=torch.float64), loss_fn=lambda m, x: m(x).square().sum())
+    error = report.layers[0].column_error
+    assert 0 < error and report.to_dict()["median_column_error"] == error
+    assert f"median column error {error:.4f} over 1 layer(s)" in report.to_markdown()
 
 
 def test_diagnosis_log_sends_each_layer_to_the_scalar_writer(tmp_path):
