@@ -253,3 +253,28 @@ def test_a_study_wide_lr_wins_over_compares_and_the_variants():
     assert study_config(VARIANTS["per-group-svd-r8-M32-reest-1-lr3e-3"], 0).lr == 3e-3
     for name in (PAPER, "per-group-svd-r8-M32-reest-1-lr3e-3"):
         assert study_config(VARIANTS[name], 0, lr=1e-3).lr == 1e-3
+
+
+def test_with_the_exact_control_in_the_table_every_row_is_also_paired_against_it():
+    def record(variant, seed, ppl, cosine):
+        return {"variant": variant, "seed": seed, "val_ppl": ppl, "activation_bytes": 1000, "median_cosine": cosine,
+                "layers": {"l": {"cosine": cosine, "energy": 0.5}}, "config": {"steps": 10}, "last_step": 10}
+
+    paper = [53.0, 54.0, 52.0]
+    exact = [54.0, 53.5, 53.0]
+    option = [54.5, 53.0, 53.5]
+    records = [record(PAPER, s, p, 0.45) for s, p in enumerate(paper)]
+    records += [record("exact-r4-M4", s, p, 1.0) for s, p in enumerate(exact)]
+    records += [record("int8-cols-r4-M4", s, p, 1.0) for s, p in enumerate(option)]
+    lines = [line for line in render(records).splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    column = header.index("val ppl − exact control, same seed (mean ± sd; 95% CI)")
+    differences = [o - e for o, e in zip(option, exact)]  # +0.5, -0.5, +0.5
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    half = 4.303 * sd / 3 ** 0.5  # Student's t, 2 degrees of freedom
+    expected = f"{mean:+.2f} ± {sd:.2f} (n=3; 95% CI {mean - half:+.2f} to {mean + half:+.2f})"
+    assert rows["int8-cols-r4-M4"][column] == expected
+    assert rows["exact-r4-M4"][column] == "–" and rows[PAPER][column].startswith("-0.50 ± ")
+    without = render([r for r in records if r["variant"] != "exact-r4-M4"])
+    assert "exact control" not in without  # no exact runs: no such column

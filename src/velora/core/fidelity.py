@@ -75,8 +75,9 @@ class FidelityReport:
             lines.append(f"| `{row.name}` | {row.in_features} | {row.sub_token_size} | {row.rank} | {row.energy:.4f} "
                          f"| {row.chance_energy:.4f} | {row.cosine:.4f} | {row.norm_ratio:.4f} "
                          f"| {row.column_error:.4f} | {row.z_bytes / row.x_bytes:.4f} |")
-        lines.append(f"\nmedian gradient cosine {self.median('cosine'):.4f}, median energy {self.median('energy'):.4f}, "
-                     f"median column error {self.median('column_error'):.4f} over {len(self.layers)} layer(s)")
+        lines.append(f"\nmedian gradient cosine {self.median('cosine'):.4f}, median energy "
+                     f"{self.median('energy'):.4f}, median column error {self.median('column_error'):.4f} over "
+                     f"{len(self.layers)} layer(s)")
         if any(math.isnan(row.cosine) for row in self.layers):
             lines.append("nan: the exact weight gradient is zero on this batch (e.g. a LoRA A while its B is still "
                          "zero: train a few steps first)")

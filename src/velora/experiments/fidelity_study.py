@@ -29,6 +29,7 @@ METHOD = "velora"  # compare's velora row: full AdamW training with VeLoRA on v_
 TARGET_COSINE_FACTOR = 2.0  # issue 17: at least double the paper default's median gradient cosine ...
 BYTES_TOLERANCE = 0.02  # ... at equal saved bytes (+-2%) ...
 PAPER = "paper"  # ... with validation ppl no worse than this variant's, over the same seeds
+EXACT_CONTROL = "exact-r4-M4"  # exact weight gradients through the same op: what a faithful option can match
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,9 @@ def render_horizon(records: list[dict[str, Any]]) -> str:
     headers = ["variant", "what", "seeds", "saved act. MiB", "bytes vs paper", "median grad cosine",
                "cosine vs paper", "median energy", "val ppl (mean)", "val ppl per seed",
                "val ppl − paper, same seed (mean ± sd; 95% CI)", "meets #17 target"]
+    exact = summary.get(EXACT_CONTROL)  # with it in the table, every row is also paired against exact gradients
+    if exact is not None:
+        headers.insert(-1, "val ppl − exact control, same seed (mean ± sd; 95% CI)")
     rows = []
     for name, row in summary.items():
         paper = summary.get(VARIANTS[name].reference if name in VARIANTS else PAPER)
@@ -384,6 +388,7 @@ def render_horizon(records: list[dict[str, Any]]) -> str:
                      _fmt(cosine), f"{cosine / paper['median_cosine']:.2f}x" if paper and cosine is not None else "–",
                      _fmt(row["energy"]), f"{row['val_ppl']:.2f}",
                      " / ".join(f"{p:.2f}" for p in row["val_ppl_per_seed"]), paired_difference(row, paper),
+                     *([paired_difference(row, exact)] if exact is not None else []),
                      target_verdict(row, paper) if paper else "–"])
     diagnosed = {name: row for name, row in summary.items() if row["layers"]}
     layer_names = list(next(iter(diagnosed.values()))["layers"]) if diagnosed else []
