@@ -296,10 +296,9 @@ def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> Q
     With ``columns`` (the default) each coefficient is first divided by its RMS over the batch's tokens
     (``column_scales``, G·r numbers; read off at most ~1024 evenly spaced tokens), so a feature that is large on
     every token (the outlier channels of pretrained LLMs) does not coarsen every other coefficient's step; then
-    each token gets one scale,
-    max|y_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two codes per byte. A token whose z
-    holds NaN/Inf gets a NaN scale, so all of its dequantised coefficients are NaN and the weight gradient says so
-    (a finite gradient is never made up)."""
+    each token gets one scale, max|y_t| / q (fp32; fp64 for fp64 z). 8 bits: codes int8 (T, G·r); 4 bits: two
+    codes per byte. A token whose z holds NaN/Inf gets a NaN scale, so all of its dequantised coefficients are NaN
+    and the weight gradient says so (a finite gradient is never made up)."""
     if bits not in COEFFICIENT_BITS:
         raise ValueError(f"coefficient bits={bits!r} is not supported; use one of {COEFFICIENT_BITS}")
     tokens = z.shape[0]
@@ -315,8 +314,9 @@ def quantise_coefficients(z: torch.Tensor, bits: int, columns: bool = True) -> Q
     scales = absmax / top  # (T, 1)
     finite = torch.isfinite(scales)  # (T, 1)
     divisor = torch.where(finite & (absmax > 0), scales, torch.ones_like(scales))  # (T, 1), never 0, NaN or Inf
-    steps = flat.div_(divisor) if scaled_columns is not None else torch.div(flat, divisor)  # (T, G·r); in place
-    codes = steps.round_().clamp_(-top, top).to(torch.int8)  # (T, G·r) only on our own copy; a non-finite token's
+    # (T, G·r): in place only on the column-scaled copy (without columns, flat may be z itself)
+    steps = flat.div_(divisor) if scaled_columns is not None else torch.div(flat, divisor)
+    codes = steps.round_().clamp_(-top, top).to(torch.int8)  # (T, G·r); a non-finite token's
     scales = torch.where(finite, scales, torch.full_like(scales, math.nan))  # codes are moot: its scale is NaN
     return QuantisedCoefficients(_pack_nibbles(codes) if bits == 4 else codes, scales, scaled_columns)
 
