@@ -6,8 +6,9 @@ Markdown table to ``--out`` (default benchmarks/results/gpu/):
                  against ``velora plan``'s predicted peak, llama-60m and llama-350m x {full, velora, lora+velora,
                  qlora, qlora+velora, galore}, bf16, AdamW, batch 4 x seq 512, and the ratio measured / planned
 (c) step time    VeLoRA at a GPU-sized workload (LLaMA layers d=2048, 4 layers, ff 5504, 16 heads, seq 2048,
-                 batch 2, bf16): full, full+VeLoRA, peft LoRA, peft LoRA + peft VeLoRA, peft LoRA + velora-torch
-                 VeLoRA, QLoRA, QLoRA + VeLoRA; CUDA events, warm-up rounds, round-robin timed rounds, median of
+                 batch 2, bf16): full, full+VeLoRA, full+VeLoRA at M=4 with and without 8-bit z (issue 17),
+                 peft LoRA, peft LoRA + peft VeLoRA, peft LoRA + velora-torch VeLoRA, QLoRA, QLoRA + VeLoRA; CUDA
+                 events, warm-up rounds, round-robin timed rounds, median of
                  the per-round ratios against each variant's baseline, saved-activation bytes
 
 Each section runs in its own try/except (a failure is recorded, the others still run) and prints one status
@@ -276,6 +277,10 @@ def step_variants(bench) -> dict[str, tuple[Callable, str]]:
     return {
         "full": (lambda model, work: model, "full"),
         "full + VeLoRA (v_proj, down_proj)": (bench.velora_full, "full"),
+        # issue 17's equal-bytes layout against the paper's M = 4: what rounding z to 8 bits costs on a GPU
+        "full + VeLoRA M=4 (informative)": (bench.velora_full_m4, "full"),
+        "full + VeLoRA M=4, r=4, 8-bit z (informative)": (lambda model, work: bench.velora_full_m4(model, work, 8),
+                                                          "full"),
         "peft LoRA": (bench.peft_lora, "peft LoRA"),
         "peft LoRA + peft VeLoRA": (bench.peft_velora, "peft LoRA"),
         "peft LoRA + velora-torch VeLoRA": (bench.velora_adapter, "peft LoRA"),
