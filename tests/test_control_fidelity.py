@@ -278,3 +278,27 @@ def test_with_the_exact_control_in_the_table_every_row_is_also_paired_against_it
     assert rows["exact-r4-M4"][column] == "–" and rows[PAPER][column].startswith("-0.50 ± ")
     without = render([r for r in records if r["variant"] != "exact-r4-M4"])
     assert "exact control" not in without  # no exact runs: no such column
+
+
+def test_the_finetune_bench_table_pairs_by_seed_and_its_configs_are_the_benches():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fidelity_finetune.py"
+    spec = importlib.util.spec_from_file_location("bench_fidelity_finetune", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from velora.experiments.control import frozen_control
+
+    # the paper row and the control are the fine-tuning benches' own VeLoRA config
+    assert bench.VARIANTS["paper"][1] == frozen_control(Path("base"), 80).config.velora
+    records = [{"variant": name, "seed": seed, "val_ppl": ppl, "activation_bytes": size, "median_cosine": cosine}
+               for name, size, cosine, ppls in (("lora", 1100, None, [10.0, 11.0]), ("paper", 1000, 0.5, [11.0, 12.5]),
+                                               ("int8-r4", 1001, 0.9, [10.5, 12.0]))
+               for seed, ppl in enumerate(ppls)]
+    rows = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in bench.table(records).splitlines()[2:]}
+    assert rows["int8-r4"][3:6] == ["1.001x", "0.900", "1.80x"]
+    assert rows["int8-r4"][7] == "-0.50 ± 0.00 (n=2; 95% CI -0.50 to -0.50)"  # 10.5 - 11, 12 - 12.5
+    assert rows["int8-r4"][8].startswith("+0.75 ± ")  # 10.5 - 10, 12 - 11
+    assert rows["lora"][4] == "–" and rows["paper"][7] == "–"
