@@ -153,10 +153,13 @@ def velora_full_all(model: nn.Module, work: Workload) -> nn.Module:
     return apply_velora(model, VeLoRAConfig(sub_token_size=work.sub_token_size, target_modules=ALL_LINEAR))
 
 
-def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True) -> nn.Module:
+def velora_adapter(model: nn.Module, work: Workload, fuse_lora: bool = True, fidelity: bool = False) -> nn.Module:
+    """velora-torch VeLoRA on every lora_A at M = sub_token_size; with ``fidelity``, the same bytes spent as r = 4
+    per-group SVD directions with 8-bit z (issue 17's fine-tuning configuration, bench_fidelity_finetune.py)."""
+    options = dict(rank=4, coefficient_bits=8, init="svd", per_group_directions=True) if fidelity else {}
     return apply_velora(peft_lora(model, work), VeLoRAConfig(sub_token_size=work.sub_token_size,
                                                              target_modules=ALL_LINEAR, mode="adapter",
-                                                             fuse_lora=fuse_lora))
+                                                             fuse_lora=fuse_lora, **options))
 
 
 def qlora(model: nn.Module, work: Workload, velora: bool = False, fuse_lora: bool = True) -> nn.Module:
@@ -184,6 +187,8 @@ VARIANTS: dict[str, Callable[[nn.Module, Workload], nn.Module]] = {
     "peft LoRA + peft VeLoRA": peft_velora,
     "peft LoRA + velora-torch VeLoRA": velora_adapter,
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: velora_adapter(model, work, False),
+    "peft LoRA + velora-torch VeLoRA, r=4 per-group 8-bit z (informative)":
+        lambda model, work: velora_adapter(model, work, fidelity=True),
     "QLoRA (bitsandbytes NF4 + peft LoRA)": qlora,
     "QLoRA + velora-torch VeLoRA": lambda model, work: qlora(model, work, velora=True),
     "QLoRA + velora-torch VeLoRA, unfused (informative)": lambda model, work: qlora(model, work, True, False),
@@ -199,6 +204,7 @@ BASELINE = {  # ratios are taken against the plain method the variant extends
     "peft LoRA + peft VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA": "peft LoRA",
     "peft LoRA + velora-torch VeLoRA, unfused (informative)": "peft LoRA",
+    "peft LoRA + velora-torch VeLoRA, r=4 per-group 8-bit z (informative)": "peft LoRA",
     "QLoRA (bitsandbytes NF4 + peft LoRA)": "QLoRA (bitsandbytes NF4 + peft LoRA)",
     "QLoRA + velora-torch VeLoRA": "QLoRA (bitsandbytes NF4 + peft LoRA)",
     "QLoRA + velora-torch VeLoRA, unfused (informative)": "QLoRA (bitsandbytes NF4 + peft LoRA)",
