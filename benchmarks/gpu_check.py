@@ -7,9 +7,10 @@ Markdown table to ``--out`` (default benchmarks/results/gpu/):
                  qlora, qlora+velora, galore}, bf16, AdamW, batch 4 x seq 512, and the ratio measured / planned
 (c) step time    VeLoRA at a GPU-sized workload (LLaMA layers d=2048, 4 layers, ff 5504, 16 heads, seq 2048,
                  batch 2, bf16): full, full+VeLoRA, full+VeLoRA at M=4 with and without 8-bit z (issue 17),
-                 peft LoRA, peft LoRA + peft VeLoRA, peft LoRA + velora-torch VeLoRA, QLoRA, QLoRA + VeLoRA; CUDA
-                 events, warm-up rounds, round-robin timed rounds, median of
-                 the per-round ratios against each variant's baseline, saved-activation bytes
+                 peft LoRA, peft LoRA + peft VeLoRA, peft LoRA + velora-torch VeLoRA (also issue 17's r=4
+                 per-group 8-bit configuration), QLoRA, QLoRA + VeLoRA; CUDA events, warm-up rounds, round-robin
+                 timed rounds, median of the per-round ratios against each variant's baseline, saved-activation
+                 bytes
 
 Each section runs in its own try/except (a failure is recorded, the others still run) and prints one status
 line; results are rewritten after every section, so a killed run keeps what it finished. ``--budget-s``
@@ -284,6 +285,8 @@ def step_variants(bench) -> dict[str, tuple[Callable, str]]:
         "peft LoRA": (bench.peft_lora, "peft LoRA"),
         "peft LoRA + peft VeLoRA": (bench.peft_velora, "peft LoRA"),
         "peft LoRA + velora-torch VeLoRA": (bench.velora_adapter, "peft LoRA"),
+        "peft LoRA + velora-torch VeLoRA, r=4 per-group 8-bit z (informative)": (
+            lambda model, work: bench.velora_adapter(model, work, fidelity=True), "peft LoRA"),
         qlora_name: (bench.qlora, qlora_name),
         "QLoRA + velora-torch VeLoRA": (lambda model, work: bench.qlora(model, work, velora=True), qlora_name),
     }

@@ -35,7 +35,7 @@ def test_dry_run_writes_json_and_markdown_with_every_section(tmp_path, capsys):
     steps = report["sections"]["step_time"]
     assert steps["status"] == "ok", steps.get("error")
     rows = {row["variant"]: row for row in steps["result"]["rows"]}
-    assert len(rows) == 9 and all(row["status"] == "ok" for row in rows.values()), rows
+    assert len(rows) == 10 and all(row["status"] == "ok" for row in rows.values()), rows
     assert rows["QLoRA + velora-torch VeLoRA"]["saved_ratio"] < 1.0  # VeLoRA keeps fewer bytes than QLoRA
     memory = report["sections"]["memory_vs_plan"]["result"]["rows"]
     assert [row["status"] for row in memory] == ["ok", "ok"], memory
