@@ -55,12 +55,14 @@ VARIANTS = {  # name -> (method, VeLoRA config or None, frozen)
 DIAGNOSE_EVERY = 10
 
 
-def run_one(base: Path, name: str, seed: int, runs: Path) -> dict:
+def run_one(base: Path, name: str, seed: int, runs: Path, adapter: str = "lora") -> dict:
+    """One (variant, seed); ``adapter="qlora"`` fine-tunes the NF4-quantised base instead (qlora / qlora+velora)."""
     from velora.training.loop import train
 
     method, velora, frozen = VARIANTS[name]
+    method = method.replace("lora", adapter, 1)
     config = ablation.finetune_config(base, method, velora, seed=seed)
-    folder = ablation.fresh_dir(runs / f"{name}-s{seed}")
+    folder = ablation.fresh_dir(runs / f"{method}-{name}-s{seed}")
     diagnosed = velora is not None and not frozen
     result = train(config, folder, progress=False, tensorboard=False, diagnose_every=DIAGNOSE_EVERY if diagnosed else 0,
                    on_model_ready=freeze_compressed_layers if frozen else None)
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (default 0,1,2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--base-steps", type=int, default=ablation.BASE_STEPS)
+    parser.add_argument("--adapter", default="lora", choices=("lora", "qlora"),
+                        help="lora (default) or qlora: the same fine-tune on the NF4-quantised base (bitsandbytes)")
     parser.add_argument("--table-only", action="store_true", help="write results.md from runs.jsonl, train nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -135,6 +139,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "runs.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    other = sorted({r["config"]["method"] for r in records} - {args.adapter, f"{args.adapter}+velora"})
+    if other:
+        parser.error(f"{path} holds {other} runs, not --adapter {args.adapter}; use another --out")
     if not args.table_only:
         shared = Path(tempfile.gettempdir()) / "velora-fidelity-finetune"
         base = ablation.ensure_base(shared / "shared", args.base_steps, False, print)
@@ -142,10 +149,10 @@ def main() -> None:
             for name in names:
                 if any(r["variant"] == name and r["seed"] == seed for r in records):
                     continue
-                record = run_one(base, name, seed, shared / "runs")
+                record = run_one(base, name, seed, shared / "runs", args.adapter)
                 if record["layers"]:  # the run's diagnose.csv is the small part of it worth keeping
                     (args.out / "diagnose").mkdir(exist_ok=True)
-                    shutil.copy(shared / "runs" / f"{name}-s{seed}" / "diagnose.csv",
+                    shutil.copy(shared / "runs" / f"{record['config']['method']}-{name}-s{seed}" / "diagnose.csv",
                                 args.out / "diagnose" / f"{name}-s{seed}.csv")
                 records.append(record)
                 with open(path, "a") as fh:
