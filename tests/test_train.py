@@ -72,6 +72,10 @@ def test_registry_covers_every_method(text_file):
     ("lora+velora", {}),
     ("velora", {"velora": {"sub_token_size": 16, "rank": 16, "coefficient_bits": 8, "target_modules": "paper"}}),
     ("lora+velora", {"velora": {"sub_token_size": 16, "rank": 8, "coefficient_bits": 4, "target_modules": "paper"}}),
+    # issue 17's fine-tuning configuration (per-group SVD directions, r = 4, 8-bit z, padded groups) on QLoRA, at
+    # M = D/8 for the tiny widths
+    ("qlora+velora", {"velora": {"num_groups": 8, "pad": True, "rank": 4, "coefficient_bits": 8, "init": "svd",
+                                 "per_group_directions": True, "target_modules": "paper"}}),
     ("galore", {"options": {"update_proj_gap": 2}}),
     ("flora", {"options": {"flora_kappa": 2}}),
     ("full", {"accumulation_steps": 2, "options": {"flora_accumulation": True, "flora_rank": 4}}),
