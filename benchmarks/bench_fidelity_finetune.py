@@ -25,8 +25,6 @@ against ``paper`` and ``lora``, and the per-layer medians.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -38,7 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from velora.experiments import ablation  # noqa: E402
 from velora.experiments.control import freeze_compressed_layers  # noqa: E402
-from velora.experiments.fidelity_study import defined_cosines, layer_medians, paired_difference  # noqa: E402
+from velora.experiments.fidelity_study import (  # noqa: E402
+    append_record,
+    defined_cosines,
+    keep_diagnose_logs,
+    layer_medians,
+    paired_difference,
+    read_records,
+)
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "fidelity" / "finetune"
 PAPER_VELORA = {"num_groups": 32, "pad": True, "target_modules": "paper"}
@@ -62,7 +67,7 @@ def run_one(base: Path, name: str, seed: int, runs: Path, adapter: str = "lora")
     method, velora, frozen = VARIANTS[name]
     method = method.replace("lora", adapter, 1)
     config = ablation.finetune_config(base, method, velora, seed=seed)
-    folder = ablation.fresh_dir(runs / f"{method}-{name}-s{seed}")
+    folder = ablation.fresh_dir(runs / f"{name}-s{seed}")
     diagnosed = velora is not None and not frozen
     result = train(config, folder, progress=False, tensorboard=False, diagnose_every=DIAGNOSE_EVERY if diagnosed else 0,
                    on_model_ready=freeze_compressed_layers if frozen else None)
@@ -138,7 +143,7 @@ def main() -> None:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "runs.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = read_records(path)
     other = sorted({r["config"]["method"] for r in records} - {args.adapter, f"{args.adapter}+velora"})
     if other:
         parser.error(f"{path} holds {other} runs, not --adapter {args.adapter}; use another --out")
@@ -149,21 +154,18 @@ def main() -> None:
             for name in names:
                 if any(r["variant"] == name and r["seed"] == seed for r in records):
                     continue
-                record = run_one(base, name, seed, shared / "runs", args.adapter)
-                if record["layers"]:  # the run's diagnose.csv is the small part of it worth keeping
-                    (args.out / "diagnose").mkdir(exist_ok=True)
-                    shutil.copy(shared / "runs" / f"{record['config']['method']}-{name}-s{seed}" / "diagnose.csv",
-                                args.out / "diagnose" / f"{name}-s{seed}.csv")
+                record = run_one(base, name, seed, args.out / "runs", args.adapter)
                 records.append(record)
-                with open(path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                append_record(path, record)
                 cosine = record["median_cosine"]
                 print(f"{name} seed {seed}: val ppl {record['val_ppl']:.2f}"
                       + (f", median cosine {cosine:.3f}" if cosine is not None else ""), flush=True)
+        keep_diagnose_logs(args.out)  # each run's diagnose.csv into diagnose/ (the run folders are not kept in git)
     text = (table(records) + "\n\nMedian gradient cosine per wrapped layer (mean over the seeds):\n\n"
             + layer_table(records))
-    (args.out / "results.md").write_text("# Issue 17's target on LoRA fine-tuning (`bench_fidelity_finetune.py`)\n\n"
-                                         + text + "\n")
+    title = "QLoRA (NF4 base)" if args.adapter == "qlora" else "LoRA"
+    (args.out / "results.md").write_text(f"# Issue 17's target on {title} fine-tuning (`bench_fidelity_finetune.py "
+                                         f"--adapter {args.adapter}`)\n\n" + text + "\n")
     print(text)
 
 
