@@ -25,6 +25,7 @@ from velora.experiments.fidelity_study import (
     VARIANTS,
     keep_diagnose_logs,
     last_step,
+    lr_scale_of,
     read_records,
     render,
     run_study,
@@ -39,7 +40,8 @@ def merged_records(folders: list[Path]) -> list[dict]:
     records, settings = {}, {}
     for folder in folders:
         for record in read_records(folder / "runs.jsonl"):
-            setting = {**{k: v for k, v in record["config"].items() if k != "seed"}, "trained": trained(record)}
+            setting = {**{k: v for k, v in record["config"].items() if k != "seed"}, "trained": trained(record),
+                       "compressed_lr_scale": lr_scale_of(record)}
             known = settings.setdefault(record["variant"], (setting, folder))
             if known[0] != setting:
                 raise SystemExit(f"{record['variant']!r} runs in {known[1]} and {folder} differ in their settings; "
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="steps between diagnoses (default 50)")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="screening: stop each run here, the schedule unchanged (default: the whole run)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of every run (default compare's 1000; warmup stays a tenth of them)")
     parser.add_argument("--max-train-chars", type=int, default=None,
                         help="training text cap in characters (default compare's 1,500,000: 475k tokens, which the "
                              "1000 x 640 training tokens pass over 1.35 times)")
@@ -65,6 +69,9 @@ def main() -> None:
                              "paper default keeps z in 2 bytes, so 4-bit coefficients at rank M are its equal bytes)")
     parser.add_argument("--lr", type=float, default=None,
                         help="one lr for every run of this study (default: compare's tuned 2e-3, or the variant's)")
+    parser.add_argument("--compressed-lr-scale", type=float, default=1.0,
+                        help="the compressed layers (v_proj, down_proj) train at this times the run's lr in every "
+                             "run (default 1; frozen-control runs are unaffected)")
     parser.add_argument("--train-only-compressed", action="store_true",
                         help="freeze every weight outside the compressed layers, so all learning goes through "
                              "VeLoRA's weight gradients (a setting where those updates matter by construction)")
@@ -91,10 +98,13 @@ def main() -> None:
         changes = {} if args.max_train_chars is None else {"max_train_chars": args.max_train_chars}
         if args.lr is not None:
             changes["lr"] = args.lr
+        if args.steps is not None:
+            changes["steps"] = args.steps
         if args.dtype is not None:
             changes["dtype"] = args.dtype
         records = run_study(variants, seeds, args.out, args.every, stop_at_step=args.stop_at_step,
-                            only_compressed=args.train_only_compressed, **changes)
+                            only_compressed=args.train_only_compressed,
+                            compressed_lr_scale=args.compressed_lr_scale, **changes)
     table = render(records)
     args.out.mkdir(parents=True, exist_ok=True)
     caps = sorted({r["config"]["max_train_chars"] for r in records})
@@ -105,6 +115,12 @@ def main() -> None:
     dtypes = {r["config"]["dtype"] for r in records}
     if dtypes != {"float32"}:
         setting += f", dtype {'/'.join(sorted(dtypes))}"
+    steps = {r["config"]["steps"] for r in records}
+    if steps != {1000}:
+        setting += f", {'/'.join(str(s) for s in sorted(steps))} steps"
+    scales = {lr_scale_of(r) for r in records}
+    if len(scales) == 1 and scales != {1.0}:
+        setting += f", the compressed layers at {scales.pop():g}x the lr"
     if {trained(r) for r in records} == {"compressed layers only"}:
         setting += ", only the compressed layers trained"
     (args.out / "results.md").write_text(f"# VeLoRA gradient fidelity over training ({setting})\n\n{table}\n")

@@ -45,6 +45,44 @@ def train_only_compressed_layers(model: nn.Module) -> list[str]:
     return trainable
 
 
+def check_lr_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+        raise ValueError(f"compressed lr scale {scale!r} must be a finite number >= 0 (1 = the run's lr)")
+
+
+def scale_compressed_lr(model: nn.Module, optimizer, scale: float) -> list[str]:
+    """Give the parameters of every VeLoRA-wrapped layer ``scale`` times the lr of the group they are in (an
+    ``on_optimizer_ready`` hook for ``train``, before any step or restore): each param group is split in two, the
+    compressed layers' half carrying ``lr`` and ``initial_lr`` times ``scale``, every other setting the group's, so
+    the schedule keeps the ratio. Returns the qualified names of the rescaled parameters."""
+    check_lr_scale(scale)
+    layers = velora_modules(model)
+    if not layers:
+        raise ValueError("scale_compressed_lr: the model has no VeLoRA layers; use a +velora method")
+    if optimizer.state:
+        raise ValueError("scale_compressed_lr splits param groups: call it before the first step and before a "
+                         "checkpoint is restored (train's on_optimizer_ready)")
+    names = {id(p): f"{layer_name}.{name}" for layer_name, layer in layers.items()
+             for name, p in layer.named_parameters(recurse=False)}
+    groups, scaled = [], []
+    for group in optimizer.param_groups:
+        settings = {key: value for key, value in group.items() if key != "params"}
+        inside = [p for p in group["params"] if id(p) in names]
+        outside = [p for p in group["params"] if id(p) not in names]
+        if outside:
+            groups.append({**settings, "params": outside})
+        if inside:
+            lrs = {key: settings[key] * scale for key in ("lr", "initial_lr") if key in settings}
+            groups.append({**settings, **lrs, "params": inside})
+            scaled += [names[id(p)] for p in inside]
+    if not scaled:
+        raise ValueError("scale_compressed_lr: no VeLoRA-wrapped parameter is in the optimizer (frozen layers?)")
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
+    return scaled
+
+
 def frozen_control(base, steps: int, label: str = "v+down frozen (control)", columns: dict | None = None,
                    targets: Any = "paper", **changes):
     """The fine-tuning benches' control Variant: their LoRA + VeLoRA config (M = D/32 on ``targets``) with the

@@ -18,12 +18,18 @@ import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from velora.experiments.common import cpu_model, fresh_dir, markdown_table, mib
 from velora.experiments.compare import RANK, SETTING, SUB_TOKEN_SIZE, TUNED_LR, UPDATE_GAP, method_overrides
-from velora.experiments.control import freeze_compressed_layers, train_only_compressed_layers
+from velora.experiments.control import (
+    check_lr_scale,
+    freeze_compressed_layers,
+    scale_compressed_lr,
+    train_only_compressed_layers,
+)
 
 METHOD = "velora"  # compare's velora row: full AdamW training with VeLoRA on v_proj + down_proj
 TARGET_COSINE_FACTOR = 2.0  # issue 17: at least double the paper default's median gradient cosine ...
@@ -177,10 +183,11 @@ def layer_medians(diagnose_csv: Path) -> dict[str, dict[str, float]]:
 
 
 def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_step: int | None = None,
-            only_compressed: bool = False, **setting_changes) -> dict[str, Any]:
+            only_compressed: bool = False, compressed_lr_scale: float = 1.0, **setting_changes) -> dict[str, Any]:
     """Train one (variant, seed) into ``runs_dir/<variant>-s<seed>[-to<stop>]`` and return its record.
     ``stop_at_step`` ends the run early with the schedule unchanged (a screening run); ``only_compressed`` trains
-    the compressed layers alone (``train_only_compressed_layers``)."""
+    the compressed layers alone (``train_only_compressed_layers``); ``compressed_lr_scale`` gives the compressed
+    layers that times the run's lr (``scale_compressed_lr``; 1: the same lr, no regrouping)."""
     from velora.training.loop import train
 
     config = study_config(variant, seed, **setting_changes)
@@ -190,8 +197,9 @@ def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_ste
     if variant.frozen and only_compressed:
         raise ValueError(f"{variant.name!r} freezes the only layers only_compressed trains: nothing would train")
     hook = freeze_compressed_layers if variant.frozen else train_only_compressed_layers if only_compressed else None
+    regroup = None if compressed_lr_scale == 1 else partial(scale_compressed_lr, scale=compressed_lr_scale)
     result = train(config, folder, measure=True, tensorboard=False, diagnose_every=0 if variant.frozen else every,
-                   stop_at_step=last, on_model_ready=hook)
+                   stop_at_step=last, on_model_ready=hook, on_optimizer_ready=regroup)
     layers = {} if variant.frozen else layer_medians(folder / "diagnose.csv")
     cosines = [] if variant.frozen else defined_cosines(folder / "diagnose.csv")
     return {"variant": variant.name, "seed": seed, "config": config.to_dict(), "every": every, "last_step": last,
@@ -199,6 +207,7 @@ def run_one(variant: Variant, seed: int, runs_dir: Path, every: int, stop_at_ste
             "activation_bytes": result["activation_bytes"],
             "median_cosine": statistics.median(cosines) if cosines else None,
             "layers": layers, "wall_s": time.perf_counter() - started, "trained": _trained(only_compressed),
+            "compressed_lr_scale": compressed_lr_scale,
             "cpu_model": cpu_model()}  # runs are bitwise only on one CPU model (README)
 
 
@@ -221,6 +230,11 @@ def _check_options_exist(variants: list[str]) -> None:
     if missing:
         raise ValueError(f"VeLoRAConfig of this build has no option(s) {missing}, which variant(s) "
                          f"{[n for n in variants if set(VARIANTS[n].changes) & set(missing)]} need; drop them")
+
+
+def lr_scale_of(record: dict[str, Any]) -> float:
+    """The compressed layers' lr over the run's (records from before the option had the run's lr)."""
+    return record.get("compressed_lr_scale", 1.0)
 
 
 def last_step(record: dict[str, Any]) -> int:
@@ -252,7 +266,8 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=print, stop_at_step: int | None = None,
-              only_compressed: bool = False, **setting_changes) -> list[dict[str, Any]]:
+              only_compressed: bool = False, compressed_lr_scale: float = 1.0,
+              **setting_changes) -> list[dict[str, Any]]:
     """Train every (variant, seed) not yet in ``out/runs.jsonl`` with the same config and last step; returns all
     records."""
     unknown = [name for name in variants if name not in VARIANTS]
@@ -261,6 +276,7 @@ def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r} must be an integer >= 1 (steps between diagnoses)")
     _check_options_exist(variants)
+    check_lr_scale(compressed_lr_scale)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     for seed in seeds:
@@ -269,13 +285,14 @@ def run_study(variants: list[str], seeds: list[int], out: Path, every: int, say=
             last = config["steps"] if stop_at_step is None else min(stop_at_step, config["steps"])
             done = [r for r in read_records(path) if r["variant"] == name and r["seed"] == seed
                     and r["config"] == config and r["every"] == every and last_step(r) == last
-                    and trained(r) == _trained(only_compressed)]
+                    and trained(r) == _trained(only_compressed)
+                    and lr_scale_of(r) == compressed_lr_scale]
             if done:
                 say(f"{name} seed {seed}: in {path} already")
                 continue
             say(f"{name} seed {seed}: training ({VARIANTS[name].description})")
             record = run_one(VARIANTS[name], seed, out / "runs", every, stop_at_step, only_compressed,
-                             **setting_changes)
+                             compressed_lr_scale, **setting_changes)
             append_record(path, record)
             say(f"{name} seed {seed}: median cosine {_fmt(record['median_cosine'])}, val ppl {record['val_ppl']:.2f}, "
                 f"{record['wall_s']:.0f} s")

@@ -108,7 +108,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
           stop_at_step: int | None = None, measure: bool = True, cache_dir: Path | None = None,
           tensorboard: bool = True, log=None, on_model_ready=None, device: str | torch.device | None = "auto",
           allow_lr_change: bool = False, allow_data_change: bool = False, memory_check: bool = True,
-          on_step=None, diagnose_every: int = 0, parallel: str = "ddp") -> dict[str, Any]:
+          on_step=None, diagnose_every: int = 0, parallel: str = "ddp",
+          on_optimizer_ready=None) -> dict[str, Any]:
     """Train ``config`` and return the result dict (also written to ``out_dir/result.json``).
 
     ``stop_at_step`` ends this invocation early (after checkpointing) without changing the schedule;
@@ -119,6 +120,9 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
     the loss explodes (``velora.training.guards.DivergenceRule``; the last good checkpoint stays on disk).
     ``on_model_ready(model)`` is called once the model is prepared and restored (experiments use it to attach
     meters or hooks); ``on_step(row)`` after every optimizer step with the logged row (progress displays).
+    ``on_optimizer_ready(model, optimizer)`` is called once the optimizer is built, before a checkpoint is restored
+    into it (experiments use it to regroup parameters, e.g. ``velora.experiments.control.scale_compressed_lr``;
+    the same hook must be passed on resume, as the checkpoint's param groups are those it made).
     ``device``: auto | cpu | cuda | cuda:N (velora.training.device); the model, batches and optimizer state live there.
     ``diagnose_every=N`` logs VeLoRA's gradient fidelity every N steps to ``diagnose.csv`` (velora.core.fidelity);
     it never changes the run's numbers. ``parallel``: "ddp" (default) or "fsdp2" under torchrun
@@ -150,6 +154,8 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, resume: bool =
         if sharded:
             model = fsdp2.shard_model(model, device)
         optimizer, accumulator = build_optimizer_and_accumulator(model, config, options)
+        if on_optimizer_ready is not None:
+            on_optimizer_ready(model, optimizer)
 
         start_step = 0
         if checkpoint is not None:
